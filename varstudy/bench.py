@@ -1,0 +1,31 @@
+"""Benchmarks: ``python -m varstudy.bench {layers,checkpoint,measure} [options]``.
+
+Each benchmark lives in its own module with a ``main(argv)``; this file only dispatches.
+Results are written under ``results/bench/`` and summarized on stdout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "layers": "varstudy.bench_layers",
+    "checkpoint": "varstudy.bench_checkpoint",
+    "measure": "varstudy.bench_measure",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in BENCHMARKS:
+        got = argv[0] if argv else "nothing"
+        print(f"error: unknown benchmark {got!r}; valid choices: {', '.join(BENCHMARKS)}",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(BENCHMARKS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
