@@ -8,7 +8,10 @@ Two families live here:
 """
 
 from varstudy.errors import VarstudyError
+from varstudy.layers import RandomizedLinear, derandomize, randomize, reseed
+from varstudy.sketches import SKETCHES, get_sketch
 
 __version__ = "0.1.0"
 
-__all__ = ["VarstudyError", "__version__"]
+__all__ = ["SKETCHES", "RandomizedLinear", "VarstudyError", "__version__", "derandomize",
+           "get_sketch", "randomize", "reseed"]

@@ -1,0 +1,170 @@
+"""RandomizedLinear and randomize(): exactness of forward/dX/db, seeds, sharing, conversion."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from varstudy.errors import VarstudyError
+from varstudy.layers import RandomizedLinear, derandomize, randomize, reseed
+from varstudy.sketches import SKETCHES
+
+FAMILIES = list(SKETCHES)
+
+
+def mlp(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(),
+                         nn.Linear(10, 3)).to(dtype)
+
+
+def grads(model, x):
+    model.zero_grad()
+    x = x.clone().requires_grad_(True)
+    model(x).square().sum().backward()
+    return [p.grad.clone() for p in model.parameters()], x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_equals_linear(family, dtype):
+    lin = nn.Linear(6, 5).to(dtype)
+    rl = RandomizedLinear.from_linear(lin, ratio=0.3, sketch=family)
+    x = torch.randn(2, 7, 6).to(dtype).requires_grad_(True)
+    out = rl(x)
+    assert out.dtype == dtype and torch.equal(out, lin(x))
+    out.sum().backward()
+    assert rl.weight.grad.dtype == dtype and rl.weight.grad.shape == (5, 6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_input_and_bias_grads_exact(family):
+    lin = nn.Linear(6, 5).double()
+    rl = RandomizedLinear.from_linear(copy.deepcopy(lin), ratio=0.2, sketch=family)
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    y = torch.randn(3, 4, 5, dtype=torch.float64)
+    for layer in (lin, rl):
+        xi = x.clone().requires_grad_(True)
+        (layer(xi) * y).sum().backward()
+        layer.xgrad = xi.grad
+    assert torch.allclose(lin.xgrad, rl.xgrad, rtol=0, atol=1e-12)
+    assert torch.allclose(lin.bias.grad, rl.bias.grad, rtol=0, atol=1e-12)
+
+
+def test_noncontiguous_and_leading_dims():
+    lin = nn.Linear(6, 5).double()
+    rl = RandomizedLinear.from_linear(lin, ratio=1.0, sketch="rows-wor")
+    x = torch.randn(6, 4, 3, dtype=torch.float64).permute(2, 1, 0)  # (3, 4, 6), not contiguous
+    assert not x.is_contiguous()
+    y = torch.randn(3, 4, 5, dtype=torch.float64)
+    (rl(x) * y).sum().backward()
+    exact = y.reshape(-1, 5).T @ x.reshape(-1, 6)
+    assert torch.allclose(rl.weight.grad, exact, atol=1e-12)
+
+
+def test_ratio_one_permutation_equals_exact_model():
+    model = mlp(dtype=torch.float64)
+    x = torch.randn(4, 9, 6, dtype=torch.float64)
+    ref_p, ref_x = grads(model, x)
+    randomize(model, ratio=1.0, sketch="rows-wor")
+    got_p, got_x = grads(model, x)
+    for a, b in zip(ref_p + [ref_x], got_p + [got_x]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_fresh_sketch_per_call_and_per_layer():
+    """Unlike one reused generator state: two calls, and two identical layers, differ."""
+    torch.manual_seed(0)
+    twin = nn.Linear(6, 6)
+    model = nn.Sequential(twin, copy.deepcopy(twin))
+    randomize(model, ratio=0.3, sketch="gaussian", seed=7, share=False)
+    x = torch.randn(20, 6)
+    y = torch.randn(20, 6)
+    first = [torch.autograd.grad((m(x) * y).sum(), m.weight)[0] for m in model]
+    second = torch.autograd.grad((model[0](x) * y).sum(), model[0].weight)[0]
+    assert not torch.equal(first[0], first[1])   # across layers
+    assert not torch.equal(first[0], second)     # across calls
+
+
+def test_same_base_seed_same_gradients():
+    x = torch.randn(5, 8, 6)
+    runs = []
+    for _ in range(2):
+        model = mlp()
+        randomize(model, ratio=0.25, sketch="srht", seed=123)
+        runs.append(grads(model, x)[0] + grads(model, x)[0])  # two steps each
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    model = mlp()
+    randomize(model, ratio=0.25, sketch="srht", seed=124)
+    assert not torch.equal(grads(model, x)[0][0], runs[0][0])
+    reseed(model, 123)
+    assert torch.equal(grads(model, x)[0][0], runs[0][0])
+
+
+def test_randomize_shares_parameters_and_state_dict_keys():
+    model = mlp()
+    keys = list(model.state_dict())
+    weight = model[2].weight
+    summary = randomize(model, ratio=0.5, include=r"^[02]$")
+    assert summary.names == ["0", "2"] and isinstance(model[2], RandomizedLinear)
+    assert type(model[4]) is nn.Linear and model[2].weight is weight
+    assert list(model.state_dict()) == keys
+    assert "0" in str(summary) and len(summary.to_frame()) == 2
+    back = derandomize(model)
+    assert len(back) == 2 and type(model[2]) is nn.Linear and model[2].weight is weight
+
+
+def test_exclude_pattern():
+    model = mlp()
+    assert randomize(model, exclude="4").names == ["0", "2"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"sketch": "normal"}, "unknown sketch 'normal'; valid choices: gaussian"),
+    ({"ratio": 0.0}, r"ratio must be in \(0, 1\]"),
+    ({"ratio": 1.5}, r"ratio must be in \(0, 1\]"),
+    ({"ratio": "abc"}, "ratio must be a number"),
+    ({"min_rows": 0}, "min_rows must be an integer >= 1"),
+    ({"include": "attention"}, "match no nn.Linear; valid names: 0, 2, 4"),
+    ({"include": "("}, "invalid layer pattern"),
+])
+def test_bad_input_leaves_model_unchanged(kwargs, match):
+    model = mlp()
+    before = [type(m) for m in model]
+    with pytest.raises(VarstudyError, match=match):
+        randomize(model, **kwargs)
+    assert [type(m) for m in model] == before
+
+
+def test_integer_input_rejected():
+    rl = RandomizedLinear(4, 2)
+    with pytest.raises(VarstudyError, match="floating-point input, got torch.int64"):
+        rl(torch.ones(3, 4, dtype=torch.long))
+
+
+def test_min_rows_never_zero_gradient():
+    rl = RandomizedLinear(4, 2, ratio=0.01, sketch="rows")
+    x = torch.randn(3, 4)
+    rl(x).sum().backward()
+    assert rl.weight.grad.abs().sum() > 0
+
+
+def test_no_grad_and_frozen_weight_use_plain_linear():
+    rl = RandomizedLinear(4, 2)
+    with torch.no_grad():
+        rl(torch.randn(3, 4))
+    rl.weight.requires_grad_(False)
+    rl(torch.randn(3, 4))
+    assert rl.calls == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_matches_on_device(family):
+    lin = nn.Linear(6, 5).cuda()
+    rl = RandomizedLinear.from_linear(lin, ratio=0.5, sketch=family)
+    x = torch.randn(4, 6, device="cuda", requires_grad=True)
+    assert torch.equal(rl(x), lin(x))
+    rl(x).sum().backward()
+    assert rl.weight.grad.device.type == "cuda"

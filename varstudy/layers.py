@@ -1,0 +1,265 @@
+"""Randomized linear layers: keep a sketch SᵀX for backward instead of the input X.
+
+``RandomizedLinear`` is an ``nn.Linear`` (same parameters, same state_dict keys) whose forward is
+exact and whose backward returns
+
+* dX = Y W          (exact),
+* db = Σ_rows Y     (exact),
+* dW = (SᵀY)ᵀ(SᵀX)  (unbiased: E[S Sᵀ] = I),
+
+with Y = ∂L/∂out flattened to n rows (all leading dims, padding tokens included) and S an n × k
+sketch from :mod:`varstudy.sketches`, k = clamp(round(ratio·n), min_rows, n).
+
+NOTE [fresh sketches, one seed]: every forward call draws a new S from the integer seed
+``derive_seed(base_seed, layer_id, call_index)``; backward regenerates the same S from that seed on
+the tensor's device. Sketches therefore differ across calls and across layers, and a model
+converted with the same base seed reproduces its gradients exactly. ``reseed`` rewinds the counters.
+
+NOTE [shared sketches]: layers that read the very same input tensor (Q, K and V of attention) and
+use the same family and k share one stored ``SᵀX`` through a :class:`SketchCache`, so autograd keeps
+ρ·X once instead of 3ρ·X. The cache holds only weak references: it never keeps a tensor alive.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from varstudy.errors import VarstudyError
+from varstudy.sketches import Sketch, get_sketch, rows_for
+
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(base_seed: int, *keys: int) -> int:
+    """Mix ``base_seed`` and integer keys into a 63-bit seed (splitmix64 finalizer per key)."""
+    z = int(base_seed) & _MASK64
+    for key in keys:
+        z = (z + 0x9E3779B97F4A7C15 + (int(key) & _MASK64)) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        z ^= z >> 31
+    return z >> 1
+
+
+class SketchCache:
+    """One-entry cache of the last sketched input, shared by the layers of one model."""
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+
+    def get(self, x: Tensor, sketch: Sketch, k: int):
+        if self._entry is None:
+            return None
+        x_ref, version, name, kk, sx_ref, seed, state = self._entry
+        sx = sx_ref()
+        if x_ref() is x and version == x._version and name == sketch.name and kk == k and sx is not None:
+            return sx, seed, state
+        return None
+
+    def put(self, x: Tensor, sketch: Sketch, k: int, sx: Tensor, seed: int, state) -> None:
+        self._entry = (weakref.ref(x), x._version, sketch.name, k, weakref.ref(sx), seed, state)
+
+
+class _SketchedLinearFn(torch.autograd.Function):
+    """out = x Wᵀ + b; saves (SᵀX, W, state) instead of x. See the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sx, sketch, k, seed, *state):
+        ctx.save_for_backward(sx, weight, *state)
+        ctx.sketch, ctx.k, ctx.seed = sketch, k, seed
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        sx, weight, *state = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad_out @ weight
+        flat = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            sy = ctx.sketch.apply(flat, ctx.k, ctx.seed, tuple(state))
+            gw = (sy.T @ sx).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            gb = flat.sum(0)
+        return (gx, gw, gb, None, None, None, None) + (None,) * len(state)
+
+
+class RandomizedLinear(nn.Linear):
+    """``nn.Linear`` whose weight gradient is estimated from a sketch of its input.
+
+    Args:
+        ratio: compression ratio ρ = k / n in (0, 1].
+        sketch: a family name from ``varstudy.sketches.SKETCHES`` or a Sketch instance.
+        min_rows: k_min >= 1, the fewest sketch rows kept for any input.
+        seed: base seed; ``layer_id`` separates layers that share it.
+        cache: a SketchCache shared with sibling layers, or None to never share.
+    Input (..., in_features) of any leading shape and strides; output (..., out_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 ratio: float = 0.1, sketch: str | Sketch = "gaussian", min_rows: int = 1,
+                 seed: int = 0, layer_id: int = 0, cache: SketchCache | None = None,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.ratio, self.min_rows = check_ratio(ratio), check_min_rows(min_rows)
+        self.sketch = get_sketch(sketch)
+        self.seed, self.layer_id, self.calls = int(seed), int(layer_id), 0
+        self.cache = cache
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "RandomizedLinear":
+        """A RandomizedLinear sharing ``linear``'s parameter objects (no copy)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.ratio = check_ratio(kwargs.get("ratio", 0.1))
+        new.min_rows = check_min_rows(kwargs.get("min_rows", 1))
+        new.sketch = get_sketch(kwargs.get("sketch", "gaussian"))
+        new.seed, new.layer_id = int(kwargs.get("seed", 0)), int(kwargs.get("layer_id", 0))
+        new.calls, new.cache = 0, kwargs.get("cache")
+        new.training = linear.training
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            raise VarstudyError(
+                f"RandomizedLinear expects a floating-point input, got {x.dtype}; "
+                "valid choices: float32, float16, bfloat16, float64")
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)  # nothing would be stored for dW
+        flat = x.detach().reshape(-1, x.shape[-1])
+        k = rows_for(flat.shape[0], self.ratio, self.min_rows)
+        sx, seed, state = self._sketch_input(x, flat, k)
+        return _SketchedLinearFn.apply(x, self.weight, self.bias, sx, self.sketch, k, seed, *state)
+
+    def _sketch_input(self, x: Tensor, flat: Tensor, k: int):
+        hit = self.cache.get(x, self.sketch, k) if self.cache is not None else None
+        seed = derive_seed(self.seed, self.layer_id, self.calls)
+        self.calls += 1
+        if hit is not None:
+            return hit
+        with torch.no_grad():
+            sx, state = self.sketch.sketch(flat, k, seed)
+        if self.cache is not None:
+            self.cache.put(x, self.sketch, k, sx, seed, state)
+        return sx, seed, state
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, sketch={self.sketch.name}, ratio={self.ratio:g}, "
+                f"min_rows={self.min_rows}")
+
+
+def check_ratio(ratio: float) -> float:
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise VarstudyError(f"ratio must be a number in (0, 1], got {ratio!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise VarstudyError(f"ratio must be in (0, 1], got {ratio!r}")
+    return value
+
+
+def check_min_rows(min_rows: int) -> int:
+    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
+        raise VarstudyError(f"min_rows must be an integer >= 1, got {min_rows!r}")
+    return min_rows
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What ``randomize`` or ``derandomize`` changed: one row per converted nn.Linear."""
+
+    rows: tuple[tuple[str, int, int, str, float], ...]  # (name, in, out, sketch, ratio)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def names(self) -> list[str]:
+        return [r[0] for r in self.rows]
+
+    def to_frame(self):
+        import pandas as pd
+        return pd.DataFrame(self.rows, columns=["module", "in_features", "out_features",
+                                                "sketch", "ratio"])
+
+    def __str__(self) -> str:
+        if not self.rows:
+            return "no linear layers converted"
+        width = max(len(r[0]) for r in self.rows)
+        lines = [f"{len(self.rows)} linear layer(s):"]
+        lines += [f"  {n:<{width}}  {i:>5} -> {o:<5}  {s} @ {r:g}" for n, i, o, s, r in self.rows]
+        return "\n".join(lines)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _select(model: nn.Module, include: str | None, exclude: str | None) -> list[str]:
+    try:
+        inc = re.compile(include) if include else None
+        exc = re.compile(exclude) if exclude else None
+    except re.error as err:
+        raise VarstudyError(f"invalid layer pattern: {err}") from None
+    linears = [n for n, m in model.named_modules() if type(m) in (nn.Linear, RandomizedLinear)]
+    if not linears:
+        raise VarstudyError(f"{type(model).__name__} has no nn.Linear modules to convert")
+    chosen = [n for n in linears
+              if (inc is None or inc.search(n)) and not (exc and exc.search(n))]
+    if not chosen:
+        shown = ", ".join(linears[:6]) + (", ..." if len(linears) > 6 else "")
+        raise VarstudyError(f"layer patterns include={include!r} exclude={exclude!r} match no "
+                            f"nn.Linear; valid names: {shown}")
+    return chosen
+
+
+def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaussian", *,
+              include: str | None = None, exclude: str | None = None, min_rows: int = 1,
+              seed: int = 0, share: bool = True) -> Conversion:
+    """Convert the nn.Linear modules of ``model`` in place into RandomizedLinear.
+
+    ``include``/``exclude`` are regexes searched in module names. Parameters are shared, not
+    copied. Layers are numbered in module order for seed derivation. With ``share``, layers that
+    read the same input tensor share one stored sketch. Everything is validated before the first
+    module is replaced, so a failed conversion leaves the model unchanged.
+    """
+    family, ratio, min_rows = get_sketch(sketch), check_ratio(ratio), check_min_rows(min_rows)
+    names = _select(model, include, exclude)
+    cache = SketchCache() if share else None
+    new = {name: RandomizedLinear.from_linear(
+        model.get_submodule(name), ratio=ratio, sketch=family, min_rows=min_rows, seed=seed,
+        layer_id=i, cache=cache) for i, name in enumerate(names)}
+    for name, module in new.items():
+        _swap(model, name, module)
+    return Conversion(tuple((n, m.in_features, m.out_features, family.name, ratio)
+                            for n, m in new.items()))
+
+
+def derandomize(model: nn.Module) -> Conversion:
+    """Replace every RandomizedLinear of ``model`` by an nn.Linear sharing its parameters."""
+    rows = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RandomizedLinear):
+            plain = nn.Linear.__new__(nn.Linear)
+            nn.Module.__init__(plain)
+            plain.in_features, plain.out_features = module.in_features, module.out_features
+            plain.weight, plain.bias, plain.training = module.weight, module.bias, module.training
+            _swap(model, name, plain)
+            rows.append((name, module.in_features, module.out_features, "exact", 1.0))
+    return Conversion(tuple(rows))
+
+
+def reseed(model: nn.Module, seed: int) -> None:
+    """Set the base seed of every RandomizedLinear and rewind its call counter."""
+    for module in model.modules():
+        if isinstance(module, RandomizedLinear):
+            module.seed, module.calls = int(seed), 0

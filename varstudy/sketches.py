@@ -1,0 +1,248 @@
+"""Sketch families: random n × k matrices S with E[S Sᵀ] = I_n, applied along the token axis.
+
+A randomized linear layer stores ``SᵀX`` (k × d_in) instead of X (n × d_in) and estimates the weight
+gradient as ``Ĝ = (SᵀY)ᵀ(SᵀX)``, unbiased for ``G = YᵀX`` because E[S Sᵀ] = I (ARCHITECTURE.md).
+
+Every family implements one small protocol (:class:`Sketch`):
+
+* ``sketch(x, k, seed) -> (SᵀX, state)``: applied in forward. ``state`` is a tuple of O(k) tensors
+  that the family needs besides the seed to rebuild S (empty for every family except
+  ``rows-norm``, whose row probabilities depend on X, which backward no longer has).
+* ``apply(a, k, seed, state) -> SᵀA``: applied in backward to Y; it regenerates S from the seed
+  (S is never stored).
+* ``variance(x, y, k) -> E‖Ĝ − G‖²_F``: the closed form for one minibatch (float64 scalar).
+
+Randomness comes only from a ``torch.Generator`` seeded with ``seed`` on the tensor's device, and
+every family draws in the same order in ``sketch`` and ``apply``, so both see the same S.
+
+Closed forms, with rows x_l of X and y_l of Y, s = ‖X‖²‖Y‖², a = ‖YᵀX‖², p = Σ_l ‖x_l‖²‖y_l‖²:
+
+=============  ==========================================================  =====================
+family         S                                                           E‖Ĝ − G‖²_F
+=============  ==========================================================  =====================
+gaussian       entries N(0, 1/k)                                           (s + a) / k
+rademacher     entries ±1/√k                                               (s + a − 2p) / k
+countsketch    row l -> one of k buckets, random sign                      (s + a − 2p) / k
+srht           √(n'/k)·(H D)ᵀ restricted to k uniform rows, H Hadamard     (s + a − 2p) / k
+rows           k uniform rows with replacement, scaled √(n/k)              (n·p − a) / k
+rows-wor       k uniform rows without replacement, scaled √(n/k)           (n·p − a)/k · (n−k)/(n−1)
+rows-norm      k rows with replacement, P(l) ∝ ‖x_l‖², scaled 1/√(k P(l))   (s − a) / k
+=============  ==========================================================  =====================
+
+For ``srht`` the n token rows are zero-padded to n' = 2^⌈log2 n⌉ rows; padding rows are zero in X
+and Y, so s, a and p are unchanged. Derivation: E_D Σ_r ‖(HDx)_r‖²‖(HDy)_r‖² = (s + 2a − 2p)/n'
+for H with entries ±1/√n', and uniform sampling with replacement adds (n'·that − a)/k. ``rows-wor``
+is the finite-population version of ``rows``; at k = n it is a permutation and Ĝ = G exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from varstudy.errors import VarstudyError
+
+State = tuple[Tensor, ...]
+
+
+def generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A fresh generator on ``device`` seeded with ``seed`` (no host sync, no global RNG)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return gen
+
+
+def moments(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The three sufficient statistics of the closed forms, in float64.
+
+    Args:
+        x: (n, d_in) layer input rows.  y: (n, d_out) output-gradient rows.
+    Returns:
+        s = ‖X‖²_F ‖Y‖²_F,  a = ‖YᵀX‖²_F,  p = Σ_l ‖x_l‖² ‖y_l‖².
+    """
+    x, y = x.double(), y.double()
+    xn, yn = x.square().sum(1), y.square().sum(1)
+    s = xn.sum() * yn.sum()
+    a = (y.T @ x).square().sum()
+    p = (xn * yn).sum()
+    return s, a, p
+
+
+class Sketch:
+    """Protocol of a sketch family; subclasses set ``name`` and implement the three methods."""
+
+    name: str = ""
+    dense: bool = False  # True when the family materializes an n × k matrix
+
+    def sketch(self, x: Tensor, k: int, seed: int) -> tuple[Tensor, State]:
+        """Return ``SᵀX`` of shape (k, d) for x of shape (n, d), and the O(k) state for apply."""
+        return self.apply(x, k, seed, ()), ()
+
+    def apply(self, a: Tensor, k: int, seed: int, state: State) -> Tensor:
+        """Return ``SᵀA`` (k, d) for a of shape (n, d), with the same S as ``sketch``."""
+        raise NotImplementedError
+
+    def variance(self, x: Tensor, y: Tensor, k: int) -> Tensor:
+        """Closed-form E‖Ĝ − G‖²_F for X (n, d_in), Y (n, d_out) and k rows; float64 scalar."""
+        raise NotImplementedError
+
+    def estimate(self, x: Tensor, y: Tensor, k: int, seed: int) -> Tensor:
+        """One draw of Ĝ = (SᵀY)ᵀ(SᵀX), shape (d_out, d_in): what the layer's backward returns."""
+        sx, state = self.sketch(x, k, seed)
+        return self.apply(y, k, seed, state).T @ sx
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Gaussian(Sketch):
+    name, dense = "gaussian", True
+
+    def apply(self, a, k, seed, state):
+        s = torch.randn(a.shape[0], k, generator=generator(seed, a.device), device=a.device)
+        return (s.to(a.dtype) * (1.0 / math.sqrt(k))).T @ a
+
+    def variance(self, x, y, k):
+        s, a, _ = moments(x, y)
+        return (s + a) / k
+
+
+class Rademacher(Sketch):
+    name, dense = "rademacher", True
+
+    def apply(self, a, k, seed, state):
+        bits = torch.randint(0, 2, (a.shape[0], k), generator=generator(seed, a.device),
+                             device=a.device)
+        s = (bits.to(a.dtype) * 2 - 1) * (1.0 / math.sqrt(k))
+        return s.T @ a
+
+    def variance(self, x, y, k):
+        s, a, p = moments(x, y)
+        return (s + a - 2 * p) / k
+
+
+class CountSketch(Sketch):
+    name = "countsketch"
+
+    def apply(self, a, k, seed, state):
+        gen = generator(seed, a.device)
+        bucket = torch.randint(0, k, (a.shape[0],), generator=gen, device=a.device)
+        sign = torch.randint(0, 2, (a.shape[0], 1), generator=gen, device=a.device)
+        signed = a * (sign.to(a.dtype) * 2 - 1)
+        return a.new_zeros(k, a.shape[1]).index_add_(0, bucket, signed)
+
+    def variance(self, x, y, k):
+        s, a, p = moments(x, y)
+        return (s + a - 2 * p) / k
+
+
+class Rows(Sketch):
+    name = "rows"
+
+    def apply(self, a, k, seed, state):
+        n = a.shape[0]
+        idx = torch.randint(0, n, (k,), generator=generator(seed, a.device), device=a.device)
+        return a[idx] * math.sqrt(n / k)
+
+    def variance(self, x, y, k):
+        _, a, p = moments(x, y)
+        return (x.shape[0] * p - a) / k
+
+
+class RowsWithoutReplacement(Sketch):
+    name = "rows-wor"
+
+    def apply(self, a, k, seed, state):
+        n = a.shape[0]
+        idx = torch.randperm(n, generator=generator(seed, a.device), device=a.device)[:k]
+        return a[idx] * math.sqrt(n / k)
+
+    def variance(self, x, y, k):
+        n = x.shape[0]
+        _, a, p = moments(x, y)
+        fpc = (n - k) / (n - 1) if n > 1 else 0.0
+        return (n * p - a) / k * fpc
+
+
+class RowsNorm(Sketch):
+    """Rows drawn with probability ∝ ‖x_l‖², from X alone, so it is usable in forward.
+
+    X is gone in backward, so the k drawn indices and their scales (O(k)) are kept as state.
+    An all-zero X falls back to uniform probabilities (its gradient is zero either way).
+    """
+
+    name = "rows-norm"
+
+    def sketch(self, x, k, seed):
+        w = x.detach().float().square().sum(1)
+        w = w + (w.sum() == 0).float()  # uniform fallback without a host sync
+        cdf = w.cumsum(0)
+        u = torch.rand(k, generator=generator(seed, x.device), device=x.device) * cdf[-1]
+        idx = torch.searchsorted(cdf, u, right=True).clamp_(max=x.shape[0] - 1)
+        scale = (k * w[idx] / cdf[-1]).rsqrt()
+        state = (idx, scale)
+        return self.apply(x, k, seed, state), state
+
+    def apply(self, a, k, seed, state):
+        idx, scale = state
+        return a[idx] * scale.to(a.dtype)[:, None]
+
+    def variance(self, x, y, k):
+        s, a, _ = moments(x, y)
+        return (s - a) / k
+
+
+def fwht(a: Tensor) -> Tensor:
+    """Orthonormal fast Walsh–Hadamard transform along dim 0 of a (m, d), m a power of two."""
+    m, d = a.shape
+    h = 1
+    while h < m:
+        pairs = a.reshape(m // (2 * h), 2, h, d)
+        a = torch.stack((pairs[:, 0] + pairs[:, 1], pairs[:, 0] - pairs[:, 1]), dim=1)
+        h *= 2
+    return a.reshape(m, d) * (1.0 / math.sqrt(m))
+
+
+class SRHT(Sketch):
+    """Subsampled randomized Hadamard transform: signs D, orthonormal Hadamard H, k rows."""
+
+    name = "srht"
+
+    def apply(self, a, k, seed, state):
+        n = a.shape[0]
+        m = 1 << max(n - 1, 0).bit_length()
+        gen = generator(seed, a.device)
+        sign = torch.randint(0, 2, (n, 1), generator=gen, device=a.device)
+        idx = torch.randint(0, m, (k,), generator=gen, device=a.device)
+        signed = a * (sign.to(a.dtype) * 2 - 1)
+        if m > n:
+            signed = torch.cat((signed, signed.new_zeros(m - n, a.shape[1])))
+        return fwht(signed)[idx] * math.sqrt(m / k)
+
+    def variance(self, x, y, k):
+        s, a, p = moments(x, y)
+        return (s + a - 2 * p) / k
+
+
+SKETCHES: dict[str, Sketch] = {
+    cls.name: cls()
+    for cls in (Gaussian, Rademacher, CountSketch, SRHT, Rows, RowsWithoutReplacement, RowsNorm)
+}
+
+
+def get_sketch(name: str | Sketch) -> Sketch:
+    """The registered family called ``name`` (a Sketch instance passes through)."""
+    if isinstance(name, Sketch):
+        return name
+    try:
+        return SKETCHES[name]
+    except (KeyError, TypeError):
+        raise VarstudyError(
+            f"unknown sketch {name!r}; valid choices: {', '.join(SKETCHES)}") from None
+
+
+def rows_for(n: int, ratio: float, min_rows: int = 1) -> int:
+    """k = clamp(round(ratio · n), min_rows, n): the number of sketch rows for n token rows."""
+    return max(min(int(round(ratio * n)), n), min(min_rows, n), 1)
