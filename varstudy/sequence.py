@@ -1,0 +1,410 @@
+"""Exact backprop through long scans in bounded fast memory: Revolve + asynchronous multistage.
+
+Public API::
+
+    ys, final = checkpointed_scan(step_fn, state0, inputs, strategy="multistage", slots=4)
+    loss(ys, final).backward()            # same gradients as plain autograd
+    out = checkpointed_sequential(modules, x, strategy="revolve", slots=3)
+
+``step_fn(state, x_t) -> (new_state, y_t)``; ``state`` is a tensor or a tuple of tensors (LSTM:
+(h, c), each (B, H)); ``inputs`` is (N, *x_shape) and x_t = inputs[t]; ys is (N, *y_shape).
+
+NOTE [design]: the whole scan is one ``torch.autograd.Function``. Its forward runs the N steps
+without a tape, keeping checkpoints as the schedule says (strategy ``multistage``: interval starts go
+to a slow tier asynchronously every I steps, the last interval keeps Revolve's slots in fast memory;
+``revolve``: Revolve's first sweep over all N steps in fast memory). Its backward walks the intervals
+last to first, prefetching the previous interval's start, and runs Revolve inside each: untaped
+advances under no_grad, and for each step a re-tape under enable_grad followed by
+``torch.autograd.grad`` w.r.t. (state, x_t, params), accumulating parameter gradients, which the
+Function returns for the parameters it received as inputs. So ``.backward()`` and
+``torch.autograd.grad`` both work, for any N, slots and interval.
+
+NOTE [parameters]: parameters used inside ``step_fn`` must be inputs of the Function. If ``params``
+is not given they are discovered by running step 0 once with a tape and collecting the leaf tensors
+that require grad (other than state and x_0) from its graph.
+
+NOTE [RNG]: like torch.utils.checkpoint, recomputation is exact under dropout: every stored
+checkpoint carries the RNG state (CPU, plus the CUDA device's) at its step; restoring a checkpoint
+restores that RNG, and steps re-run in order consume the same random numbers. Backward runs inside
+``torch.random.fork_rng`` so the caller's RNG stream is left as the forward pass left it.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from varstudy import schedules as sch
+from varstudy.errors import VarstudyError
+from varstudy.storage import FastTier, MemoryMeter, make_tier, state_bytes
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """How a scan is checkpointed. ``interval=None``: I = ceil(T_w / t_f), measured (multistage)."""
+
+    strategy: str = "multistage"
+    slots: int = 4
+    interval: int | None = None
+    tier: str = "host"
+    transfer_delay_s: float = 0.0
+    disk_dir: str | None = None
+    max_pending: int = 1
+    timeout_s: float = 60.0
+    preserve_rng: bool = True
+
+    def __post_init__(self) -> None:
+        if self.strategy not in sch.STRATEGIES:
+            raise VarstudyError(f"unknown strategy {self.strategy!r}; valid: {', '.join(sch.STRATEGIES)}")
+        if self.slots < 1:
+            raise VarstudyError(f"slots must be >= 1; got {self.slots}")
+        if self.interval is not None and self.interval < 1:
+            raise VarstudyError(f"interval must be >= 1 or None; got {self.interval}")
+
+
+@dataclass
+class ScanStats:
+    """Filled by a scan: counts and fast-tier bytes (slots, live state, in-flight transfers)."""
+
+    interval: int = 0
+    forward_steps: int = 0
+    recompute_steps: int = 0
+    retaped_steps: int = 0
+    slow_writes: int = 0
+    fast_peak_bytes: int = 0
+    stall_s: float = 0.0
+
+
+def _as_tuple(state) -> tuple[torch.Tensor, ...]:
+    return tuple(state) if isinstance(state, (tuple, list)) else (state,)
+
+
+class _Runner:
+    """Holds one scan's step function, schedule and storage between forward and backward."""
+
+    def __init__(self, step, n, n_state, cfg, stats, meter, device):
+        self.step, self.n, self.n_state, self.cfg = step, n, n_state, cfg
+        self.stats, self.meter, self.device = stats, meter, device
+        self.fast = FastTier(meter)
+        self.slow = None
+        self.inputs = None
+        self.params: tuple[torch.Tensor, ...] = ()
+        self._box = [None]  # the slow tier, closed by the finalizer if backward never runs
+        self._finalizer = weakref.finalize(self, _close_quietly, self.fast, self._box)
+
+    # -- RNG-carrying checkpoints -------------------------------------------------------------
+    def pack(self, state):
+        if not self.cfg.preserve_rng:
+            return tuple(state)
+        rng = (torch.get_rng_state(),)
+        if self.device.type == "cuda":
+            rng += (torch.cuda.get_rng_state(self.device),)
+        return tuple(state) + rng
+
+    def unpack(self, packed):
+        if self.cfg.preserve_rng:
+            torch.set_rng_state(packed[self.n_state])
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(packed[self.n_state + 1], self.device)
+        return tuple(packed[:self.n_state])
+
+    # -- stepping ------------------------------------------------------------------------------
+    def x(self, i):
+        return None if self.inputs is None else self.inputs[i]
+
+    def run(self, a, b, state, ys=None):
+        """Untaped steps a..b-1 from x_a; returns x_b and appends outputs to ``ys`` if given."""
+        for i in range(a, b):
+            state, y = self.step(i, state, self.x(i))
+            if ys is not None:
+                ys.append(y)
+        return state
+
+    def choose_interval(self, state0) -> int:
+        cfg = self.cfg
+        if cfg.strategy == "revolve":
+            return self.n
+        if cfg.interval is not None:
+            return cfg.interval
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            t0 = time.perf_counter()
+            self.run(0, 1, state0)
+            t_f = time.perf_counter() - t0
+        probe = self.make_slow(1, self.pack(state0))
+        try:
+            probe.put(0, self.pack(state0))
+            probe.wait_writes()
+        finally:
+            probe.close()
+        return sch.choose_interval(t_f, probe.write_times_s[0])
+
+    def make_slow(self, n_keys, template):
+        cfg = self.cfg
+        return make_tier(cfg.tier, n_keys=n_keys, template=template, disk_dir=cfg.disk_dir,
+                         transfer_delay_s=cfg.transfer_delay_s, max_pending=cfg.max_pending,
+                         timeout_s=cfg.timeout_s, meter=self.meter)
+
+    def _rng_devices(self):
+        return [self.device] if self.device.type == "cuda" else []
+
+
+def _close_quietly(fast, slow_box):
+    fast.close()
+    if slow_box[0] is not None:
+        try:
+            slow_box[0].close()
+        except VarstudyError:
+            pass
+
+
+# -- forward -------------------------------------------------------------------------------------
+def _forward(r: _Runner, state0):
+    """Run all N steps untaped, storing checkpoints; returns (ys list, final state)."""
+    interval = r.choose_interval(state0)
+    r.stats.interval = interval
+    chunks = sch.intervals(r.n, interval)
+    if len(chunks) > 1:
+        r.slow = r._box[0] = r.make_slow(len(chunks) - 1, r.pack(state0))
+    ys, state = [], state0
+    for k, (a, b) in enumerate(chunks[:-1]):
+        r.slow.put(k, r.pack(state))
+        r.stats.slow_writes += 1
+        state = r.run(a, b, state, ys)
+    a, b = chunks[-1]
+    state = _exec(r, sch.split_forward(sch.revolve_ops(b - a, r.cfg.slots))[0], a, state, ys=ys)
+    r.fast.put("live", r.pack(state))  # x_{N-1}: the first op of the reverse sweep re-tapes it
+    state = r.run(b - 1, b, state, ys)
+    r.stats.forward_steps += r.n
+    return ys, state
+
+
+def _exec(r: _Runner, ops, base, cur, *, ys=None, grads=None):
+    """Execute schedule ops on steps base + local; ``grads`` is the _Grads of a reverse sweep."""
+    pos = 0
+    for op in ops:
+        if op.kind == "store":
+            r.fast.put(("slot", base + op.step), r.pack(cur))
+        elif op.kind == "advance":
+            if pos != op.step:
+                raise VarstudyError(f"schedule advances from step {op.step} but state is at {pos}")
+            cur = r.run(base + op.step, base + op.stop, cur, ys)
+            pos = op.stop
+            if ys is None:
+                r.stats.recompute_steps += op.stop - op.step
+        elif op.kind == "load":
+            cur = r.unpack(r.fast.get(("slot", base + op.step), free=op.free))
+            pos = op.step
+        elif op.kind == "reverse":
+            if pos != op.step:
+                raise VarstudyError(f"schedule reverses step {op.step} but state is at {pos}")
+            grads.reverse_step(base + op.step, cur)
+            pos = None
+    return cur
+
+
+# -- backward ------------------------------------------------------------------------------------
+class _Grads:
+    """Adjoint accumulator: gradient of the current state, of inputs and of parameters."""
+
+    def __init__(self, r: _Runner, grad_ys, grad_final):
+        self.r = r
+        self.grad_ys = grad_ys
+        self.g_state = list(grad_final)
+        self.g_params = [None] * len(r.params)
+        need_x = r.inputs is not None and r.inputs.requires_grad
+        self.g_inputs = torch.zeros_like(r.inputs) if need_x else None
+
+    def reverse_step(self, i: int, cur) -> None:
+        """Re-tape step i from x_i and backpropagate the current adjoint through it."""
+        r = self.r
+        with torch.enable_grad():
+            st = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in cur)
+            x = r.x(i)
+            if self.g_inputs is not None:
+                x = x.detach().requires_grad_()
+            new, y = r.step(i, st, x)
+        outs, gouts = [], []
+        for out, g in zip(new + (y,), self.g_state + [self._gy(i)]):
+            if out is not None and g is not None and out.requires_grad:
+                outs.append(out)
+                gouts.append(g)
+        wrt = [t for t in st if t.requires_grad]
+        wrt += ([x] if self.g_inputs is not None else []) + list(r.params)
+        got = torch.autograd.grad(outs, wrt, gouts, allow_unused=True) if outs else [None] * len(wrt)
+        r.stats.retaped_steps += 1
+        self._accumulate(i, st, got)
+
+    def _gy(self, i):
+        return None if self.grad_ys is None else self.grad_ys[i]
+
+    def _accumulate(self, i, st, got) -> None:
+        got = list(got)
+        self.g_state = [got.pop(0) if t.requires_grad else None for t in st]
+        if self.g_inputs is not None:
+            gx = got.pop(0)
+            if gx is not None:
+                self.g_inputs[i] = gx
+        for j, g in enumerate(got):
+            if g is not None:
+                self.g_params[j] = g if self.g_params[j] is None else self.g_params[j] + g
+
+
+def _backward(r: _Runner, grads: _Grads) -> None:
+    """Reverse intervals last to first, prefetching the previous interval's start state."""
+    chunks = sch.intervals(r.n, r.stats.interval)
+    with torch.random.fork_rng(devices=r._rng_devices(), enabled=r.cfg.preserve_rng):
+        for k in range(len(chunks) - 1, -1, -1):
+            a, b = chunks[k]
+            ops = sch.revolve_ops(b - a, r.cfg.slots)
+            head, tail = sch.split_forward(ops)
+            if k > 0:
+                r.slow.prefetch(k - 1)
+            if k == len(chunks) - 1:
+                cur = r.unpack(r.fast.get("live", free=True))
+                _exec_tail(r, tail, a, cur, b - a - 1, grads)
+            else:
+                cur = r.unpack(r.slow.get(k))
+                cur = _exec(r, head, a, cur)
+                _exec_tail(r, tail, a, cur, b - a - 1, grads)
+        if r.slow is not None:
+            r.stats.stall_s += r.slow.stall_s
+
+
+def _exec_tail(r, tail, base, cur, pos, grads):
+    """Run the reverse-sweep ops; the current state starts at local step ``pos``."""
+    first, rest = tail[0], tail[1:]
+    if first.kind != "reverse" or first.step != pos:
+        raise VarstudyError(f"reverse sweep must start by reversing step {pos}; got {first}")
+    grads.reverse_step(base + first.step, cur)
+    _exec(r, rest, base, None, grads=grads)
+
+
+# -- autograd Function and public API ------------------------------------------------------------
+class _Scan(torch.autograd.Function):
+    """forward(runner, inputs, *state0, *params) -> (ys, *final_state)."""
+
+    @staticmethod
+    def forward(ctx, runner, inputs, *tensors):
+        r = runner
+        r.inputs = inputs
+        state0 = tuple(t.detach() for t in tensors[:r.n_state])
+        try:
+            ys, final = _forward(r, state0)
+        except BaseException:
+            _close_quietly(r.fast, r._box)
+            raise
+        ctx.runner = r
+        ys = torch.stack(ys) if ys and ys[0] is not None else torch.empty(0)
+        r.has_ys = ys.numel() > 0
+        return (ys,) + tuple(final)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_ys, *grad_final):
+        r = ctx.runner
+        grads = _Grads(r, grad_ys if r.has_ys else None, grad_final)
+        try:
+            _backward(r, grads)
+            if r.slow is not None:
+                r.slow.close()
+        finally:
+            _close_quietly(r.fast, r._box)
+            r.stats.fast_peak_bytes = max(r.stats.fast_peak_bytes, r.meter.peak_bytes)
+        g_state = [g if ctx.needs_input_grad[2 + j] else None for j, g in enumerate(grads.g_state)]
+        return (None, grads.g_inputs, *g_state, *grads.g_params)
+
+
+def _discover_params(step, state0, x0) -> tuple[torch.Tensor, ...]:
+    """Leaf tensors requiring grad reached from step 0's graph (NOTE [parameters])."""
+    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        st = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in state0)
+        x = None if x0 is None else x0.detach()
+        new, y = step(0, st, x)
+    seen, found, stack = set(), [], [o.grad_fn for o in new + (y,) if o is not None and o.grad_fn]
+    exclude = {id(t) for t in st}
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None and id(var) not in exclude and all(var is not f for f in found):
+            found.append(var)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return tuple(found)
+
+
+def _plain(step, state, n, inputs):
+    """Reference: plain autograd over the loop (strategy ``store_all``)."""
+    ys = []
+    for i in range(n):
+        state, y = step(i, state, None if inputs is None else inputs[i])
+        ys.append(y)
+    return (torch.stack(ys) if ys and ys[0] is not None else torch.empty(0)), state
+
+
+def _scan(step, state0, inputs, n, params, cfg, stats):
+    """Shared driver: step(i, state_tuple, x_i) -> (state_tuple, y or None)."""
+    if n < 1:
+        raise VarstudyError(f"scan needs at least 1 step; got {n}")
+    stats = stats if stats is not None else ScanStats()
+    if params is None:
+        params = _discover_params(step, state0, None if inputs is None else inputs[0])
+    params = tuple(params)
+    needs = [t.requires_grad for t in state0 + params] + [inputs is not None and inputs.requires_grad]
+    if cfg.strategy == "store_all" or not torch.is_grad_enabled() or not any(needs):
+        return _plain(step, state0, n, inputs)
+    meter = MemoryMeter()
+    r = _Runner(step, n, len(state0), cfg, stats, meter, state0[0].device)
+    r.params = params
+    out = _Scan.apply(r, inputs, *state0, *params)
+    return out[0], tuple(out[1:])
+
+
+def checkpointed_scan(step_fn, state0, inputs, *, strategy: str = "multistage", slots: int = 4,
+                      interval: int | None = None, tier: str = "host", params=None,
+                      config: ScanConfig | None = None, stats: ScanStats | None = None, **kw):
+    """Scan ``step_fn`` over ``inputs`` with exact gradients in bounded fast memory.
+
+    Args: step_fn(state, x_t) -> (new_state, y_t); state0: tensor (B, H) or tuple of tensors
+    (LSTM (h, c)); inputs: (N, *x_shape); strategy: ``store_all`` | ``revolve`` | ``multistage``;
+    slots: fast checkpoint slots s; interval: slow-tier interval I (None: ceil(T_w / t_f),
+    measured); tier: ``host`` | ``disk``; params: tensors used inside step_fn that need gradients
+    (None: discovered, NOTE [parameters]); config overrides all of these; extra keywords go to
+    :class:`ScanConfig` (transfer_delay_s, disk_dir, max_pending, timeout_s, preserve_rng).
+    Returns (ys of shape (N, *y_shape), final state shaped like state0).
+    """
+    cfg = config or ScanConfig(strategy=strategy, slots=slots, interval=interval, tier=tier, **kw)
+    is_tuple = isinstance(state0, (tuple, list))
+
+    def step(i, st, x):
+        new, y = step_fn(st if is_tuple else st[0], x)
+        return _as_tuple(new), y
+
+    if params is None and isinstance(step_fn, nn.Module):
+        params = [p for p in step_fn.parameters() if p.requires_grad]
+    ys, final = _scan(step, _as_tuple(state0), inputs, len(inputs), params, cfg, stats)
+    return ys, (tuple(final) if is_tuple else final[0])
+
+
+def checkpointed_sequential(modules, x, *, strategy: str = "revolve", slots: int = 4,
+                            config: ScanConfig | None = None, stats: ScanStats | None = None, **kw):
+    """Apply ``modules`` (a sequence of nn.Module, each (B, *d) -> (B, *d)) to x with checkpointing."""
+    modules = list(modules)
+    cfg = config or ScanConfig(strategy=strategy, slots=slots, **kw)
+    params, seen = [], set()
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+
+    def step(i, st, _x):
+        return (modules[i](st[0]),), None
+
+    _, final = _scan(step, (x,), None, len(modules), params, cfg, stats)
+    return final[0]
