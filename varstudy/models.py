@@ -253,22 +253,37 @@ def hub_offline() -> bool:
         return False
 
 
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+    "sentencepiece.bpe.model", "tokenizer.model",
+)
+
+
 def _load_tokenizer(name: str, model: nn.Module):
-    """The model's own tokenizer; the MiniLM one for tiny models and tokenizer-less directories
-    whose vocabulary size matches it."""
+    """The model's own tokenizer; MiniLM's for tiny models, and for local directories without
+    tokenizer files whose vocabulary size matches it.
+
+    NOTE: transformers 5.x silently builds an empty 5-token tokenizer for a directory with only
+    a config.json, so tokenizer files are checked for explicitly.
+    """
     from transformers import AutoTokenizer
 
-    source = str(minilm_path()) if name in MODELS else name
-    try:
-        with _quiet_transformers():
-            return AutoTokenizer.from_pretrained(source)
-    except Exception as err:  # noqa: BLE001 - missing/odd tokenizer files
-        if getattr(model.config, "vocab_size", None) == MINILM_VOCAB_SIZE:
-            return AutoTokenizer.from_pretrained(str(minilm_path()))
-        raise VarstudyError(
-            f"no usable tokenizer for model {name!r} ({err}); expected tokenizer files next to "
-            f"its config.json, or a vocabulary of {MINILM_VOCAB_SIZE} to reuse MiniLM's"
-        ) from err
+    if name in MODELS:
+        source = str(minilm_path())
+    elif Path(name).expanduser().is_dir() and not any(
+        (Path(name).expanduser() / f).is_file() for f in _TOKENIZER_FILES
+    ):
+        if getattr(model.config, "vocab_size", None) != MINILM_VOCAB_SIZE:
+            raise VarstudyError(
+                f"no tokenizer files in model directory {name!r}; expected one of "
+                f"{', '.join(_TOKENIZER_FILES)}, or a vocabulary of {MINILM_VOCAB_SIZE} "
+                "to reuse MiniLM's tokenizer"
+            )
+        source = str(minilm_path())
+    else:
+        source = name
+    with _quiet_transformers():
+        return AutoTokenizer.from_pretrained(source)
 
 
 def zero_dropout(model: nn.Module) -> nn.Module:
