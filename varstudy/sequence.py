@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -56,6 +57,7 @@ class ScanConfig:
     max_pending: int = 1
     timeout_s: float = 60.0
     preserve_rng: bool = True
+    write_fn: Callable | None = None  # disk tier serializer (default torch.save); fault injection
 
     def __post_init__(self) -> None:
         if self.strategy not in sch.STRATEGIES:
@@ -146,7 +148,7 @@ class _Runner:
         cfg = self.cfg
         return make_tier(cfg.tier, n_keys=n_keys, template=template, disk_dir=cfg.disk_dir,
                          transfer_delay_s=cfg.transfer_delay_s, max_pending=cfg.max_pending,
-                         timeout_s=cfg.timeout_s, meter=self.meter)
+                         timeout_s=cfg.timeout_s, meter=self.meter, write_fn=cfg.write_fn)
 
     def _rng_devices(self):
         return [self.device] if self.device.type == "cuda" else []
@@ -347,7 +349,7 @@ def _plain(step, state, n, inputs):
     return (torch.stack(ys) if ys and ys[0] is not None else torch.empty(0)), state
 
 
-def _scan(step, state0, inputs, n, params, cfg, stats):
+def _scan(step, state0, inputs, n, params, cfg, stats, meter=None):
     """Shared driver: step(i, state_tuple, x_i) -> (state_tuple, y or None)."""
     if n < 1:
         raise VarstudyError(f"scan needs at least 1 step; got {n}")
@@ -358,7 +360,7 @@ def _scan(step, state0, inputs, n, params, cfg, stats):
     needs = [t.requires_grad for t in state0 + params] + [inputs is not None and inputs.requires_grad]
     if cfg.strategy == "store_all" or not torch.is_grad_enabled() or not any(needs):
         return _plain(step, state0, n, inputs)
-    meter = MemoryMeter()
+    meter = meter if meter is not None else MemoryMeter()
     r = _Runner(step, n, len(state0), cfg, stats, meter, state0[0].device)
     r.params = params
     out = _Scan.apply(r, inputs, *state0, *params)
@@ -367,13 +369,15 @@ def _scan(step, state0, inputs, n, params, cfg, stats):
 
 def checkpointed_scan(step_fn, state0, inputs, *, strategy: str = "multistage", slots: int = 4,
                       interval: int | None = None, tier: str = "host", params=None,
-                      config: ScanConfig | None = None, stats: ScanStats | None = None, **kw):
+                      config: ScanConfig | None = None, stats: ScanStats | None = None,
+                      meter: MemoryMeter | None = None, **kw):
     """Scan ``step_fn`` over ``inputs`` with exact gradients in bounded fast memory.
 
     Args: step_fn(state, x_t) -> (new_state, y_t); state0: tensor (B, H) or tuple of tensors
     (LSTM (h, c)); inputs: (N, *x_shape); strategy: ``store_all`` | ``revolve`` | ``multistage``;
     slots: fast checkpoint slots s; interval: slow-tier interval I (None: ceil(T_w / t_f),
-    measured); tier: ``host`` | ``disk``; params: tensors used inside step_fn that need gradients
+    measured); tier: ``host`` | ``disk``; meter: a MemoryMeter receiving fast-tier bytes (wrap
+    forward and backward in ``meter.track_saved()`` to add the re-taped steps); params: tensors used inside step_fn that need gradients
     (None: discovered, NOTE [parameters]); config overrides all of these; extra keywords go to
     :class:`ScanConfig` (transfer_delay_s, disk_dir, max_pending, timeout_s, preserve_rng).
     Returns (ys of shape (N, *y_shape), final state shaped like state0).
@@ -387,12 +391,13 @@ def checkpointed_scan(step_fn, state0, inputs, *, strategy: str = "multistage", 
 
     if params is None and isinstance(step_fn, nn.Module):
         params = [p for p in step_fn.parameters() if p.requires_grad]
-    ys, final = _scan(step, _as_tuple(state0), inputs, len(inputs), params, cfg, stats)
+    ys, final = _scan(step, _as_tuple(state0), inputs, len(inputs), params, cfg, stats, meter)
     return ys, (tuple(final) if is_tuple else final[0])
 
 
 def checkpointed_sequential(modules, x, *, strategy: str = "revolve", slots: int = 4,
-                            config: ScanConfig | None = None, stats: ScanStats | None = None, **kw):
+                            config: ScanConfig | None = None, stats: ScanStats | None = None,
+                            meter: MemoryMeter | None = None, **kw):
     """Apply ``modules`` (a sequence of nn.Module, each (B, *d) -> (B, *d)) to x with checkpointing."""
     modules = list(modules)
     cfg = config or ScanConfig(strategy=strategy, slots=slots, **kw)
@@ -406,5 +411,5 @@ def checkpointed_sequential(modules, x, *, strategy: str = "revolve", slots: int
     def step(i, st, _x):
         return (modules[i](st[0]),), None
 
-    _, final = _scan(step, (x,), None, len(modules), params, cfg, stats)
+    _, final = _scan(step, (x,), None, len(modules), params, cfg, stats, meter)
     return final[0]

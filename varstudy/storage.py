@@ -156,7 +156,8 @@ class _AsyncTier:
         self._raise_failed()
         t0 = time.perf_counter()
         if not self._slots.acquire(timeout=self.timeout_s):
-            raise VarstudyError(f"{self.name} tier: write queue stuck for {self.timeout_s:.0f} s")
+            raise VarstudyError(f"{self.name} tier: write queue timed out: no write finished "
+                                f"within {self.timeout_s:.3g} s")
         self.stall_s += time.perf_counter() - t0
         nbytes = state_bytes(state)
         self.meter.add(nbytes)  # the source stays alive in fast memory until written
@@ -204,7 +205,7 @@ class _AsyncTier:
         try:
             return fut.result(timeout=self.timeout_s)
         except cf.TimeoutError:
-            raise VarstudyError(f"{self.name} tier: {what} timed out after {self.timeout_s:.0f} s") from None
+            raise VarstudyError(f"{self.name} tier: {what} timed out after {self.timeout_s:.3g} s") from None
         except VarstudyError:
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised in the caller with context
