@@ -179,3 +179,19 @@ def test_directory_without_tokenizer_and_foreign_vocab(tmp_path):
     BertForSequenceClassification(config).save_pretrained(tmp_path)
     with pytest.raises(VarstudyError, match="no tokenizer files"):
         load_model(str(tmp_path))
+
+
+def test_load_tokenizer_alone():
+    from varstudy.models import load_tokenizer
+
+    assert load_tokenizer().vocab_size == 30522
+    with pytest.raises(VarstudyError, match="valid choices: minilm"):
+        load_tokenizer("no-such-tokenizer")
+
+
+def test_sdpa_matches_eager():
+    eager, tok = load_model("tiny-bert", seed=5)
+    fused, _ = load_model("tiny-bert", seed=5, attn_implementation="sdpa")
+    batch = _batch(tok)
+    assert fused.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(fused(**batch).logits, eager(**batch).logits)

@@ -9,7 +9,8 @@ Names (see :func:`list_datasets`):
   from the fixed seed ``SPLIT_SEED = 0``, independent of the run seed, so it never changes: per
   label, the rows (in CSV order) are permuted and cut at floor(0.8·n_c) and floor(0.9·n_c); each
   split is then put in a fixed shuffled order. Sizes: rotten_tomatoes 6,824 / 852 / 854, imdb
-  20,000 / 2,500 / 2,500.
+  20,000 / 2,500 / 2,500. Splits are disjoint in rows; IMDB has a few duplicated reviews, so
+  27 review texts appear in two splits (not deduplicated, to keep IMDB's 25,000).
 * ``synthetic``: generated from ``seed`` (400 / 100 / 100 examples). Each sentence is 6-12 filler
   words plus 1-3 sentiment cue words, all of one polarity; label 1 iff the cues are positive.
   Learnable, exactly balanced, every word a single MiniLM word piece.
@@ -129,7 +130,7 @@ def _read_movie_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def fixed_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
-    """Row indices of ``split`` under NOTE [fixed split]. ``labels``: (N,) ints. Returns (N_split,)."""
+    """Row indices of ``split`` under NOTE [fixed split]. labels: (N,) ints -> (N_split,)."""
     rng = np.random.default_rng(SPLIT_SEED)
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for label in np.unique(labels):
@@ -383,7 +384,7 @@ def minibatches(
     Sampling model: each epoch draws a fresh uniform permutation of the N examples from
     ``generator`` and cuts it into consecutive chunks of ``batch_size``; so every minibatch is B
     distinct examples drawn uniformly without replacement from N (the finite-population
-    correction (1 − (B−1)/(N−1)) assumes exactly this), and no example repeats within an epoch.
+    correction (1 − (B−1)/(N−1)) assumes exactly this); no example repeats within an epoch.
     With ``drop_last`` the N mod B leftover examples of an epoch are skipped.
 
     Args:

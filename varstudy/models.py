@@ -179,7 +179,7 @@ def load_model(
         zero_dropout(model)
     model = model.to(device=device, dtype=dtype)
     model.train()
-    return model, _load_tokenizer(str(name), model)
+    return model, load_tokenizer(str(name), vocab_size=getattr(model.config, "vocab_size", None))
 
 
 def _resolve_builder(name: str) -> Callable[..., nn.Module]:
@@ -259,9 +259,11 @@ _TOKENIZER_FILES = (
 )
 
 
-def _load_tokenizer(name: str, model: nn.Module):
-    """The model's own tokenizer; MiniLM's for tiny models, and for local directories without
-    tokenizer files whose vocabulary size matches it.
+def load_tokenizer(name: str = "minilm", *, vocab_size: int | None = MINILM_VOCAB_SIZE):
+    """The tokenizer of model ``name`` (same names as :func:`load_model`), without the model.
+
+    Registered models use MiniLM's; a local directory without tokenizer files falls back to
+    MiniLM's when ``vocab_size`` (the model's) is 30522.
 
     NOTE: transformers 5.x silently builds an empty 5-token tokenizer for a directory with only
     a config.json, so tokenizer files are checked for explicitly.
@@ -273,7 +275,7 @@ def _load_tokenizer(name: str, model: nn.Module):
     elif Path(name).expanduser().is_dir() and not any(
         (Path(name).expanduser() / f).is_file() for f in _TOKENIZER_FILES
     ):
-        if getattr(model.config, "vocab_size", None) != MINILM_VOCAB_SIZE:
+        if vocab_size != MINILM_VOCAB_SIZE:
             raise VarstudyError(
                 f"no tokenizer files in model directory {name!r}; expected one of "
                 f"{', '.join(_TOKENIZER_FILES)}, or a vocabulary of {MINILM_VOCAB_SIZE} "
@@ -282,8 +284,11 @@ def _load_tokenizer(name: str, model: nn.Module):
         source = str(minilm_path())
     else:
         source = name
-    with _quiet_transformers():
-        return AutoTokenizer.from_pretrained(source)
+    try:
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(source)
+    except Exception as err:  # noqa: BLE001 - any missing/unreadable tokenizer
+        raise VarstudyError(_not_found_message(name, f"no tokenizer: {err}")) from err
 
 
 def zero_dropout(model: nn.Module) -> nn.Module:
