@@ -23,8 +23,8 @@ Module-name helpers (:func:`linear_names`, :func:`layer_kind`, :func:`layer_inde
 linear layer with its role (query, key, value, attn_out, ffn_in, ffn_out, pooler, classifier,
 other) and its encoder layer number, for the "per layer type" analyses.
 
-NOTE [shared input]: in transformers 5.x ``BertSelfAttention.forward`` (and RoBERTa's, which
-reuses it) calls ``self.query``, ``self.key`` and ``self.value`` on the very same
+NOTE [shared input]: in transformers 5.x ``BertSelfAttention.forward`` (and the identical
+``RobertaSelfAttention.forward``) calls ``self.query``, ``self.key`` and ``self.value`` on the same
 ``hidden_states`` tensor object, so a forward pre-hook sees one tensor for all three and a
 randomized implementation may store one shared sketch of it (checked in tests/test_models.py).
 """
