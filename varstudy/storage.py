@@ -146,6 +146,7 @@ class _AsyncTier:
         self._slots = threading.BoundedSemaphore(max_pending)
         self._writes: dict[int, cf.Future] = {}
         self._reads: dict[int, cf.Future] = {}
+        self._failed: list[tuple[int, cf.Future]] = []
         self.write_times_s: list[float] = []
         self.stall_s = 0.0
         self._closed = False
@@ -162,8 +163,16 @@ class _AsyncTier:
         nbytes = state_bytes(state)
         self.meter.add(nbytes)  # the source stays alive in fast memory until written
         fut = self._pool.submit(self._timed_write, key, state)
-        fut.add_done_callback(lambda _f: (self.meter.sub(nbytes), self._slots.release()))
         self._writes[key] = fut
+        fut.add_done_callback(lambda f: self._write_done(key, f, nbytes))
+
+    def _write_done(self, key: int, fut: cf.Future, nbytes: int) -> None:
+        self.meter.sub(nbytes)
+        self._slots.release()
+        if not fut.cancelled() and fut.exception() is not None:
+            self._failed.append((key, fut))
+        else:
+            self._writes.pop(key, None)  # keep only pending and failed writes
 
     def prefetch(self, key: int) -> None:
         """Start reading ``key`` (after its write completes) so a later :meth:`get` does not wait."""
@@ -197,9 +206,9 @@ class _AsyncTier:
 
     # -- helpers -----------------------------------------------------------------------------
     def _raise_failed(self) -> None:
-        for key, fut in list(self._writes.items()):
-            if fut.done() and not fut.cancelled() and fut.exception() is not None:
-                self._result(fut, f"writing state {key}")
+        if self._failed:
+            key, fut = self._failed[0]
+            self._result(fut, f"writing state {key}")
 
     def _result(self, fut: cf.Future, what: str):
         try:
@@ -219,8 +228,9 @@ class _AsyncTier:
         self.write_times_s.append(time.perf_counter() - t0)
 
     def _timed_read(self, key: int) -> State:
-        if key in self._writes:
-            self._writes[key].result()  # same worker: already done, re-raises its error
+        pending = self._writes.get(key)
+        if pending is not None:
+            pending.result()  # same worker: already done, re-raises its error
         state = self._read(key)
         self.meter.add(state_bytes(state))  # a prefetched state occupies fast memory
         if self.delay:
