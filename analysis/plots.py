@@ -1,0 +1,217 @@
+"""Plots: tidy DataFrame (from :mod:`analysis.tables`) in, styled Axes out.
+
+Every function takes an optional ``ax`` (a one-panel figure is made when it is None), draws with
+the object API only, styles through :func:`analysis.style.style_axes`, and returns the Axes.
+Nothing here computes statistics: the inputs are already aggregated.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
+
+from analysis.style import (SAMPLING_STYLE, family_style, new_figure, order_families,
+                            percent_ticks, ratio_shades, style_axes)
+
+RATIO_LABEL = "compression ratio ρ = k / n"
+VARIANCE_LABEL = r"gradient variance $\mathbb{E}\,\|\hat g - g\|_F^2$"
+
+
+def _axes(ax: Axes | None) -> Axes:
+    return new_figure()[1][0, 0] if ax is None else ax
+
+
+def _dodge(families: Sequence[str], width: float = 0.06) -> dict[str, float]:
+    """Multiplicative x offsets (log axes) so error bars of families do not overlap."""
+    n = len(families)
+    return {f: float(np.exp(width * (i - (n - 1) / 2))) for i, f in enumerate(families)}
+
+
+# --------------------------------------------------------------------------------------------
+# Variance
+# --------------------------------------------------------------------------------------------
+
+
+def plot_paper_ratio(paper: pd.DataFrame, *, ax: Axes | None = None, title: str | None = None,
+                     family: str = "gaussian") -> Axes:
+    """The seed paper's figure: its variance ratio per training step, lower bound 1 and the
+    upper bound as it was plotted (α inverted); the bound with α as defined, dotted.
+
+    ``paper``: :func:`analysis.tables.paper_view` output.
+    """
+    ax = _axes(ax)
+    st = family_style(family)
+    x = paper["train_step"].to_numpy()
+    ax.plot(x, paper["paper_ratio"], color=st.color, marker=st.marker, markersize=3, lw=1.2,
+            label="paper's variance ratio")
+    ax.axhline(1.0, color="0.2", lw=1, ls="-", label="lower bound 1")
+    ax.plot(x, paper["paper_bound_plotted"], color="0.2", lw=1, ls="--",
+            label="upper bound as plotted (1/α)")
+    if "paper_bound" in paper and paper["paper_bound"].notna().any():
+        ax.plot(x, paper["paper_bound"], color="0.45", lw=1, ls=":",
+                label="upper bound (α+1)/α")
+    return style_axes(ax, xlabel="training step", ylabel="variance ratio (paper's formula)",
+                      title=title, logy=True, legend=True)
+
+
+def plot_ratio_over_training(view: pd.DataFrame, *, ax: Axes | None = None,
+                             title: str | None = None) -> Axes:
+    """Sketch / sampling variance ratio per family over training, with its CI band.
+
+    ``view``: :func:`analysis.tables.ratio_view` output (train_step, family, ratio_mean,
+    ratio_ci_low, ratio_ci_high).
+    """
+    ax = _axes(ax)
+    for fam in order_families(view["family"]):
+        d = view[view["family"] == fam].sort_values("train_step")
+        st = family_style(fam)
+        ax.plot(d["train_step"], d["ratio_mean"], color=st.color, marker=st.marker,
+                markersize=4, lw=1.4, label=st.label)
+        if d[["ratio_ci_low", "ratio_ci_high"]].notna().all(axis=None):
+            ax.fill_between(d["train_step"], d["ratio_ci_low"], d["ratio_ci_high"],
+                            color=st.color, alpha=0.2, lw=0)
+    ax.axhline(1.0, color="0.2", lw=1, ls="--", label="sketch = sampling")
+    return style_axes(ax, xlabel="training step",
+                      ylabel="Var[sketch] / Var[sampling]", title=title, logy=True,
+                      legend=True)
+
+
+def plot_variance_vs_ratio(kv: pd.DataFrame, *, ax: Axes | None = None,
+                           title: str | None = None, legend: bool = True) -> Axes:
+    """Sketch variance per family vs ρ, and the minibatch-sampling variance (grey, dashed).
+
+    ``kv``: rows of one layer kind from :func:`analysis.tables.kind_variance` (family, ratio,
+    var_sketch, var_sampling).
+    """
+    ax = _axes(ax)
+    for fam in order_families(kv["family"]):
+        d = kv[kv["family"] == fam].sort_values("ratio")
+        st = family_style(fam)
+        ax.plot(d["ratio"], d["var_sketch"], color=st.color, marker=st.marker, markersize=4,
+                lw=1.3, label=st.label)
+    samp = kv.groupby("ratio")["var_sampling"].mean().sort_index()
+    ax.plot(samp.index, samp.to_numpy(), color=SAMPLING_STYLE.color, lw=2, ls="--",
+            label=SAMPLING_STYLE.label)
+    style_axes(ax, xlabel=RATIO_LABEL, ylabel=VARIANCE_LABEL,
+               title=title, logx=True, logy=True, legend=legend)
+    percent_ticks(ax, kv["ratio"])
+    return ax
+
+
+def plot_ratio_heatmap(wide: pd.DataFrame, *, ax: Axes | None = None, title: str | None = None,
+                       annotate: bool = True,
+                       cbar_label: str = "Var[sketch] / Var[sampling]") -> Axes:
+    """Heat map of a wide table on a log colour scale, families on the y axis.
+
+    ``wide``: :func:`analysis.tables.heatmap_matrix` output (rows layers, columns families; a
+    table with families as rows is drawn as it is).
+    """
+    ax = _axes(ax)
+    if wide.columns.name == "family":
+        wide = wide.T
+    vals = wide.to_numpy(dtype=float)
+    pos = vals[np.isfinite(vals) & (vals > 0)]
+    norm = LogNorm(vmin=pos.min(), vmax=pos.max()) if pos.size else None
+    im = ax.imshow(np.ma.masked_invalid(vals), aspect="auto", cmap="viridis", norm=norm,
+                   interpolation="nearest")
+    ax.set_xticks(range(wide.shape[1]))
+    ax.set_xticklabels(wide.columns, rotation=90, fontsize="x-small")
+    ax.set_yticks(range(wide.shape[0]))
+    ax.set_yticklabels([family_style(f).label for f in wide.index])
+    if annotate:
+        mid = np.sqrt(pos.min() * pos.max()) if pos.size else 0
+        for (i, j), v in np.ndenumerate(vals):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=5.5,
+                        color="white" if v < mid else "black")
+    cbar = ax.figure.colorbar(im, ax=ax, fraction=0.04, pad=0.01)
+    cbar.set_label(cbar_label)
+    style_axes(ax, xlabel="layer (block, kind)", ylabel="sketch family", title=title)
+    ax.grid(False)
+    return ax
+
+
+def plot_closed_vs_mc(df: pd.DataFrame, *, ax: Axes | None = None,
+                      title: str | None = None) -> Axes:
+    """Monte Carlo / closed-form sketch variance (± 2 s.e.) against the closed form, per family.
+
+    ``df``: rows with family, var_sketch (closed form), var_sketch_mc and var_sketch_mc_se.
+    A correct closed form scatters around 1 within the bars.
+    """
+    ax = _axes(ax)
+    for fam in order_families(df["family"]):
+        d = df[df["family"] == fam]
+        st = family_style(fam)
+        ax.errorbar(d["var_sketch"], d["var_sketch_mc"] / d["var_sketch"],
+                    yerr=2 * d["var_sketch_mc_se"] / d["var_sketch"], color=st.color,
+                    marker=st.marker, ms=3.5, ls="none", elinewidth=0.7, alpha=0.85,
+                    label=st.label)
+    ax.axhline(1.0, color="0.2", lw=1, ls="--", label="Monte Carlo = closed form")
+    return style_axes(ax, xlabel="closed-form sketch variance",
+                      ylabel="Monte Carlo / closed form  (± 2 s.e.)", title=title, logx=True,
+                      legend=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Cost: memory, throughput, layer benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def plot_memory_vs_batch(memory: pd.DataFrame, value: str = "saved_mib", *,
+                         ax: Axes | None = None, title: str | None = None,
+                         ylabel: str = "saved activations (MiB)") -> Axes:
+    """Memory vs batch size, one line per (family, ρ): the family's colour, lighter for small ρ.
+
+    ``memory``: rows with family, ratio, batch_size and ``value``.
+    """
+    ax = _axes(ax)
+    for fam in order_families(memory["family"]):
+        d = memory[memory["family"] == fam]
+        shades = ratio_shades(fam, d["ratio"].fillna(1.0))
+        st = family_style(fam)
+        for r, g in d.groupby(d["ratio"].fillna(1.0), sort=True):
+            g = g.groupby("batch_size", as_index=False)[value].mean()
+            label = st.label if fam == "exact" else f"{st.label}, ρ = {100 * r:g}%"
+            ax.plot(g["batch_size"], g[value], color=shades[float(r)], marker=st.marker,
+                    markersize=4, lw=1.4, label=label)
+    return style_axes(ax, xlabel="batch size (examples)", ylabel=ylabel, title=title,
+                      legend=True)
+
+
+def plot_metric_vs_ratio(df: pd.DataFrame, value: str, *, ax: Axes | None = None,
+                         ylabel: str, title: str | None = None, err: str | None = None,
+                         baseline: float | None = None, baseline_err: float | None = None,
+                         baseline_label: str = "exact", legend: bool = True) -> Axes:
+    """A metric vs ρ per family (optional ± ``err`` bars), the exact baseline as a black line.
+
+    ``df``: rows with family, ratio, ``value`` (and ``err``); family "exact" rows, if any,
+    are drawn as the baseline unless ``baseline`` is given.
+    """
+    ax = _axes(ax)
+    exact = df[df["family"] == "exact"]
+    if baseline is None and not exact.empty:
+        baseline = float(exact[value].mean())
+        if err and baseline_err is None:
+            baseline_err = float(exact[err].mean())
+    rest = df[(df["family"] != "exact") & df["ratio"].notna()]
+    fams = order_families(rest["family"])
+    dodge = _dodge(fams) if err else {f: 1.0 for f in fams}
+    for fam in fams:
+        d = rest[rest["family"] == fam].sort_values("ratio")
+        st = family_style(fam)
+        yerr = d[err].fillna(0).to_numpy() if err else None
+        ax.errorbar(d["ratio"] * dodge[fam], d[value], yerr=yerr, color=st.color,
+                    marker=st.marker, ms=4, lw=1.3, capsize=2 if err else 0, label=st.label)
+    if baseline is not None and np.isfinite(baseline):
+        ax.axhline(baseline, color="black", lw=1.2, label=baseline_label)
+        if baseline_err is not None and np.isfinite(baseline_err) and baseline_err > 0:
+            ax.axhspan(baseline - baseline_err, baseline + baseline_err, color="black",
+                       alpha=0.08, lw=0)
+    style_axes(ax, xlabel=RATIO_LABEL, ylabel=ylabel, title=title, logx=True, legend=legend)
+    if not rest.empty:
+        percent_ticks(ax, rest["ratio"])
+    return ax
