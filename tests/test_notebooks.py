@@ -1,0 +1,39 @@
+"""Every notebook in notebooks/ executes headlessly (nbclient, kernel python3) on a small budget.
+
+The notebooks read VARSTUDY_NB_SMALL=1 in their parameters cell: tiny batches, few Monte Carlo
+draws, and figures written to a temporary folder instead of figures/.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+TIMEOUT_S = 180  # per cell
+
+
+def test_notebooks_found():
+    assert {p.name for p in NOTEBOOKS} >= {"variance_vs_ratio.ipynb", "reproduce_figures.ipynb"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_executes(path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("VARSTUDY_NB_SMALL", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
+        f"{path.name} is committed with outputs; clear them"
+    client = NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    client.execute()  # raises CellExecutionError with the failing cell and traceback
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.get("output_type") == "error"]
+    assert not errors
