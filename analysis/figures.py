@@ -46,6 +46,17 @@ def load(results: Path, relpath: str, required: tuple[str, ...] = ()) -> pd.Data
     return df
 
 
+def _config(results: Path, relpath: str) -> dict:
+    """The resolved config written next to a result (``{"config": {...}}`` or flat), or {}."""
+    import json
+
+    path = Path(results) / relpath
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data.get("config", data) if isinstance(data, dict) else {}
+
+
 def save(fig: Figure, out: Path, name: str) -> list[Path]:
     """Write ``out/name.png`` and ``out/name.pdf``; return both paths."""
     out = Path(out)
@@ -275,14 +286,21 @@ def accuracy_vs_ratio(results: Path = RESULTS, out: Path = FIGURES) -> list[Path
 
 
 def layer_bench(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
-    """Figure: one randomized layer's step time and saved memory relative to exact, vs ρ."""
+    """Figure: whole-model step time and saved bytes relative to exact, vs ρ (layer benchmark)."""
     bench = load(results, "bench/layers.csv", ("family", "ratio", "time_ratio", "saved_ratio"))
-    fig, axes = new_figure(1, 2, panel=(4.4, 3.4))
-    plots.plot_metric_vs_ratio(bench, "time_ratio", ax=axes[0, 0], baseline=1.0,
-                               ylabel="step time / exact", title="time", legend=False)
-    plots.plot_metric_vs_ratio(bench, "saved_ratio", ax=axes[0, 1], baseline=1.0,
-                               ylabel="saved bytes / exact", title="saved memory")
-    fig.suptitle("Randomized linear layer benchmark")
+    panels = [("time_ratio", "step time / exact", "training-step time"),
+              ("saved_ratio", "saved bytes / exact", "saved for backward, whole step")]
+    if "linear_saved_ratio" in bench:
+        panels.append(("linear_saved_ratio", "saved bytes / exact",
+                       "saved for backward, linear layers"))
+    fig, axes = new_figure(1, len(panels), panel=(4.2, 3.4))
+    for i, (col, ylabel, title) in enumerate(panels):
+        plots.plot_metric_vs_ratio(bench, col, ax=axes[0, i], baseline=1.0, ylabel=ylabel,
+                                   title=title, legend=i == len(panels) - 1)
+    cfg = _config(results, "bench/layers.json")
+    where = ", ".join(f"{k} {cfg[k]}" for k in ("model", "batch_size", "seq_len") if k in cfg)
+    fig.suptitle("Randomized linear layers: cost relative to exact backprop"
+                 + (f" ({where})" if where else ""))
     return save(fig, out, "layer_bench")
 
 

@@ -106,6 +106,14 @@ def synthetic_throughput() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def synthetic_bench() -> pd.DataFrame:
+    rows = [dict(family="exact", ratio=1.0, step_time_ms=10.0, time_ratio=1.0, saved_mib=100.0,
+                 saved_ratio=1.0, linear_saved_ratio=1.0)]
+    rows += [dict(family=f, ratio=r, step_time_ms=11.0, time_ratio=1.1, saved_mib=60 + 40 * r,
+                  saved_ratio=0.6 + 0.4 * r, linear_saved_ratio=r) for f in FAMILIES for r in RATIOS]
+    return pd.DataFrame(rows)
+
+
 @pytest.fixture
 def synthetic_results(tmp_path: Path) -> Path:
     res = tmp_path / "results"
@@ -117,7 +125,8 @@ def synthetic_results(tmp_path: Path) -> Path:
         synthetic_layers(summary).to_csv(d / "layers.csv", index=False)
     for sub, df in (("accuracy/runs.csv", synthetic_runs()),
                     ("memory/memory.csv", synthetic_memory()),
-                    ("throughput/throughput.csv", synthetic_throughput())):
+                    ("throughput/throughput.csv", synthetic_throughput()),
+                    ("../bench/layers.csv", synthetic_bench())):
         (res / "study" / sub).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(res / "study" / sub, index=False)
     return res
@@ -251,13 +260,13 @@ def test_figures_build_from_synthetic_results(synthetic_results: Path, tmp_path:
     assert figures.main(["all", "--results", str(synthetic_results), "--out", str(out)]) == 0
     for name in ("variance_ratio_over_training", "variance_vs_ratio", "ratio_heatmap",
                  "closed_form_vs_mc", "memory_vs_batch", "throughput_vs_ratio",
-                 "accuracy_vs_ratio"):
+                 "accuracy_vs_ratio", "layer_bench"):
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 1000, name
     assert "± 1.00" in (out / "accuracy_table.md").read_text()
     assert r"\toprule" in (out / "accuracy_table.tex").read_text()
     # a requested figure whose inputs are missing is an error; under `all` it is skipped
-    assert figures.main(["layer_bench", "--results", str(synthetic_results),
+    assert figures.main(["checkpoint_vs_n", "--results", str(synthetic_results),
                          "--out", str(out)]) == 1
     assert figures.main(["nonsense", "--out", str(out)]) == 2
 
