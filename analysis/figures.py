@@ -32,6 +32,10 @@ RESULTS = ROOT / "results"
 FIGURES = ROOT / "figures"
 
 
+# Older or alternative spellings of a column, read as the name the figures use.
+COLUMN_ALIASES = {"sketch": "family", "dataset": "task", "rho": "ratio"}
+
+
 class MissingResultsError(VarstudyError):
     """A figure's input file is not in the results directory (yet)."""
 
@@ -42,6 +46,8 @@ def load(results: Path, relpath: str, required: tuple[str, ...] = ()) -> pd.Data
     if not path.is_file():
         raise MissingResultsError(f"missing input {path} (not produced yet?)")
     df = pd.read_csv(path)
+    df = df.rename(columns={old: new for old, new in COLUMN_ALIASES.items()
+                            if old in df and new not in df})
     tables.require_columns(df, required, str(path))
     return df
 
@@ -218,26 +224,39 @@ def memory_vs_batch(results: Path = RESULTS, out: Path = FIGURES, **options) -> 
     return save(build_memory_vs_batch(memory, **options), out, "memory_vs_batch")
 
 
+SPEEDUP_COLUMNS = ("speedup_vs_exact", "ratio_to_exact")
+
+
 def build_throughput_vs_ratio(throughput: pd.DataFrame, max_batch: pd.DataFrame | None = None,
                               batch_size: int | None = None) -> Figure:
-    """Throughput relative to exact vs ρ (and the largest batch that fits, when measured)."""
-    if "ratio_to_exact" not in throughput:
+    """Throughput relative to exact vs ρ (and the largest batch that fits, when measured).
+
+    The speed-up column is the study's own (median of per-repeat ratios) when present, else
+    examples_per_s over the exact row's.
+    """
+    col = next((c for c in SPEEDUP_COLUMNS if c in throughput), None)
+    if col is None:
+        col = "speedup_vs_exact"
         throughput = tables.ratio_to_baseline(throughput, "examples_per_s",
                                               [c for c in ("model", "batch_size", "device")
-                                               if c in throughput], column="ratio_to_exact")
+                                               if c in throughput], column=col)
     batch_size = batch_size or int(throughput["batch_size"].max())
     d = throughput[throughput["batch_size"] == batch_size]
     fig, axes = new_figure(1, 2 if max_batch is not None else 1, panel=(4.6, 3.6))
     device = f" on {d['device'].iloc[0]}" if "device" in d and len(d) else ""
-    plots.plot_metric_vs_ratio(d, "ratio_to_exact", ax=axes[0, 0],
-                               ylabel="throughput / exact throughput", baseline=1.0,
-                               title=f"batch {batch_size}{device}")
+    exact_tp = d.loc[d["family"] == "exact", "examples_per_s"]
+    exact_note = f", exact {exact_tp.iloc[0]:.0f} ex/s" if len(exact_tp) else ""
+    plots.plot_metric_vs_ratio(d, col, ax=axes[0, 0], baseline=1.0,
+                               ylabel="throughput / exact (examples/s ratio)",
+                               title=f"training steps, batch {batch_size}{device}{exact_note}",
+                               legend=max_batch is None)
     if max_batch is not None:
-        col = next(c for c in max_batch.columns if c.startswith("max_batch"))
-        plots.plot_metric_vs_ratio(max_batch, col, ax=axes[0, 1],
+        basis = f" ({max_batch['basis'].iloc[0]} ≤ {max_batch['budget_mib'].iloc[0]:g} MiB)" \
+            if {"basis", "budget_mib"} <= set(max_batch.columns) else ""
+        plots.plot_metric_vs_ratio(max_batch, "max_batch", ax=axes[0, 1],
                                    ylabel="largest batch that fits (examples)",
-                                   title="largest batch size")
-    fig.suptitle("Training throughput vs compression ratio")
+                                   title=f"largest batch{basis}")
+    fig.suptitle("Training throughput and batch capacity vs compression ratio")
     return fig
 
 
@@ -246,9 +265,7 @@ def throughput_vs_ratio(results: Path = RESULTS, out: Path = FIGURES, **options)
     tp = load(results, "study/throughput/throughput.csv",
               ("family", "ratio", "batch_size", "examples_per_s"))
     try:
-        mb = load(results, "study/throughput/max_batch.csv", ("family", "ratio"))
-        if not any(c.startswith("max_batch") for c in mb.columns):
-            mb = None
+        mb = load(results, "study/throughput/max_batch.csv", ("family", "ratio", "max_batch"))
     except MissingResultsError:
         mb = None
     return save(build_throughput_vs_ratio(tp, mb, **options), out, "throughput_vs_ratio")

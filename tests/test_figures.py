@@ -106,6 +106,13 @@ def synthetic_throughput() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def synthetic_max_batch() -> pd.DataFrame:
+    rows = [dict(family="exact", ratio=1.0, basis="saved_mib", budget_mib=256.0, max_batch=20)]
+    rows += [dict(family="gaussian", ratio=r, basis="saved_mib", budget_mib=256.0,
+                  max_batch=int(20 / (0.4 + 0.6 * r))) for r in RATIOS]
+    return pd.DataFrame(rows)
+
+
 def synthetic_bench() -> pd.DataFrame:
     rows = [dict(family="exact", ratio=1.0, step_time_ms=10.0, time_ratio=1.0, saved_mib=100.0,
                  saved_ratio=1.0, linear_saved_ratio=1.0)]
@@ -126,6 +133,7 @@ def synthetic_results(tmp_path: Path) -> Path:
     for sub, df in (("accuracy/runs.csv", synthetic_runs()),
                     ("memory/memory.csv", synthetic_memory()),
                     ("throughput/throughput.csv", synthetic_throughput()),
+                    ("throughput/max_batch.csv", synthetic_max_batch()),
                     ("../bench/layers.csv", synthetic_bench())):
         (res / "study" / sub).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(res / "study" / sub, index=False)
