@@ -1,0 +1,141 @@
+"""Fine-tuning CLI and engine: learning with converted layers, GLUE formats, tables, CLI errors."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from varstudy import finetune
+from varstudy.errors import VarstudyError
+from varstudy.finetune import FinetuneConfig
+
+TINY = dict(model="tiny-bert", batch_size=4, max_length=16, max_steps=2, eval_every=1,
+            progress=False, num_threads=2)
+
+
+def test_converted_minilm_learns_rotten_tomatoes(tmp_path):
+    """ρ = 0.2 rows sketches in all 38 linears of MiniLM: loss falls, accuracy beats chance.
+
+    Under H0 "no better than chance" the accuracy on n_eval balanced examples has mean 0.5 and
+    sd ≤ sqrt(0.25 / n_eval); a 3-sd margin has a false-pass rate ≈ 0.13%.
+    """
+    n_eval = 200
+    config = FinetuneConfig(sketch="rows", ratio=0.2, batch_size=16, max_length=32, max_steps=30,
+                            lr=3e-4, dropout=False, eval_every=30, eval_examples=n_eval,
+                            out=str(tmp_path), progress=False)
+    result = finetune.train(config)
+    row = result.run.iloc[0]
+    assert row.n_converted == 38 and row.metric == "accuracy" and row.n_eval == n_eval
+    losses = result.steps.loss.to_numpy()
+    assert losses[-10:].mean() < losses[:10].mean() - 0.05
+    assert row.best_value > 0.5 + 3 * math.sqrt(0.25 / n_eval)
+    assert 0 < row.saved_linear_mib < row.saved_mib
+    folder = tmp_path / finetune.run_name(config)
+    assert {p.name for p in folder.iterdir()} == {"steps.csv", "evals.csv", "run.csv",
+                                                  "config.json"}
+
+
+def _write_glue(root, folder, header, rows):
+    path = root / folder
+    path.mkdir(parents=True, exist_ok=True)
+    lines = ([header] if header else []) + rows
+    for name in ("train.tsv", "dev.tsv"):
+        (path / name).write_text("\n".join("\t".join(r) for r in lines) + "\n")
+
+
+WORDS = ["good film", "bad plot", "great acting", "awful story", "fine music", "poor script",
+         "nice scene", "boring end"]
+
+
+def _glue_fixtures(root):
+    cola = [["src", str(i % 2), "", w] for i, w in enumerate(WORDS)]
+    _write_glue(root, "CoLA", None, cola)
+    _write_glue(root, "SST-2", ["sentence", "label"], [[w, str(i % 2)] for i, w in enumerate(WORDS)])
+    mrpc = [[str(i % 2), str(i), str(i + 9), w, WORDS[-1 - i]] for i, w in enumerate(WORDS)]
+    _write_glue(root, "MRPC", ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"], mrpc)
+    stsb = [["g", "f", "y", str(i), "1", w, WORDS[-1 - i], f"{i * 0.6:.1f}"]
+            for i, w in enumerate(WORDS)]
+    _write_glue(root, "STS-B", ["genre", "filename", "year", "old_index", "source1",
+                                "sentence1", "sentence2", "score"], stsb)
+    rte = [[str(i), w, WORDS[-1 - i], ["entailment", "not_entailment"][i % 2]]
+           for i, w in enumerate(WORDS)]
+    _write_glue(root, "RTE", ["index", "sentence1", "sentence2", "label"], rte)
+
+
+@pytest.mark.parametrize("task,metrics", [
+    ("cola", {"matthews"}), ("sst2", {"accuracy"}), ("mrpc", {"accuracy", "f1"}),
+    ("stsb", {"pearson", "spearman"}), ("rte", {"accuracy"}),
+])
+def test_glue_tasks_report_their_metrics(tmp_path, task, metrics):
+    """Single-sentence (CoLA, SST-2) and sentence-pair (MRPC, STS-B, RTE) GLUE files train."""
+    _glue_fixtures(tmp_path / "glue")
+    config = FinetuneConfig(task=f"glue:{task}", data_dir=str(tmp_path / "glue"),
+                            sketch="gaussian", ratio=0.5, out=str(tmp_path / "out"), **TINY)
+    result = finetune.train(config)
+    evals = result.evals
+    assert set(evals.metric) == metrics | {"eval_loss"}
+    assert sorted(evals.step.unique()) == [1, 2]
+    assert evals.value.notna().all()
+    row = result.run.iloc[0]
+    assert row.metric == sorted(metrics)[0]
+    assert row.task == f"glue:{task}" and row.n_eval == len(WORDS)
+    written = pd.read_csv(tmp_path / "out" / finetune.run_name(config) / "evals.csv")
+    assert set(written.metric) == set(evals.metric)
+
+
+def test_config_carried_in_results(tmp_path):
+    config = FinetuneConfig(task="synthetic", sketch="exact", seed=3, lr=5e-4,
+                            out=str(tmp_path), **TINY)
+    finetune.train(config)
+    folder = tmp_path / finetune.run_name(config)
+    row = pd.read_csv(folder / "run.csv").iloc[0]
+    assert (row.model, row.task, row.sketch, row.seed, row.lr) == ("tiny-bert", "synthetic",
+                                                                   "exact", 3, 5e-4)
+    assert row.n_converted == 0 and row.total_steps == 2
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["betas"] == [0.9, 0.98] and saved["warmup"] == 0.06 and saved["device"] == "cpu"
+    steps = pd.read_csv(folder / "steps.csv")
+    assert list(steps.columns) == ["step", "loss", "lr", "time_s"] and len(steps) == 2
+    assert steps.time_s.is_monotonic_increasing
+
+
+def test_include_converts_a_subset(tmp_path):
+    config = FinetuneConfig(task="synthetic", sketch="countsketch", ratio=0.1,
+                            include=r"intermediate|output\.dense", exclude="attention", out=None,
+                            **TINY)
+    assert finetune.run(config).iloc[0].n_converted == 4  # 2 layers × (ffn_in, ffn_out)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    opt, sched = finetune.make_optimizer(model, FinetuneConfig(lr=1.0, warmup=0.1), 20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == [0.5, 1.0, 1.0 * 18 / 18] and lrs[-1] == pytest.approx(1 / 18)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--sketch", "fourier"], "valid choices: exact, gaussian"),
+    (["--device", "tpu"], "valid choices: auto, cpu, cuda"),
+    (["--dtype", "int8"], "valid choices: float32"),
+    (["--ratio", "1.5"], "ratio must be in (0, 1]"),
+    (["--preset", "huge"], "valid choices: cpu, paper"),
+    (["--task", "nope", "--model", "tiny-bert"], "valid datasets"),
+    (["--batch-size", "many"], "invalid int value"),
+])
+def test_cli_bad_values_one_line_exit_2(capsys, argv, needle):
+    assert finetune.main(argv + ["--out", "none", "--progress", "false"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_debug_raises():
+    with pytest.raises(VarstudyError):
+        finetune.main(["--sketch", "fourier", "--debug"])
