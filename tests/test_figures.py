@@ -78,12 +78,13 @@ def synthetic_runs() -> pd.DataFrame:
     rows = []
     for seed in range(3):
         rows.append(dict(task="cola", model="minilm", family="exact", ratio=np.nan, seed=seed,
-                         metric="matthews", best_value=0.50 + 0.01 * seed, final_value=0.5))
+                         metric="matthews", best_value=0.50 + 0.01 * seed, final_value=0.5,
+                         train_time_s=60.0))
         for fam in FAMILIES[:2]:
             for r in RATIOS:
                 rows.append(dict(task="cola", model="minilm", family=fam, ratio=r, seed=seed,
                                  metric="matthews", best_value=0.4 + 0.1 * r + 0.01 * seed,
-                                 final_value=0.4))
+                                 final_value=0.4, train_time_s=70.0 + seed))
     return pd.DataFrame(rows)
 
 
@@ -271,7 +272,8 @@ def test_figures_build_from_synthetic_results(synthetic_results: Path, tmp_path:
                  "accuracy_vs_ratio", "layer_bench"):
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 1000, name
-    assert "± 1.00" in (out / "accuracy_table.md").read_text()
+    md = (out / "accuracy_table.md").read_text()
+    assert "± 1.00" in md and "| cola | train time (s) | gaussian |  | 71.0 ± 1.0 |" in md
     assert r"\toprule" in (out / "accuracy_table.tex").read_text()
     # a requested figure whose inputs are missing is an error; under `all` it is skipped
     assert figures.main(["checkpoint_vs_n", "--results", str(synthetic_results),
