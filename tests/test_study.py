@@ -1,0 +1,106 @@
+"""Study drivers on tiny-bert + synthetic data: table shapes, carried config, memory trends."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from varstudy import study
+from varstudy.study import StudyConfig
+
+TINY = dict(model="tiny-bert", task="synthetic", families=("gaussian", "rows"),
+            ratios=(0.5,), seeds=(0, 1), batch_size=8, batch_sizes=(2, 4, 8),
+            max_length=16, max_steps=2, eval_examples=20, repeats=2, warmup_steps=1,
+            progress=False)
+
+
+def test_accuracy_one_row_per_config_and_seed(tmp_path):
+    config = StudyConfig(out=str(tmp_path), **TINY)
+    runs, summary = study.accuracy(config)
+    keys = ["task", "family", "ratio", "seed"]
+    assert len(runs) == 3 * 2 and not runs.duplicated(keys).any()
+    assert set(zip(runs.family, runs.ratio)) == set(study.grid(config))
+    assert (runs.loc[runs.family == "exact", "n_converted"] == 0).all()
+    assert (runs.loc[runs.family != "exact", "n_converted"] == 14).all()
+    assert len(summary) == 3 and (summary.n == 2).all()
+    assert {"mean", "std", "final_mean", "saved_mib"} <= set(summary.columns)
+    folder = tmp_path / "accuracy"
+    on_disk = pd.read_csv(folder / "runs.csv")
+    assert len(on_disk) == 6 and list(on_disk.columns[:5]) == study.KEYS + ["seed"]
+    assert set(pd.read_csv(folder / "evals.csv").metric) == {"accuracy", "eval_loss"}
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["study"] == "accuracy" and saved["families"] == ["gaussian", "rows"]
+    assert saved["max_steps"] == 2 and saved["seeds"] == [0, 1]
+
+
+def test_accuracy_resume_skips_done_runs(tmp_path):
+    config = StudyConfig(out=str(tmp_path), **{**TINY, "seeds": (0,), "families": ("rows",)})
+    study.accuracy(config)
+    more = StudyConfig(out=str(tmp_path), resume=True, **{**TINY, "families": ("rows",)})
+    runs, _ = study.accuracy(more)
+    assert len(runs) == 2 * 2 and not runs.duplicated(["family", "ratio", "seed"]).any()
+
+
+@pytest.fixture(scope="module")
+def memory_table(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    config = StudyConfig(out=str(out), **{**TINY, "families": ("gaussian", "rows",
+                                                               "countsketch"),
+                                          "ratios": (0.5, 0.1)})
+    return study.memory(config), out
+
+
+def test_memory_grows_with_batch_and_shrinks_with_ratio(memory_table):
+    table, out = memory_table
+    assert len(table) == 7 * 3 and not table.duplicated(["family", "ratio", "batch_size"]).any()
+    assert table.peak_cuda_mib.isna().all() and (table.device == "cpu").all()
+    for _, part in table.groupby(["family", "ratio"]):
+        assert part.sort_values("batch_size").saved_mib.is_monotonic_increasing
+        assert np.all(np.diff(part.sort_values("batch_size").saved_mib) > 0)
+    exact = table[table.family == "exact"].set_index("batch_size")
+    for row in table[table.family != "exact"].itertuples():
+        assert row.ratio <= 0.5
+        assert row.saved_mib < exact.loc[row.batch_size, "saved_mib"]
+        assert row.saved_linear_mib < exact.loc[row.batch_size, "saved_linear_mib"]
+    written = pd.read_csv(out / "memory" / "memory.csv")
+    assert list(written.columns) == ["task", "model", "family", "ratio", "batch_size", "seq_len",
+                                     "saved_mib", "saved_linear_mib", "peak_cuda_mib", "device"]
+    assert json.loads((out / "memory" / "config.json").read_text())["batch_sizes"] == [2, 4, 8]
+
+
+def test_max_batch_from_linear_fit():
+    rows = [dict(task="t", model="m", family=f, ratio=r, batch_size=b, seq_len=8,
+                 saved_mib=10 + slope * b, peak_cuda_mib=np.nan)
+            for f, r, slope in (("exact", 1.0, 2.0), ("rows", 0.1, 1.0)) for b in (1, 2, 4)]
+    table = study.max_batch(pd.DataFrame(rows), budget_mib=110)
+    fits = table.set_index("family")
+    assert fits.loc["exact", "max_batch"] == 50 and fits.loc["rows", "max_batch"] == 100
+    assert fits.loc["rows", "max_batch_vs_exact"] == pytest.approx(2.0)
+    assert fits.loc["exact", "slope_mib_per_example"] == pytest.approx(2.0)
+    assert (table.basis == "saved_mib").all() and (table.fit_max_rel_err < 1e-9).all()
+
+
+def test_throughput_tables(tmp_path):
+    config = StudyConfig(out=str(tmp_path), **{**TINY, "ratios": (0.1,), "batch_sizes": (2, 4)})
+    table, fits = study.throughput(config)
+    assert len(table) == 3 and (table.repeats == 2).all()
+    assert table.set_index("family").loc["exact", "speedup_vs_exact"] == 1.0
+    assert (table.examples_per_s > 0).all()
+    assert len(fits) == 3 and (fits.max_batch > 0).all()
+    assert (fits[fits.family != "exact"].max_batch >= fits[fits.family == "exact"].max_batch.iloc[0]).all()
+    for name in ("throughput.csv", "max_batch.csv", "config.json"):
+        assert (tmp_path / "throughput" / name).is_file()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["memory", "--families", "gaussian,fft"], "valid choices: gaussian"),
+    (["speed"], "valid choices: accuracy, memory, throughput"),
+    (["memory", "--preset", "tpu"], "valid choices: cpu, gpu"),
+    (["memory", "--ratios", "0.5,2"], "ratios must be in (0, 1]"),
+    (["memory", "--batch-sizes", "4,x"], "invalid list"),
+])
+def test_cli_bad_values(capsys, argv, needle):
+    assert study.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
