@@ -185,9 +185,17 @@ def closed_form_vs_mc(results: Path = RESULTS, out: Path = FIGURES) -> list[Path
                & layers["var_sketch_mc"].notna()]
     if d.empty:
         raise MissingResultsError(f"{MEASURE_DEFAULT}/layers.csv has no Monte Carlo rows")
-    fig, ax = new_figure(1, 1, panel=(4.6, 4.0))
-    plots.plot_closed_vs_mc(d, ax=ax[0, 0],
-                            title=f"Closed form vs Monte Carlo ({int(d['mc_draws'].max())} draws)")
+    where = ", ".join(sorted({tables.layer_label(k, i) for k, i in
+                              zip(d["layer_kind"], d["layer_index"])})) \
+        if {"layer_kind", "layer_index"} <= set(d.columns) else f"{d['layer'].nunique()} layers"
+    n_batches = d.groupby(["train_step", "batch"]).ngroups if "batch" in d else 1
+    fig, ax = new_figure(1, 1, panel=(6.0, 4.0))
+    plots.plot_closed_vs_mc(d, ax=ax[0, 0], legend=False,
+                            title=f"{where}, {n_batches} batch{'es' if n_batches > 1 else ''}, "
+                                  f"{int(d['mc_draws'].max())} draws per point")
+    fig.legend(*ax[0, 0].get_legend_handles_labels(), loc="outside right center",
+               fontsize="x-small", frameon=False)
+    fig.suptitle("Closed-form sketch variance checked by Monte Carlo")
     return save(fig, out, "closed_form_vs_mc")
 
 

@@ -137,7 +137,7 @@ def plot_ratio_heatmap(wide: pd.DataFrame, *, ax: Axes | None = None, title: str
 
 
 def plot_closed_vs_mc(df: pd.DataFrame, *, ax: Axes | None = None,
-                      title: str | None = None) -> Axes:
+                      title: str | None = None, legend: bool = True) -> Axes:
     """Monte Carlo / closed-form sketch variance (± 2 s.e.) against the closed form, per family.
 
     ``df``: rows with family, var_sketch (closed form), var_sketch_mc and var_sketch_mc_se.
@@ -155,7 +155,7 @@ def plot_closed_vs_mc(df: pd.DataFrame, *, ax: Axes | None = None,
     ax.xaxis.set_minor_formatter(NullFormatter())  # log axis over > 1 decade: majors suffice
     return style_axes(ax, xlabel="closed-form sketch variance",
                       ylabel="Monte Carlo / closed form  (± 2 s.e.)", title=title, logx=True,
-                      legend=True)
+                      legend=legend)
 
 
 # --------------------------------------------------------------------------------------------
