@@ -208,20 +208,33 @@ def _most_common(df: pd.DataFrame, column: str):
     return df[column].value_counts().idxmax() if column in df else None
 
 
-def build_memory_vs_batch(memory: pd.DataFrame, model: str | None = None) -> Figure:
-    """Saved activations (and CUDA peak, when measured) vs batch size per (family, ρ)."""
+def build_memory_vs_batch(memory: pd.DataFrame, model: str | None = None,
+                          family: str = "gaussian") -> Figure:
+    """Saved activations (whole step, linear layers; CUDA peak when measured) vs batch size,
+    exact and one family per ρ; the other families' largest gap to it goes in the title."""
     model = model or _most_common(memory, "model")
     d = memory[memory["model"] == model] if model is not None else memory
     if "seq_len" in d:
         d = d[d["seq_len"] == _most_common(d, "seq_len")]
-    panels = [("saved_mib", "saved activations (MiB)")]
+    if family not in set(d["family"]):
+        family = next(f for f in d["family"] if f != tables.EXACT)
+    shown = d[d["family"].isin([tables.EXACT, family])]
+    panels = [("saved_mib", "saved for backward (MiB)", "whole training step")]
+    if "saved_linear_mib" in d:
+        panels.append(("saved_linear_mib", "saved for backward (MiB)", "linear layers only"))
     if "peak_cuda_mib" in d and d["peak_cuda_mib"].notna().any():
-        panels.append(("peak_cuda_mib", "peak CUDA memory (MiB)"))
-    fig, axes = new_figure(1, len(panels), panel=(4.8, 3.8))
-    for ax, (col, ylabel) in zip(axes.flat, panels):
-        plots.plot_memory_vs_batch(d.dropna(subset=[col]), col, ax=ax, ylabel=ylabel)
+        panels.append(("peak_cuda_mib", "peak CUDA memory (MiB)", "CUDA peak, 2 AdamW steps"))
+    fig, axes = new_figure(1, len(panels), panel=(4.4, 3.6))
+    for i, (col, ylabel, title) in enumerate(panels):
+        plots.plot_memory_vs_batch(shown.dropna(subset=[col]), col, ax=axes[0, i],
+                                   ylabel=ylabel, title=title)
+        if i:
+            axes[0, i].get_legend().remove()
+    others = sorted(set(d["family"]) - {tables.EXACT, family})
+    gap = tables.family_spread(d, "saved_mib", reference=family) if others else float("nan")
+    note = f"; {', '.join(others)} within {100 * gap:.1f}%" if others else ""
     seq = f", {int(d['seq_len'].iloc[0])} tokens" if "seq_len" in d and len(d) else ""
-    fig.suptitle(f"Memory vs batch size ({model}{seq})")
+    fig.suptitle(f"Memory vs batch size ({model}{seq}; {family}{note})", fontsize="medium")
     return fig
 
 

@@ -108,6 +108,19 @@ def ratio_to_baseline(df: pd.DataFrame, value: str, on: Sequence[str] = (),
     return out.drop(columns="_base")
 
 
+def family_spread(df: pd.DataFrame, value: str, by: Sequence[str] = ("ratio", "batch_size"),
+                  reference: str = "gaussian") -> float:
+    """Largest relative gap |v − v_reference| / v_reference between any randomized family and
+    ``reference`` at equal ``by`` keys (0 when every family gives the same value)."""
+    require_columns(df, ["family", value, *by], "family_spread input")
+    rnd = df[df["family"] != EXACT]
+    ref = rnd[rnd["family"] == reference].set_index(list(by))[value]
+    if ref.empty:
+        return float("nan")
+    joined = rnd.join(ref.rename("_ref"), on=list(by))
+    return float((np.abs(joined[value] - joined["_ref"]) / joined["_ref"]).max())
+
+
 # --------------------------------------------------------------------------------------------
 # Variance views (measurement engine: layers.csv / summary.csv)
 # --------------------------------------------------------------------------------------------

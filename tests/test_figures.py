@@ -172,6 +172,13 @@ def test_ratio_to_baseline_matches_by_keys():
         tables.ratio_to_baseline(df, "tp", baseline="none")
 
 
+def test_family_spread():
+    df = pd.DataFrame({"family": ["exact", "gaussian", "rows", "gaussian", "rows"],
+                       "ratio": [1.0, 0.1, 0.1, 0.5, 0.5], "batch_size": [8] * 5,
+                       "saved_mib": [100.0, 10.0, 11.0, 50.0, 50.0]})
+    assert tables.family_spread(df, "saved_mib") == pytest.approx(0.1)
+
+
 def test_require_columns_names_missing():
     with pytest.raises(VarstudyError, match="lacks required column.*ratio_mean"):
         tables.require_columns(pd.DataFrame({"a": [1]}), ["a", "ratio_mean"], "summary.csv")
