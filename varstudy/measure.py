@@ -197,26 +197,29 @@ def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: 
 
 def model_rows(rows: list[dict]) -> list[dict]:
     """Model totals (sums over layers) per (family, ratio) of one batch's layer rows."""
-    frame = pd.DataFrame(rows)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["family"], r["ratio"]), []).append(r)
     out = []
-    for (fam, ratio), g in frame.groupby(["family", "ratio"], sort=False):
-        first = g.iloc[0]
-        sums = g[["grad_sq_norm", "var_sampling", "var_sketch", "_s", "_a", "_q"]].sum()
-        drawn = bool((g["mc_draws"] > 0).all())
-        alpha = _div(sums["_a"], sums["_s"])
-        paper_ratio = _div(sums["_s"] - sums["_a"], sums["_q"])
+    for (fam, ratio), g in groups.items():
+        tot = {c: sum(r[c] for r in g) for c in
+               ("grad_sq_norm", "var_sampling", "var_sketch", "_s", "_a", "_q")}
+        drawn = all(r["mc_draws"] > 0 for r in g)
+        alpha = _div(tot["_a"], tot["_s"])
+        paper_ratio = _div(tot["_s"] - tot["_a"], tot["_q"])
         out.append(dict(
-            train_step=first["train_step"], batch=first["batch"], layer="model",
+            train_step=g[0]["train_step"], batch=g[0]["batch"], layer="model",
             layer_kind="model", layer_index=None, d_in=None, d_out=None,
-            batch_size=first["batch_size"], n_rows=None, family=fam, ratio=ratio, k=None,
-            grad_sq_norm=sums["grad_sq_norm"], var_sampling=sums["var_sampling"],
-            var_sketch=sums["var_sketch"],
-            var_sketch_mc=g["var_sketch_mc"].sum() if drawn else math.nan,
-            var_sketch_mc_se=math.sqrt((g["var_sketch_mc_se"] ** 2).sum()) if drawn else math.nan,
-            mc_draws=int(g["mc_draws"].min()), alpha=alpha, paper_ratio=paper_ratio,
+            batch_size=g[0]["batch_size"], n_rows=None, family=fam, ratio=ratio, k=None,
+            grad_sq_norm=tot["grad_sq_norm"], var_sampling=tot["var_sampling"],
+            var_sketch=tot["var_sketch"],
+            var_sketch_mc=sum(r["var_sketch_mc"] for r in g) if drawn else math.nan,
+            var_sketch_mc_se=(math.sqrt(sum(r["var_sketch_mc_se"] ** 2 for r in g)) if drawn
+                              else math.nan),
+            mc_draws=min(r["mc_draws"] for r in g), alpha=alpha, paper_ratio=paper_ratio,
             paper_bound=_div(alpha + 1, alpha), paper_ratio_plotted=paper_ratio,
             paper_bound_plotted=1 + alpha,
-            ratio_sketch_sampling=_div(sums["var_sketch"], sums["var_sampling"])))
+            ratio_sketch_sampling=_div(tot["var_sketch"], tot["var_sampling"])))
     return out
 
 

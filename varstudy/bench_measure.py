@@ -1,0 +1,172 @@
+"""Benchmark: ``python -m varstudy.bench measure`` — cost of one per-layer variance decomposition.
+
+Three costs on the same model and minibatch, measured side by side (interleaved repeats,
+median; one warm-up each):
+
+* ``step``: one exact training step (forward, backward, AdamW update).
+* ``decomposition``: what the engine does per minibatch, ``measure.measure_batch`` with no
+  Monte Carlo: capture (X, Y) of every linear (forward + backward with hooks), per-example
+  Gram norms, sampling variance, closed-form sketch variances for every family × ratio,
+  paper quantities, model totals, DataFrame rows.
+* ``naive``: Monte Carlo that re-runs forward + backward of the randomized model per sketch
+  draw, ``draws`` times, for one (family, ratio); the per-draw cost is their median, and each
+  draw's model-total error ‖ĝ − g‖² (g from one exact backward) gives the coefficient of
+  variation cv. Draws needed for a relative CI half-width h at level ℓ:
+  n = ⌈(z_ℓ · cv / h)²⌉. Naive cost of one (family, ratio) = t_exact + n · t_draw, of the grid
+  = |families|·|ratios| times that (cv assumed equal across the grid). The closed form has no
+  Monte Carlo error, so "equal CI width" favours naive MC; the sampling variance, which the
+  decomposition also returns, is not charged to naive MC either.
+Writes ``results/bench/measure.csv`` (quantity, value, unit) and ``measure.json`` (config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from scipy.stats import norm
+
+from varstudy.capture import mean_loss, select_layers
+from varstudy.errors import VarstudyError
+from varstudy.layers import derandomize, randomize, reseed
+from varstudy.measure import MeasureConfig, batch_indices, env_info, measure_batch, prepare
+from varstudy.sketches import SKETCHES
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "minilm"
+    dataset: str = "rotten_tomatoes"
+    batch_size: int = 16
+    max_length: int = 64
+    repeats: int = 3
+    naive_family: str = "gaussian"
+    naive_ratio: float = 0.1
+    naive_draws: int = 16
+    half_width: float = 0.10
+    level: float = 0.95
+    device: str = "auto"
+    seed: int = 0
+    out: str = "results/bench"
+
+
+def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench(cfg: BenchConfig) -> pd.DataFrame:
+    """Run the three measurements; return the tidy (quantity, value, unit) table."""
+    mcfg = MeasureConfig(model=cfg.model, dataset=cfg.dataset, batch_size=cfg.batch_size,
+                         max_length=cfg.max_length, mc_draws=0, seed=cfg.seed,
+                         device=cfg.device, progress=False).resolved()
+    model, encoded, population = prepare(mcfg)
+    names = select_layers(model)
+    batch = {k: v[batch_indices(len(encoded["labels"]), mcfg, 0, 0)].to(mcfg.device)
+             for k, v in encoded.items()}
+    weights = [model.get_submodule(n).weight for n in names]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the model stays put
+
+    def step():
+        mean_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def decomposition():
+        measure_batch(model, encoded, mcfg, names, set(), 0, 0, population)
+
+    t_step, t_dec = [], []
+    for i in range(cfg.repeats + 1):  # first round is warm-up
+        a, b = timed(step), timed(decomposition)
+        if i:
+            t_step.append(a)
+            t_dec.append(b)
+    exact = torch.autograd.grad(mean_loss(model, batch), weights)
+    t_exact = timed(lambda: torch.autograd.grad(mean_loss(model, batch), weights))
+    t_draw, errs = naive_draws(model, batch, weights, exact, cfg)
+    return table(cfg, mcfg, statistics.median(t_step), statistics.median(t_dec), t_exact,
+                 t_draw, errs)
+
+
+def naive_draws(model, batch, weights, exact, cfg: BenchConfig):
+    randomize(model, cfg.naive_ratio, cfg.naive_family, seed=cfg.seed)
+    times, errs = [], []
+    try:
+        for d in range(cfg.naive_draws + 1):
+            reseed(model, 1000 + d)
+            grads = []
+            times.append(timed(lambda: grads.extend(
+                torch.autograd.grad(mean_loss(model, batch), weights))))
+            errs.append(sum(float((g.double() - e.double()).square().sum())
+                            for g, e in zip(grads, exact)))
+    finally:
+        derandomize(model)
+    return statistics.median(times[1:]), errs[1:]
+
+
+def table(cfg, mcfg, t_step, t_dec, t_exact, t_draw, errs) -> pd.DataFrame:
+    mean, sd = statistics.fmean(errs), statistics.stdev(errs)
+    cv = sd / mean
+    z = norm.isf((1 - cfg.level) / 2)
+    draws = math.ceil((z * cv / cfg.half_width) ** 2)
+    grid = len(mcfg.families) * len(mcfg.ratios)
+    naive_one = t_exact + draws * t_draw
+    naive_grid = t_exact + grid * draws * t_draw
+    rows = [
+        ("step_time", t_step, "s"), ("decomposition_time", t_dec, "s"),
+        ("decomposition_over_step", t_dec / t_step, "x"),
+        ("exact_grad_time", t_exact, "s"), ("naive_draw_time", t_draw, "s"),
+        ("naive_cv", cv, "1"), ("naive_var_sketch_mc", mean, "grad^2"),
+        ("naive_draws_needed", draws, "draws"), ("naive_time_one_config", naive_one, "s"),
+        ("grid_configs", grid, "configs"), ("naive_time_grid", naive_grid, "s"),
+        ("speedup_vs_naive_one_config", naive_one / t_dec, "x"),
+        ("speedup_vs_naive_grid", naive_grid / t_dec, "x"),
+        ("target_decomposition_over_step_max", 3.0, "x"),
+        ("target_speedup_vs_naive_min", 30.0, "x"),
+        ("load_average_1min", os.getloadavg()[0], "procs"),
+    ]
+    return pd.DataFrame(rows, columns=["quantity", "value", "unit"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m varstudy.bench measure",
+                                     description=__doc__.split("\n")[0])
+    for name, default in asdict(BenchConfig()).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                            help=f"(default: {default})")
+    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    try:
+        if cfg.naive_family not in SKETCHES or cfg.naive_draws < 2 or cfg.repeats < 1:
+            raise VarstudyError(f"need naive_family in {', '.join(SKETCHES)}, naive_draws >= 2, "
+                                "repeats >= 1")
+        torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+        result = bench(cfg)
+    except VarstudyError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.to_csv(out / "measure.csv", index=False)
+    env = env_info(MeasureConfig(device=cfg.device).resolved().device)
+    (out / "measure.json").write_text(json.dumps(dict(config=asdict(cfg), env=env), indent=2)
+                                      + "\n")
+    print(result.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
