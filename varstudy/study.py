@@ -74,8 +74,9 @@ class StudyConfig:
 # Presets override only what differs from the defaults, per study.
 PRESETS: dict[str, dict[str, dict]] = {
     "cpu": {
-        # Reduced budget (2 shared cores): 30 steps of batch 16 at length 32, 256 eval examples.
-        "accuracy": dict(families=("gaussian", "rows"), max_length=32),
+        # Reduced budget (2 shared cores): 30 steps of batch 16 at length 32, evaluations on 256
+        # validation examples at steps 15 and 30.
+        "accuracy": dict(families=("gaussian", "rows"), max_length=32, eval_every=15),
         "memory": {},
         "throughput": {},
     },
