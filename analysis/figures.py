@@ -315,7 +315,7 @@ def accuracy_vs_ratio(results: Path = RESULTS, out: Path = FIGURES) -> list[Path
     summary = tables.accuracy_summary(runs)
     wide = tables.accuracy_table(summary)
     lo, hi = int(summary["n"].min()), int(summary["n"].max())
-    seeds = f"{lo} seeds" if lo == hi else f"{lo}–{hi} seeds"
+    seeds = f"{lo} seed{'s' if lo > 1 else ''}" if lo == hi else f"{lo}–{hi} seeds"
     caption = (f"Best validation metric × 100 during fine-tuning (mean ± std over {seeds}); "
                "columns: compression ratio ρ (100%: exact)")
     md, tex = tables.to_markdown(wide, caption), tables.to_latex(wide, caption, "tab:accuracy")
