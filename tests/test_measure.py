@@ -115,3 +115,15 @@ def test_config_validation_is_the_package_error():
     with pytest.raises(VarstudyError, match="valid choices"):
         M.MeasureConfig(families=("gaussian", "x"))
     assert M.MeasureConfig(train_steps=10).resolved().measure_at == (0, 10)
+
+
+def test_bench_measure_smoke(tmp_path):
+    from varstudy import bench
+
+    argv = ["measure", "--model", "tiny-bert", "--dataset", "synthetic", "--max-length", "16",
+            "--batch-size", "4", "--repeats", "1", "--naive-draws", "3", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    table = pd.read_csv(tmp_path / "measure.csv").set_index("quantity")
+    assert table.loc["decomposition_over_step", "value"] > 0
+    assert table.loc["naive_draws_needed", "value"] >= 1
+    assert (tmp_path / "measure.json").is_file()

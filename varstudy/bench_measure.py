@@ -9,7 +9,7 @@ median; one warm-up each):
   Gram norms, sampling variance, closed-form sketch variances for every family × ratio,
   paper quantities, model totals, DataFrame rows.
 * ``naive``: Monte Carlo that re-runs forward + backward of the randomized model per sketch
-  draw, ``draws`` times, for one (family, ratio); the per-draw cost is their median, and each
+  draw, ``naive_draws`` times (spread over the repeat rounds), for one (family, ratio); the per-draw cost is their median, and each
   draw's model-total error ‖ĝ − g‖² (g from one exact backward) gives the coefficient of
   variation cv. Draws needed for a relative CI half-width h at level ℓ:
   n = ⌈(z_ℓ · cv / h)²⌉. Naive cost of one (family, ratio) = t_exact + n · t_draw, of the grid
@@ -89,24 +89,29 @@ def bench(cfg: BenchConfig) -> pd.DataFrame:
     def decomposition():
         measure_batch(model, encoded, mcfg, names, set(), 0, 0, population)
 
-    t_step, t_dec = [], []
-    for i in range(cfg.repeats + 1):  # first round is warm-up
-        a, b = timed(step), timed(decomposition)
-        if i:
-            t_step.append(a)
-            t_dec.append(b)
     exact = torch.autograd.grad(mean_loss(model, batch), weights)
-    t_exact = timed(lambda: torch.autograd.grad(mean_loss(model, batch), weights))
-    t_draw, errs = naive_draws(model, batch, weights, exact, cfg)
-    return table(cfg, mcfg, statistics.median(t_step), statistics.median(t_dec), t_exact,
-                 t_draw, errs)
+    per_round = math.ceil(cfg.naive_draws / cfg.repeats)
+    t_step, t_dec, t_exact, t_draw, errs = [], [], [], [], []
+    for i in range(cfg.repeats + 1):  # round 0 is warm-up; rounds interleave all costs
+        a, b = timed(step), timed(decomposition)
+        c = timed(lambda: torch.autograd.grad(mean_loss(model, batch), weights))
+        times, sq = naive_draws(model, batch, weights, exact, cfg, i * per_round,
+                                per_round if i else 1)
+        if i:
+            t_step.append(a), t_dec.append(b), t_exact.append(c)
+            t_draw += times
+            errs += sq
+    med = statistics.median
+    return table(cfg, mcfg, med(t_step), med(t_dec), med(t_exact), med(t_draw), errs)
 
 
-def naive_draws(model, batch, weights, exact, cfg: BenchConfig):
+def naive_draws(model, batch, weights, exact, cfg: BenchConfig, first: int, count: int):
+    """``count`` forward + backward passes of the randomized model (draws first..): times and
+    model-total ‖ĝ − g‖²."""
     randomize(model, cfg.naive_ratio, cfg.naive_family, seed=cfg.seed)
     times, errs = [], []
     try:
-        for d in range(cfg.naive_draws + 1):
+        for d in range(first, first + count):
             reseed(model, 1000 + d)
             grads = []
             times.append(timed(lambda: grads.extend(
@@ -115,7 +120,7 @@ def naive_draws(model, batch, weights, exact, cfg: BenchConfig):
                             for g, e in zip(grads, exact)))
     finally:
         derandomize(model)
-    return statistics.median(times[1:]), errs[1:]
+    return times, errs
 
 
 def table(cfg, mcfg, t_step, t_dec, t_exact, t_draw, errs) -> pd.DataFrame:
