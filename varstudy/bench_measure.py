@@ -48,10 +48,10 @@ class BenchConfig:
     dataset: str = "rotten_tomatoes"
     batch_size: int = 16
     max_length: int = 64
-    repeats: int = 3
+    repeats: int = 5
     naive_family: str = "gaussian"
     naive_ratio: float = 0.1
-    naive_draws: int = 16
+    naive_draws: int = 20
     half_width: float = 0.10
     level: float = 0.95
     device: str = "auto"
