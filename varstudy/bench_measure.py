@@ -9,11 +9,13 @@ median; one warm-up each):
   Gram norms, sampling variance, closed-form sketch variances for every family × ratio,
   paper quantities, model totals, DataFrame rows.
 * ``naive``: Monte Carlo that re-runs forward + backward of the randomized model per sketch
-  draw, ``naive_draws`` times (spread over the repeat rounds), for one (family, ratio); the per-draw cost is their median, and each
-  draw's model-total error ‖ĝ − g‖² (g from one exact backward) gives the coefficient of
-  variation cv. Draws needed for a relative CI half-width h at level ℓ:
+  draw, ``naive_draws`` times (spread over the repeat rounds), for one (family, ratio); the
+  per-draw cost is their median, and each draw's model-total error ‖ĝ − g‖² (g from one
+  exact backward) gives the coefficient of variation cv. Draws needed for a relative CI half-width h at level ℓ:
   n = ⌈(z_ℓ · cv / h)²⌉. Naive cost of one (family, ratio) = t_exact + n · t_draw, of the grid
-  = |families|·|ratios| times that (cv assumed equal across the grid). The closed form has no
+  = |families|·|ratios| times the draws (cv assumed equal across the grid). cv is large
+  because the model total is dominated by the pooler and classifier (summary.csv), whose
+  n = B rows leave k = 1-8 sketch rows. The closed form has no
   Monte Carlo error, so "equal CI width" favours naive MC; the sampling variance, which the
   decomposition also returns, is not charged to naive MC either.
 Writes ``results/bench/measure.csv`` (quantity, value, unit) and ``measure.json`` (config).

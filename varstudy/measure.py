@@ -1,4 +1,4 @@
-"""The measurement engine: ``python -m varstudy.measure`` (API: ``run(MeasureConfig()) -> DataFrame``).
+"""Measurement engine: ``python -m varstudy.measure``; API ``run(MeasureConfig()) -> DataFrame``.
 
 For each measured training step and each of ``num_batches`` random minibatches, it captures
 (X, Y) of every selected ``nn.Linear`` of the exact model (:mod:`varstudy.capture`), then per
@@ -337,8 +337,8 @@ def run(config: MeasureConfig | None = None) -> pd.DataFrame:
     model, encoded, population = prepare(cfg)
     names = select_layers(model, cfg.layers)
     mc_names = {n for n in names if cfg.mc_draws and re.search(cfg.mc_layers or "", n)}
-    _write_json(out / "config.json", dict(asdict(cfg), population=population,
-                                          layers_selected=names, mc_layers_selected=sorted(mc_names)))
+    _write_json(out / "config.json", dict(asdict(cfg), population=population, layers_selected=names,
+                                          mc_layers_selected=sorted(mc_names)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=cfg.weight_decay) if cfg.train_steps else None
     from tqdm.auto import tqdm
