@@ -55,6 +55,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from varstudy import distributed as dist
 from varstudy import variance as V
 from varstudy.capture import capture, mean_loss, select_layers
 from varstudy.data import DATASETS, encode, load_dataset
@@ -326,35 +327,64 @@ def prepare(cfg: MeasureConfig):
 
 
 def run(config: MeasureConfig | None = None) -> pd.DataFrame:
-    """Measure, write ``config.out`` (module docstring) and return the layers.csv DataFrame."""
+    """Measure, write ``config.out`` (module docstring) and return the layers.csv DataFrame.
+
+    Under ``torchrun`` (:mod:`varstudy.distributed`) rank r measures batches r, r + world, ...;
+    rank 0 gathers the rows, writes the same files a single process writes and returns the
+    table; the other ranks return an empty frame with the same columns.
+    """
     cfg = (config or MeasureConfig()).resolved()
+    ctx, device = dist.setup(cfg.device)
     started = time.perf_counter()
     out = Path(cfg.out)
     chunks = out / "chunks"
-    chunks.mkdir(parents=True, exist_ok=True)
-    for old in chunks.glob("step_*.csv"):  # a fresh run (resume is a later issue)
-        old.unlink()
-    model, encoded, population = prepare(cfg)
+    if ctx.is_main:
+        chunks.mkdir(parents=True, exist_ok=True)
+        for old in chunks.glob("step_*.csv"):  # a fresh run (resume is a later issue)
+            old.unlink()
+    model, encoded, population = prepare(replace(cfg, device=device))
     names = select_layers(model, cfg.layers)
     mc_names = {n for n in names if cfg.mc_draws and re.search(cfg.mc_layers or "", n)}
-    _write_json(out / "config.json", dict(asdict(cfg), population=population, layers_selected=names,
-                                          mc_layers_selected=sorted(mc_names)))
+    if ctx.is_main:
+        _write_json(out / "config.json", dict(asdict(cfg), population=population,
+                                              world_size=ctx.world, layers_selected=names,
+                                              mc_layers_selected=sorted(mc_names)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=cfg.weight_decay) if cfg.train_steps else None
-    from tqdm.auto import tqdm
+    local = replace(cfg, device=device, progress=cfg.progress and ctx.is_main)
     done = 0
     for step in cfg.measure_at:
-        train(model, optimizer, encoded, cfg, done, step)
+        train(model, optimizer, encoded, local, done, step)  # replicated on every rank ...
+        dist.broadcast_module(ctx, model)                    # ... and made bit-identical
         done = step
-        path = chunks / f"step_{step:06d}.csv"
-        for b in tqdm(range(cfg.num_batches), desc=f"measure step {step}",
-                      disable=not cfg.progress):
-            frame = measure_batch(model, encoded, cfg, names, mc_names, step, b, population)
-            frame.to_csv(path, mode="a", header=not path.exists(), index=False)
+        _measure_step(model, encoded, local, names, mc_names, step, population, ctx,
+                      chunks / f"step_{step:06d}.csv")
+    dist.barrier(ctx)
+    if not ctx.is_main:
+        return typed(pd.DataFrame(columns=list(LAYER_COLUMNS)))
     layers = assemble(out, cfg)
-    _write_json(out / "env.json", dict(env_info(cfg.device),
+    _write_json(out / "env.json", dict(env_info(device), world_size=ctx.world,
                                        wall_time_s=round(time.perf_counter() - started, 1)))
     return layers
+
+
+def _measure_step(model, encoded, cfg, names, mc_names, step, population, ctx, path) -> None:
+    """Measure this rank's batches of one step; rows reach ``path`` in batch order."""
+    from tqdm.auto import tqdm
+    mine = []
+    for b in tqdm(ctx.mine(range(cfg.num_batches)), desc=f"measure step {step}",
+                  disable=not cfg.progress):
+        frame = measure_batch(model, encoded, cfg, names, mc_names, step, b, population)
+        if ctx.active:
+            mine.append((b, frame))
+        else:
+            frame.to_csv(path, mode="a", header=not path.exists(), index=False)
+    if ctx.active:
+        gathered = dist.gather(ctx, mine)
+        if ctx.is_main:
+            pairs = sorted((p for part in gathered for p in part), key=lambda p: p[0])
+            frames = [f for _, f in pairs]
+            pd.concat(frames, ignore_index=True).to_csv(path, index=False)
 
 
 def assemble(out: Path, cfg: MeasureConfig) -> pd.DataFrame:
@@ -461,14 +491,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
         cfg = MeasureConfig(**args)
         layers = run(cfg)
-        print(format_summary(summarize(layers, cfg.level)))
-        print(f"wrote {cfg.out}/layers.csv ({len(layers)} rows), summary.csv, config.json, "
-              "env.json")
+        if len(layers):  # rank 0 (or a single process) holds the tables
+            print(format_summary(summarize(layers, cfg.level)))
+            print(f"wrote {cfg.out}/layers.csv ({len(layers)} rows), summary.csv, config.json, "
+                  "env.json")
     except VarstudyError as err:
         if debug:
             raise
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    finally:
+        dist.teardown()
     return 0
 
 
