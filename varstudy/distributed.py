@@ -82,6 +82,34 @@ def broadcast_module(ctx: Context, module: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def data_parallel(ctx: Context, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` wrapped in DistributedDataParallel under torchrun, else ``model`` itself.
+
+    Each rank's randomized layers draw their own sketches; DDP averages the resulting
+    (independent, unbiased) weight-gradient estimates, so the variance of the sketch part
+    falls like 1/world, like the sampling part.
+    """
+    if not ctx.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    cuda = next(model.parameters()).is_cuda
+    return DistributedDataParallel(model, device_ids=[ctx.local_rank] if cuda else None)
+
+
+def mean_scalar(ctx: Context, value: torch.Tensor) -> float:
+    """The mean of a scalar tensor over ranks, as a Python float (a host sync)."""
+    if ctx.active:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= ctx.world
+    return float(value)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or any process that was not launched by one."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def barrier(ctx: Context) -> None:
     if ctx.active:
         dist.barrier()

@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from varstudy import distributed as dist
 from varstudy.errors import VarstudyError
 from varstudy.sketches import SKETCHES
 
@@ -161,13 +162,18 @@ class Setup:
     device: str
 
 
-def build(config: FinetuneConfig) -> Setup:
-    """Load data and model, convert the linear layers, and size the training budget."""
+def build(config: FinetuneConfig, ctx: dist.Context = dist.Context(),
+          device: str | None = None) -> Setup:
+    """Load data and model, convert the linear layers, and size the training budget.
+
+    Under torchrun each rank trains on its own shard (examples rank::world) and draws its own
+    sketches (seed derived from the run's seed and the rank); one process keeps ``seed``.
+    """
     from varstudy.data import encode, load_dataset
-    from varstudy.layers import randomize
+    from varstudy.layers import derive_seed, randomize
     from varstudy.models import load_model
 
-    device = resolve_device(config.device)
+    device = device or resolve_device(config.device)
     train_ds = load_dataset(config.task, "train", seed=config.seed, data_dir=config.data_dir)
     valid_ds = load_dataset(config.task, "validation", seed=config.seed, data_dir=config.data_dir)
     if config.eval_examples is not None:
@@ -177,12 +183,18 @@ def build(config: FinetuneConfig) -> Setup:
                                   dtype=DTYPES[config.dtype], device=device)
     converted = []
     if config.sketch != "exact":
+        sketch_seed = derive_seed(config.seed, ctx.rank) if ctx.active else config.seed
         converted = randomize(model, config.ratio, config.sketch, include=config.include,
                               exclude=config.exclude, min_rows=config.min_rows,
-                              seed=config.seed).names
+                              seed=sketch_seed).names
     if config.batch_size > len(train_ds):
         raise VarstudyError(f"batch_size {config.batch_size} exceeds the {len(train_ds)} "
                             f"training examples of {config.task!r}; valid: <= {len(train_ds)}")
+    if ctx.active:
+        train_ds = train_ds.subset(slice(ctx.rank, None, ctx.world))
+        if config.batch_size > len(train_ds):
+            raise VarstudyError(f"batch_size {config.batch_size} exceeds the {len(train_ds)} "
+                                f"examples of one rank's shard; valid: <= {len(train_ds)}")
     per_epoch = len(train_ds) // config.batch_size
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
     return Setup(model, encode(train_ds, tokenizer, config.max_length),
@@ -269,15 +281,17 @@ class FinetuneResult:
 def train(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as ``config`` says; write the tables when ``config.out`` is set."""
     check(config)
+    ctx, device = dist.setup(resolve_device(config.device))
     with _threads(config.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        setup = build(config)
-        if setup.device == "cuda":
+        setup = build(config, ctx, device)
+        if setup.device.startswith("cuda"):
             torch.cuda.manual_seed_all(config.seed)
             torch.cuda.reset_peak_memory_stats()
-        steps, evals, memory = _loop(setup, config)
+        steps, evals, memory = _loop(setup, config, ctx)
     result = _tables(config, setup, steps, evals, memory)
-    if config.out:
+    result.config["world_size"] = ctx.world
+    if config.out and ctx.is_main:
         write(result, Path(config.out) / run_name(config))
     return result
 
@@ -287,42 +301,43 @@ def run(config: FinetuneConfig) -> pd.DataFrame:
     return train(config).run
 
 
-def _loop(setup: Setup, config: FinetuneConfig):
+def _loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context()):
     from tqdm.auto import tqdm
 
     from varstudy.data import minibatches
     from varstudy.memory import saved_bytes
 
-    model, device = setup.model, setup.device
+    device = setup.device
+    model = dist.data_parallel(ctx, setup.model)  # DistributedDataParallel under torchrun
     optimizer, scheduler = make_optimizer(model, config, setup.total_steps)
     every = config.eval_every or setup.steps_per_epoch
     gen = torch.Generator().manual_seed(config.seed)
     batches = minibatches(setup.train, config.batch_size, generator=gen,
                           num_batches=setup.total_steps)
     steps, evals, memory, elapsed = [], [], None, 0.0
-    bar = tqdm(total=setup.total_steps, desc=run_name(config), disable=not config.progress,
-               leave=False)
+    bar = tqdm(total=setup.total_steps, desc=run_name(config),
+               disable=not (config.progress and ctx.is_main), leave=False)
     for step, batch in enumerate(batches, start=1):
         batch = to_device(batch, device)
         _sync(device)
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         if memory is None:
-            out, memory = saved_bytes(lambda: model(**batch).loss, model=model)
+            out, memory = saved_bytes(lambda: model(**batch).loss, model=setup.model)
         else:
             out = model(**batch).loss
         out.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = float(out.detach())  # synchronizes
+        loss = dist.mean_scalar(ctx, out.detach())  # synchronizes; mean over ranks
         elapsed += time.perf_counter() - start
         steps.append((step, loss, lr, elapsed))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if step % every == 0 or step == setup.total_steps:
             evals += [(step, k, v) for k, v in
-                      evaluate(model, setup.valid, setup.task, device,
+                      evaluate(setup.model, setup.valid, setup.task, device,
                                max(64, 2 * config.batch_size)).items()]
     bar.close()
     return steps, evals, memory
@@ -435,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        dist.teardown()
+    if not dist.is_main_process():
+        return 0
     row = result.run.iloc[0]
     print(f"{row['run']}: best {row['metric']} {row['best_value']:.4f} at step "
           f"{row['best_step']}, final {row['final_value']:.4f}, "
