@@ -90,8 +90,28 @@ def capture(model: nn.Module, batch: dict[str, Tensor], *, layers: str | None = 
     missing = [n for n in names if n not in ys]
     if missing:
         raise VarstudyError(f"layer {missing[0]} got no output gradient (unused in the loss?)")
+    _check_finite(names, xs, ys, loss)
     return Captured({n: (xs[n], ys[n]) for n in names}, dict(zip(names, grads)),
                     float(loss.detach()), int(batch["labels"].shape[0]))
+
+
+def _check_finite(names: list[str], xs: dict, ys: dict, loss: Tensor) -> None:
+    """Raise, naming the first layer, when a captured X or Y (or the loss) holds NaN/Inf.
+
+    One host sync for the whole batch (the caller reads the loss anyway).
+    """
+    flags = torch.stack([torch.isfinite(loss.detach()).all()] + [
+        torch.isfinite(xs[n]).all() & torch.isfinite(ys[n]).all() for n in names])
+    if bool(flags.all()):
+        return
+    for n in names:
+        for what, t in (("input activations X", xs[n]), ("output gradients Y", ys[n])):
+            if not bool(torch.isfinite(t).all()):
+                raise VarstudyError(
+                    f"non-finite values (NaN/Inf) in the {what} of layer {n}; valid choices: "
+                    "finite inputs and weights, --dtype float32 or float64, a lower --lr")
+    raise VarstudyError("non-finite loss (NaN/Inf) with finite layer activations; valid "
+                        "choices: finite labels and weights, --dtype float32 or float64")
 
 
 def _recorder(name: str, xs: dict, ys: dict):

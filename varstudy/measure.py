@@ -11,14 +11,27 @@ variance = E‖ĝ − Eĝ‖²_F of a weight tensor, model totals = sums over la
 NOTE [determinism / distribution]: minibatch b at training step t draws its B example indices
 from ``derive_seed(seed, t, b, 0)`` (uniform without replacement) and its Monte Carlo sketch
 seeds from ``derive_seed(seed, t, b, 1, layer, family, ratio)``; so rows of a batch depend only
-on (config, t, b). A distributed run can give batch b to rank b % world; a resumed run can skip
+on (config, t, b). Dropout (``dropout=True``) draws from torch's global RNG, seeded per
+batch with ``derive_seed(seed, t, b, 3)`` and per training segment with ``derive_seed(seed,
+start, 2**32, 3)``. A distributed run can give batch b to rank b % world; a resumed run can skip
 batches already in ``chunks/step_<t>.csv`` (one chunk per measured step, appended per batch,
 assembled into the final tables at the end). Training batches use ``derive_seed(seed, t, 2**32,
 0)``; the classifier head is initialised from ``seed``.
 
+NOTE [durable results / resume]: every finished batch is appended to its step's chunk with one
+write + fsync (:mod:`varstudy.io`); final tables are written last, each through a temp file +
+``os.replace``, and ``env.json`` is written after them, so its presence marks a complete run
+(stale final tables are deleted when a run starts). ``resume=True`` (``--resume``) refuses a
+config.json that differs (except ``progress``/``resume``/``out``), drops a trailing partial line
+and any incomplete batch from the chunks, and measures only the missing batches. Training over
+steps is resumed from a checkpoint, not replayed: after training up to each measured step
+t > 0, the model and AdamW state are saved atomically to ``state/train.pt`` (one file, replaced;
+the run measures step t only after that), and resume loads it; steps before t are complete by
+then. The tables of a resumed run equal those of an uninterrupted one (bit for bit on CPU).
+
 Output directory ``out`` (default ``results/measure/default``): ``layers.csv``, ``summary.csv``,
 ``config.json`` (resolved config), ``env.json`` (versions, device, threads, wall time),
-``chunks/``. Schema (variances in squared gradient units, i.e. (loss/weight)²):
+``chunks/``, ``state/`` (training checkpoint). Schema (variances in squared gradient units, i.e. (loss/weight)²):
 
 layers.csv, one row per (train_step, batch, layer, family, ratio):
   train_step (optimizer updates done), batch (index b), layer (module name, or "model" for the
@@ -46,7 +59,6 @@ import math
 import os
 import platform
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -55,7 +67,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from varstudy import cli
 from varstudy import distributed as dist
+from varstudy import io as vio
 from varstudy import variance as V
 from varstudy.capture import capture, mean_loss, select_layers
 from varstudy.data import DATASETS, encode, load_dataset
@@ -112,6 +126,7 @@ class MeasureConfig:
     dropout: bool = False
     out: str = "results/measure/default"
     progress: bool = True
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("families", "ratios", "measure_at"):
@@ -136,7 +151,10 @@ class MeasureConfig:
                    f"{name} must be an integer >= {low}, got {value!r}")
         _check(all(0 <= t <= self.train_steps for t in self.measure_at),
                f"measure_at steps must lie in [0, train_steps={self.train_steps}], "
-               f"got {self.measure_at}")
+               f"got {self.measure_at}; valid choices: raise --train-steps or measure earlier")
+        _check(not (self.train_sketch and self.train_steps == 0),
+               f"train_sketch {self.train_sketch!r} has no effect with train_steps 0; valid "
+               "choices: --train-steps N > 0, or --train-sketch none")
         _check(0 < self.level < 1 and self.lr > 0 and self.weight_decay >= 0,
                "level must be in (0, 1), lr > 0 and weight_decay >= 0")
         for pattern in (self.layers, self.mc_layers):
@@ -149,6 +167,8 @@ class MeasureConfig:
         """Device resolved ("auto" -> cuda when present), measure_at made explicit and sorted."""
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" \
             else self.device
+        _check(not device.startswith("cuda") or torch.cuda.is_available(),
+               f"device {device!r} requested but CUDA is not available; valid choices: auto, cpu")
         steps = self.measure_at or ((0,) if self.train_steps == 0 else (0, self.train_steps))
         return replace(self, device=device, measure_at=tuple(sorted(set(steps))))
 
@@ -233,7 +253,8 @@ def measure_batch(model, encoded: dict, cfg: MeasureConfig, names: list[str],
     """Capture batch ``b`` of step ``step`` and return its layers.csv rows."""
     idx = batch_indices(len(encoded["labels"]), cfg, step, b)
     batch = {k: v[idx].to(cfg.device) for k, v in encoded.items()}
-    cap = capture(model, batch, names=names)
+    with _seeded_rng(cfg, derive_seed(cfg.seed, step, b, 3)):  # dropout, if kept
+        cap = capture(model, batch, names=names)
     rows = []
     for pos, name in enumerate(names):
         x, y = cap.layers[name]
@@ -294,24 +315,52 @@ def env_info(device: str) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
+def _seeded_rng(cfg: MeasureConfig, seed: int):
+    """torch's global RNG (read by dropout only) forked and seeded; restored afterwards."""
+    import contextlib
+    if not cfg.dropout:
+        return contextlib.nullcontext()
+    cuda = [torch.device(cfg.device).index or 0] if cfg.device.startswith("cuda") else []
+
+    @contextlib.contextmanager
+    def forked():
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            yield
+    return forked()
+
+
 def train(model, optimizer, encoded: dict, cfg: MeasureConfig, start: int, stop: int) -> None:
-    """Optimizer updates start..stop−1 (exact, or randomized with train_sketch/train_ratio)."""
+    """Optimizer updates start..stop−1 (exact, or randomized with train_sketch/train_ratio).
+
+    Non-finite losses are accumulated on the device (no per-step host sync) and reported once
+    at the end, with the first module holding a non-finite weight.
+    """
     if stop <= start:
         return
     if cfg.train_sketch:
         randomize(model, cfg.train_ratio, cfg.train_sketch, min_rows=cfg.min_rows,
                   seed=derive_seed(cfg.seed, start, TRAIN_BATCH, 2))
+    finite = torch.ones((), dtype=torch.bool, device=cfg.device)
     try:
         from tqdm.auto import tqdm
-        for step in tqdm(range(start, stop), desc="train", disable=not cfg.progress,
-                         leave=False):
-            idx = batch_indices(len(encoded["labels"]), cfg, step, TRAIN_BATCH)
-            loss = mean_loss(model, {k: v[idx].to(cfg.device) for k, v in encoded.items()})
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        with _seeded_rng(cfg, derive_seed(cfg.seed, start, TRAIN_BATCH, 3)):
+            for step in tqdm(range(start, stop), desc="train", disable=not cfg.progress,
+                             leave=False):
+                idx = batch_indices(len(encoded["labels"]), cfg, step, TRAIN_BATCH)
+                loss = mean_loss(model, {k: v[idx].to(cfg.device) for k, v in encoded.items()})
+                finite &= torch.isfinite(loss.detach())
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
     finally:
         derandomize(model)
+    if not bool(finite):
+        bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()),
+                   "(weights finite)")
+        raise VarstudyError(f"non-finite loss (NaN/Inf) while training steps {start}..{stop - 1}; "
+                            f"first non-finite weight: {bad}; valid choices: a lower --lr, "
+                            "--dtype float32 or float64")
 
 
 def prepare(cfg: MeasureConfig):
@@ -326,36 +375,53 @@ def prepare(cfg: MeasureConfig):
     return model, encoded, (float(len(data)) if cfg.fpc else math.inf)
 
 
+NOT_COMPARED = ("progress", "resume", "out")  # config.json keys a resumed run may change
+FINAL = ("layers.csv", "summary.csv", "env.json")
+
+
 def run(config: MeasureConfig | None = None) -> pd.DataFrame:
     """Measure, write ``config.out`` (module docstring) and return the layers.csv DataFrame.
 
     Under ``torchrun`` (:mod:`varstudy.distributed`) rank r measures batches r, r + world, ...;
     rank 0 gathers the rows, writes the same files a single process writes and returns the
-    table; the other ranks return an empty frame with the same columns.
+    table; the other ranks return an empty frame with the same columns. ``resume`` continues
+    an interrupted run in ``out`` (NOTE [durable results / resume]).
     """
     cfg = (config or MeasureConfig()).resolved()
     ctx, device = dist.setup(cfg.device)
     started = time.perf_counter()
     out = Path(cfg.out)
-    chunks = out / "chunks"
+    chunks, state = out / "chunks", out / "state" / "train.pt"
+    resuming = cfg.resume and (out / "config.json").is_file()
+    if resuming:
+        old = json.loads((out / "config.json").read_text())
+        vio.refuse_changed(out, {k: old.get(k) for k in asdict(cfg)}, asdict(cfg), NOT_COMPARED)
     if ctx.is_main:
-        chunks.mkdir(parents=True, exist_ok=True)
-        for old in chunks.glob("step_*.csv"):  # a fresh run (resume is a later issue)
-            old.unlink()
+        vio.check_writable(out)
+        vio.remove(*(out / name for name in FINAL))  # a partial run never looks complete
+        if not resuming:  # a fresh run
+            vio.remove(state, *chunks.glob("step_*.csv"))
+    dist.barrier(ctx)  # every rank reads the chunks only after rank 0 prepared them
     model, encoded, population = prepare(replace(cfg, device=device))
     names = select_layers(model, cfg.layers)
     mc_names = {n for n in names if cfg.mc_draws and re.search(cfg.mc_layers or "", n)}
     if ctx.is_main:
-        _write_json(out / "config.json", dict(asdict(cfg), population=population,
-                                              world_size=ctx.world, layers_selected=names,
-                                              mc_layers_selected=sorted(mc_names)))
+        vio.atomic_write_json(out / "config.json", dict(
+            asdict(cfg), population=population, world_size=ctx.world, layers_selected=names,
+            mc_layers_selected=sorted(mc_names)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=cfg.weight_decay) if cfg.train_steps else None
     local = replace(cfg, device=device, progress=cfg.progress and ctx.is_main)
-    done = 0
+    done = _load_state(model, optimizer, state) if resuming and optimizer else 0
     for step in cfg.measure_at:
-        train(model, optimizer, encoded, local, done, step)  # replicated on every rank ...
-        dist.broadcast_module(ctx, model)                    # ... and made bit-identical
+        if step < done:  # measured completely before the checkpoint at `done` was saved
+            continue
+        if step > done:
+            train(model, optimizer, encoded, local, done, step)  # replicated on every rank ...
+            if ctx.is_main:
+                vio.atomic_torch_save(state, dict(step=step, model=model.state_dict(),
+                                                  optimizer=optimizer.state_dict()))
+        dist.broadcast_module(ctx, model)                        # ... and made bit-identical
         done = step
         _measure_step(model, encoded, local, names, mc_names, step, population, ctx,
                       chunks / f"step_{step:06d}.csv")
@@ -363,41 +429,81 @@ def run(config: MeasureConfig | None = None) -> pd.DataFrame:
     if not ctx.is_main:
         return typed(pd.DataFrame(columns=list(LAYER_COLUMNS)))
     layers = assemble(out, cfg)
-    _write_json(out / "env.json", dict(env_info(device), world_size=ctx.world,
-                                       wall_time_s=round(time.perf_counter() - started, 1)))
+    vio.atomic_write_json(out / "env.json", dict(
+        env_info(device), world_size=ctx.world, resumed=resuming,
+        wall_time_s=round(time.perf_counter() - started, 1)))
     return layers
 
 
+def _load_state(model, optimizer, path: Path) -> int:
+    """Model and AdamW state of the last checkpoint (its training step), or 0 when none."""
+    if not path.is_file():
+        return 0
+    saved = vio.load_checkpoint(path)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return int(saved["step"])
+
+
+def rows_per_batch(cfg: MeasureConfig, names: list[str]) -> int:
+    """layers.csv rows of one batch: every selected layer plus "model", per (family, ratio)."""
+    return (len(names) + 1) * len(cfg.families) * len(cfg.ratios)
+
+
+def finished_rows(path: Path, cfg: MeasureConfig, names: list[str], repair: bool):
+    """Rows of the complete batches in chunk ``path`` (None when there are none).
+
+    A trailing partial line and batches with fewer rows than :func:`rows_per_batch` (an
+    interrupted append) are dropped; with ``repair`` the chunk is rewritten without them.
+    """
+    if repair:
+        vio.trim_partial_line(path)
+    rows = vio.read_chunk(path)
+    if rows is None or not len(rows):
+        return None
+    counts = rows.groupby("batch")["batch"].transform("size")
+    whole = rows[counts == rows_per_batch(cfg, names)]
+    if repair and len(whole) < len(rows):
+        vio.atomic_write_csv(path, whole)
+    return whole if len(whole) else None
+
+
 def _measure_step(model, encoded, cfg, names, mc_names, step, population, ctx, path) -> None:
-    """Measure this rank's batches of one step; rows reach ``path`` in batch order."""
+    """Measure this rank's missing batches of one step; every finished batch reaches ``path``."""
     from tqdm.auto import tqdm
+    have = finished_rows(path, cfg, names, repair=ctx.is_main)
+    done = set() if have is None else set(have["batch"])
+    todo = [b for b in range(cfg.num_batches) if b not in done]
     mine = []
-    for b in tqdm(ctx.mine(range(cfg.num_batches)), desc=f"measure step {step}",
-                  disable=not cfg.progress):
+    for b in tqdm(ctx.mine(todo), desc=f"measure step {step}", disable=not cfg.progress):
         frame = measure_batch(model, encoded, cfg, names, mc_names, step, b, population)
         if ctx.active:
             mine.append((b, frame))
         else:
-            frame.to_csv(path, mode="a", header=not path.exists(), index=False)
+            vio.append_csv(path, frame)  # one write + fsync per finished batch
     if ctx.active:
         gathered = dist.gather(ctx, mine)
-        if ctx.is_main:
+        if ctx.is_main and todo:
             pairs = sorted((p for part in gathered for p in part), key=lambda p: p[0])
-            frames = [f for _, f in pairs]
-            pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+            frames = ([] if have is None else [have]) + [f for _, f in pairs]
+            vio.atomic_write_csv(path, pd.concat(frames, ignore_index=True))
 
 
 def assemble(out: Path, cfg: MeasureConfig) -> pd.DataFrame:
-    """Concatenate the step chunks into layers.csv and derive summary.csv."""
-    paths = [out / "chunks" / f"step_{s:06d}.csv" for s in cfg.measure_at]
-    layers = typed(pd.concat([pd.read_csv(p) for p in paths], ignore_index=True))
-    layers.to_csv(out / "layers.csv", index=False)
-    summarize(layers, cfg.level).to_csv(out / "summary.csv", index=False)
+    """Concatenate the step chunks into layers.csv (batch order) and derive summary.csv."""
+    frames = []
+    for s in cfg.measure_at:
+        frame = vio.read_chunk(out / "chunks" / f"step_{s:06d}.csv")
+        got = 0 if frame is None else frame["batch"].nunique()
+        if got < cfg.num_batches:
+            raise VarstudyError(f"chunk of step {s} in {out} holds {got} of {cfg.num_batches} "
+                                "batches; valid choices: rerun with --resume")
+        frames.append(frame)
+    layers = typed(pd.concat(frames, ignore_index=True).sort_values(
+        ["train_step", "batch"], kind="stable", ignore_index=True))
+    vio.atomic_write_csv(out / "layers.csv", layers)
+    vio.atomic_write_csv(out / "summary.csv", summarize(layers, cfg.level))
     return layers
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def format_summary(summary: pd.DataFrame) -> str:
@@ -439,6 +545,7 @@ HELP = {
     "weight_decay": "AdamW weight decay", "device": "auto, cpu, cuda or cuda:N",
     "dtype": f"model dtype ({', '.join(DTYPES)})", "dropout": "keep the model's dropout",
     "out": "output directory", "progress": "tqdm progress bars",
+    "resume": "continue an interrupted run in --out (same options; finished batches kept)",
 }
 
 
@@ -460,12 +567,7 @@ def _optional(text: str) -> str | None:
 def build_parser():
     import argparse
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, exit code 2
-            print(f"error: {message}", file=sys.stderr)
-            raise SystemExit(2)
-
-    parser = Parser(prog="python -m varstudy.measure", description=__doc__.split("\n")[0])
+    parser = cli.Parser(prog="python -m varstudy.measure", description=__doc__.split("\n")[0])
     for f in fields(MeasureConfig):
         flag, default = "--" + f.name.replace("_", "-"), f.default
         if isinstance(default, bool):
@@ -487,7 +589,8 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     debug = args.pop("debug")
-    try:
+
+    def body() -> None:
         torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
         cfg = MeasureConfig(**args)
         layers = run(cfg)
@@ -495,14 +598,10 @@ def main(argv: list[str] | None = None) -> int:
             print(format_summary(summarize(layers, cfg.level)))
             print(f"wrote {cfg.out}/layers.csv ({len(layers)} rows), summary.csv, config.json, "
                   "env.json")
-    except VarstudyError as err:
-        if debug:
-            raise
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    try:
+        return cli.guarded(body, debug=debug)
     finally:
         dist.teardown()
-    return 0
 
 
 if __name__ == "__main__":

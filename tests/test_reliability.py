@@ -1,0 +1,134 @@
+"""Durable results and resume (issue 7): SIGKILL mid-run + --resume equals an uninterrupted run,
+atomic writers, resume of over-training measurement, finetune and bench; determinism; seeds."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from varstudy import io as vio
+from varstudy import measure as M
+
+ROOT = Path(__file__).resolve().parents[1]
+KILL_ARGS = ["--model", "tiny-bert", "--dataset", "synthetic", "--batch-size", "4",
+             "--max-length", "16", "--num-batches", "8", "--families", "gaussian,rows",
+             "--ratios", "0.25", "--mc-layers", "none", "--mc-draws", "6", "--mc-batches", "8",
+             "--seed", "5", "--no-progress"]
+PER_BATCH = (14 + 1) * 2 * 1  # tiny-bert: 14 linears + "model", 2 families, 1 ratio
+
+
+def _complete_batches(chunk: Path) -> int:
+    rows = vio.read_chunk(chunk)
+    return 0 if rows is None else int((rows.groupby("batch").size() == PER_BATCH).sum())
+
+
+def _cmd(*args):
+    return [sys.executable, "-m", "varstudy.measure", *KILL_ARGS, *args]
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    out = tmp_path / "killed"
+    out.mkdir()
+    for stale in ("layers.csv", "summary.csv", "env.json"):  # an older complete run
+        (out / stale).write_text("stale\n")
+    chunk = out / "chunks" / "step_000000.csv"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.Popen(_cmd("--out", str(out)), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while _complete_batches(chunk) < 1:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no batch finished in time"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    kept = _complete_batches(chunk)
+    assert 1 <= kept < 8
+    # Nothing looks complete: the stale final tables are gone, the new ones never appeared.
+    assert not any((out / n).exists() for n in ("layers.csv", "summary.csv", "env.json"))
+    with open(chunk, "ab") as f:  # as if killed in the middle of an append
+        f.write(b"0,7,bert.encoder.layer.0.attention.self.query,attention_q")
+    resumed = subprocess.run(_cmd("--out", str(out), "--resume"), cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "env.json").read_text())["resumed"] is True
+
+    ref = tmp_path / "ref"
+    assert M.main(KILL_ARGS + ["--out", str(ref)]) == 0
+    for name in ("layers.csv", "summary.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(ref / name),
+                                      check_exact=True)
+
+
+SMALL = dict(model="tiny-bert", dataset="synthetic", batch_size=4, max_length=16, num_batches=2,
+             families=("rows-norm",), ratios=(0.5,), mc_draws=2, mc_layers="classifier",
+             train_steps=2, measure_at=(0, 1, 2), train_sketch="gaussian", train_ratio=0.3,
+             lr=1e-3, progress=False, seed=2)
+
+
+def test_resume_over_training_loads_checkpoint_not_replay(tmp_path, monkeypatch):
+    out = str(tmp_path / "interrupted")
+    real_batch, real_train = M.measure_batch, M.train
+
+    def dying(model, encoded, cfg, names, mc_names, step, b, population):
+        if (step, b) == (2, 1):
+            raise KeyboardInterrupt
+        return real_batch(model, encoded, cfg, names, mc_names, step, b, population)
+
+    monkeypatch.setattr(M, "measure_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        M.run(M.MeasureConfig(**SMALL, out=out))
+    saved = vio.load_checkpoint(Path(out) / "state" / "train.pt")
+    assert saved["step"] == 2 and not (Path(out) / "layers.csv").exists()
+
+    calls = []
+    monkeypatch.setattr(M, "measure_batch", real_batch)
+    monkeypatch.setattr(M, "train", lambda *a: calls.append(a[-2:]) or real_train(*a))
+    resumed = M.run(M.MeasureConfig(**SMALL, out=out, resume=True))
+    assert calls == []  # model and optimizer state came from the checkpoint
+    monkeypatch.setattr(M, "train", real_train)
+    fresh = M.run(M.MeasureConfig(**SMALL, out=str(tmp_path / "fresh")))
+    pd.testing.assert_frame_equal(resumed, fresh, check_exact=True)
+    assert sorted(resumed.train_step.unique()) == [0, 1, 2]
+
+
+def test_resume_refuses_a_different_config(tmp_path, capsys):
+    base = ["--model", "tiny-bert", "--dataset", "synthetic", "--batch-size", "4",
+            "--max-length", "16", "--num-batches", "1", "--families", "rows", "--ratios", "0.5",
+            "--mc-draws", "0", "--no-progress", "--out", str(tmp_path)]
+    assert M.main(base) == 0
+    capsys.readouterr()
+    assert M.main(base + ["--ratios", "0.25", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume with a different config" in err
+    assert "ratios" in err and (tmp_path / "layers.csv").is_file()  # nothing was touched
+
+
+def test_incomplete_batch_is_dropped_from_a_chunk(tmp_path):
+    frame = pd.DataFrame({"batch": [0, 0, 1], "v": [1.0, 2.0, 3.0]})
+    path = tmp_path / "step.csv"
+    vio.append_csv(path, frame)
+    cfg = M.MeasureConfig(families=("rows",), ratios=(0.5,))
+    whole = M.finished_rows(path, cfg, names=["a"], repair=True)  # 2 rows per batch
+    assert list(whole.batch) == [0, 0] and list(pd.read_csv(path).batch) == [0, 0]
+
+
+def test_atomic_write_keeps_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    path = tmp_path / "table.csv"
+    vio.atomic_write_text(path, "old\n")
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(vio, "_write", full)
+    with pytest.raises(vio.VarstudyError, match="No space left"):
+        vio.atomic_write_csv(path, pd.DataFrame({"a": [1]}))
+    assert path.read_text() == "old\n" and sorted(os.listdir(tmp_path)) == ["table.csv"]

@@ -1,0 +1,206 @@
+"""Durable result files: atomic writes, append-only chunks, writability checks, checkpoints.
+
+NOTE [durability]: a final file is written to a temporary file in the same directory, flushed,
+fsynced and moved into place with ``os.replace``, so its name appears only once its content is
+complete; a crash leaves the old file (or none) and at worst a stray ``.tmp-*`` file. Chunk files
+(one row group per finished unit of work) are appended with one ``write`` per unit followed by an
+fsync; a crash may leave a trailing partial line, which :func:`read_chunk` drops. Every OSError
+(no space left, permission denied, ...) becomes a one-line :class:`VarstudyError` naming the file.
+
+All bytes go through :func:`_write`, so tests can inject failures (``OSError(ENOSPC)``) there.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+
+from varstudy.errors import VarstudyError
+
+
+def _write(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to file descriptor ``fd`` (the single low-level writer)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fail(action: str, path: Path | str, err: OSError) -> VarstudyError:
+    why = err.strerror or str(err)
+    return VarstudyError(f"{action} {path} failed: {why}; valid choices: free space, fix the "
+                         "permissions, or choose another output directory (--out)")
+
+
+@contextmanager
+def _wrapped(action: str, path):
+    try:
+        yield
+    except OSError as err:
+        raise _fail(action, path, err) from err
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - some file systems refuse directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync, replace)."""
+    path = Path(path)
+    with _wrapped("writing", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+        try:
+            try:
+                _write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with _ignored():
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
+    return path
+
+
+@contextmanager
+def _ignored():
+    try:
+        yield
+    except OSError:
+        pass
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, data: dict) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def atomic_write_csv(path, frame: pd.DataFrame, **to_csv) -> Path:
+    """``frame.to_csv(path, index=False, **to_csv)``, atomically."""
+    return atomic_write_text(path, frame.to_csv(index=False, **to_csv))
+
+
+def atomic_torch_save(path, obj) -> Path:
+    """``torch.save(obj, path)`` atomically (checkpoints)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path) -> dict:
+    import torch
+
+    with _wrapped("reading", path):
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def append_csv(path, frame: pd.DataFrame) -> Path:
+    """Append ``frame``'s rows (header first when the file is new or empty) in one write, fsynced.
+
+    Only whole lines are written; a crash mid-write leaves at most a trailing partial line,
+    which :func:`read_chunk` drops.
+    """
+    path = Path(path)
+    with _wrapped("appending to", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            header = os.fstat(fd).st_size == 0
+            _write(fd, frame.to_csv(index=False, header=header).encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return path
+
+
+def read_chunk(path) -> pd.DataFrame | None:
+    """Rows of a chunk file without a trailing partial line; None when missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with _wrapped("reading", path):
+        data = path.read_bytes()
+    end = data.rfind(b"\n")
+    if end < 0:  # not even a whole header line
+        return None
+    whole = data[:end + 1]
+    if whole.count(b"\n") < 2:
+        return None
+    return pd.read_csv(io.BytesIO(whole))
+
+
+def trim_partial_line(path) -> None:
+    """Cut a trailing partial line (an append interrupted mid-write) off a chunk file."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with _wrapped("repairing", path):
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            os.truncate(path, data.rfind(b"\n") + 1)
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove that a file can be written there, or raise."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise VarstudyError(f"output directory {folder} is an existing file; valid choices: a "
+                            "directory path (--out)")
+    with _wrapped("writing a test file to output directory", folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-writable.")
+        try:
+            _write(fd, b"ok\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            with _ignored():
+                os.unlink(tmp)
+    return folder
+
+
+def remove(*paths) -> None:
+    """Delete files that may or may not exist (stale final tables before a new run)."""
+    for p in paths:
+        with _ignored():
+            Path(p).unlink()
+
+
+def config_diff(old: dict, new: dict, ignore=()) -> list[str]:
+    """Keys whose JSON-normalised values differ between two resolved configs."""
+    norm = json.loads(json.dumps({"o": old, "n": new}, default=str))
+    o, n = norm["o"], norm["n"]
+    keys = sorted((set(o) | set(n)) - set(ignore))
+    return [k for k in keys if o.get(k) != n.get(k)]
+
+
+def refuse_changed(path, old: dict, new: dict, ignore=()) -> None:
+    """Raise when ``--resume`` meets a run in ``path`` made with a different config."""
+    diff = config_diff(old, new, ignore)
+    if diff:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+        raise VarstudyError(f"--resume with a different config than the run in {path} "
+                            f"({shown}); valid choices: the same options, or no --resume "
+                            "(start over), or another --out")
