@@ -18,12 +18,18 @@ converted with the same base seed reproduces its gradients exactly. ``reseed`` r
 NOTE [shared sketches]: layers that read the very same input tensor (Q, K and V of attention) and
 use the same family and k share one stored ``SᵀX`` through a :class:`SketchCache`, so autograd keeps
 ρ·X once instead of 3ρ·X. The cache holds only weak references: it never keeps a tensor alive.
+
+NOTE [finite check]: ``finite_check()`` (opt-in, off by default) makes every RandomizedLinear
+verify that its input, output and output gradient hold no NaN/Inf and raise a VarstudyError
+naming the layer. Each check is a host sync, so it is for debugging; when off, the hot path only
+reads one module-level flag.
 """
 
 from __future__ import annotations
 
 import re
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +40,31 @@ from varstudy.errors import VarstudyError
 from varstudy.sketches import Sketch, get_sketch, rows_for
 
 _MASK64 = (1 << 64) - 1
+_CHECK_FINITE = False
+
+
+def set_finite_check(enabled: bool) -> bool:
+    """Turn the opt-in NaN/Inf check (NOTE [finite check]) on or off; returns the old setting."""
+    global _CHECK_FINITE
+    old, _CHECK_FINITE = _CHECK_FINITE, bool(enabled)
+    return old
+
+
+@contextmanager
+def finite_check(enabled: bool = True):
+    """Context manager form of :func:`set_finite_check`."""
+    old = set_finite_check(enabled)
+    try:
+        yield
+    finally:
+        set_finite_check(old)
+
+
+def _require_finite(t: Tensor, layer: str, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise VarstudyError(f"non-finite values (NaN/Inf) in the {what} of layer {layer}; valid "
+                            "choices: finite inputs and weights, a lower learning rate, "
+                            "float32/float64")
 
 
 def derive_seed(base_seed: int, *keys: int) -> int:
@@ -70,14 +101,16 @@ class _SketchedLinearFn(torch.autograd.Function):
     """out = x Wᵀ + b; saves (SᵀX, W, state) instead of x. See the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, sx, sketch, k, seed, *state):
+    def forward(ctx, x, weight, bias, sx, sketch, k, seed, check, *state):
         ctx.save_for_backward(sx, weight, *state)
-        ctx.sketch, ctx.k, ctx.seed = sketch, k, seed
+        ctx.sketch, ctx.k, ctx.seed, ctx.check = sketch, k, seed, check
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         sx, weight, *state = ctx.saved_tensors
+        if ctx.check is not None:
+            _require_finite(grad_out, ctx.check, "output gradient")
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = grad_out @ weight
@@ -87,7 +120,7 @@ class _SketchedLinearFn(torch.autograd.Function):
             gw = (sy.T @ sx).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             gb = flat.sum(0)
-        return (gx, gw, gb, None, None, None, None) + (None,) * len(state)
+        return (gx, gw, gb, None, None, None, None, None) + (None,) * len(state)
 
 
 class RandomizedLinear(nn.Linear):
@@ -110,7 +143,7 @@ class RandomizedLinear(nn.Linear):
         self.ratio, self.min_rows = check_ratio(ratio), check_min_rows(min_rows)
         self.sketch = get_sketch(sketch)
         self.seed, self.layer_id, self.calls = int(seed), int(layer_id), 0
-        self.cache = cache
+        self.cache, self.name = cache, None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "RandomizedLinear":
@@ -124,6 +157,7 @@ class RandomizedLinear(nn.Linear):
         new.sketch = get_sketch(kwargs.get("sketch", "gaussian"))
         new.seed, new.layer_id = int(kwargs.get("seed", 0)), int(kwargs.get("layer_id", 0))
         new.calls, new.cache = 0, kwargs.get("cache")
+        new.name = kwargs.get("name")
         new.training = linear.training
         return new
 
@@ -132,12 +166,19 @@ class RandomizedLinear(nn.Linear):
             raise VarstudyError(
                 f"RandomizedLinear expects a floating-point input, got {x.dtype}; "
                 "valid choices: float32, float16, bfloat16, float64")
+        check = (self.name or f"RandomizedLinear#{self.layer_id}") if _CHECK_FINITE else None
+        if check is not None:
+            _require_finite(x, check, "input")
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)  # nothing would be stored for dW
         flat = x.detach().reshape(-1, x.shape[-1])
         k = rows_for(flat.shape[0], self.ratio, self.min_rows)
         sx, seed, state = self._sketch_input(x, flat, k)
-        return _SketchedLinearFn.apply(x, self.weight, self.bias, sx, self.sketch, k, seed, *state)
+        out = _SketchedLinearFn.apply(x, self.weight, self.bias, sx, self.sketch, k, seed, check,
+                                      *state)
+        if check is not None:
+            _require_finite(out, check, "output")
+        return out
 
     def _sketch_input(self, x: Tensor, flat: Tensor, k: int):
         hit = self.cache.get(x, self.sketch, k) if self.cache is not None else None
@@ -237,7 +278,7 @@ def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaus
     cache = SketchCache() if share else None
     new = {name: RandomizedLinear.from_linear(
         model.get_submodule(name), ratio=ratio, sketch=family, min_rows=min_rows, seed=seed,
-        layer_id=i, cache=cache) for i, name in enumerate(names)}
+        layer_id=i, cache=cache, name=name) for i, name in enumerate(names)}
     for name, module in new.items():
         _swap(model, name, module)
     return Conversion(tuple((n, m.in_features, m.out_features, family.name, ratio)
