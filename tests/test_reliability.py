@@ -132,3 +132,43 @@ def test_atomic_write_keeps_the_old_file_when_the_disk_is_full(tmp_path, monkeyp
     with pytest.raises(vio.VarstudyError, match="No space left"):
         vio.atomic_write_csv(path, pd.DataFrame({"a": [1]}))
     assert path.read_text() == "old\n" and sorted(os.listdir(tmp_path)) == ["table.csv"]
+
+
+def _finetune_cfg(out, **kw):
+    from varstudy.finetune import FinetuneConfig
+    return FinetuneConfig(**{**dict(
+        model="tiny-bert", task="synthetic", sketch="gaussian", ratio=0.5, batch_size=4,
+        max_length=16, max_steps=6, eval_every=3, eval_examples=16, lr=1e-3, dropout=True,
+        checkpoint_every=2, progress=False, num_threads=2, out=str(out)), **kw})
+
+
+def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    from varstudy import finetune
+
+    cfg = _finetune_cfg(tmp_path / "cut")
+    folder = tmp_path / "cut" / finetune.run_name(cfg)
+    real_sync, calls = finetune._sync, []
+
+    def dying(device):
+        calls.append(device)
+        if len(calls) == 5:  # start of step 5: steps 1-4 done, checkpoints at 2 and 4
+            raise KeyboardInterrupt
+        real_sync(device)
+
+    monkeypatch.setattr(finetune, "_sync", dying)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(cfg)
+    monkeypatch.setattr(finetune, "_sync", real_sync)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt"]  # nothing looks done
+    assert len(vio.load_checkpoint(folder / "checkpoint.pt")["steps"]) == 4
+
+    with pytest.raises(vio.VarstudyError, match="different config"):
+        finetune.train(_finetune_cfg(tmp_path / "cut", lr=2e-3, resume=True))
+    resumed = finetune.train(_finetune_cfg(tmp_path / "cut", resume=True))
+    fresh = finetune.train(_finetune_cfg(tmp_path / "fresh"))
+    cols = ["step", "loss", "lr"]
+    pd.testing.assert_frame_equal(resumed.steps[cols], fresh.steps[cols], check_exact=True)
+    pd.testing.assert_frame_equal(resumed.evals, fresh.evals, check_exact=True)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(finetune.FINAL)
+    again = finetune.train(_finetune_cfg(tmp_path / "cut", resume=True))  # already finished
+    pd.testing.assert_frame_equal(again.evals, fresh.evals, check_exact=True)

@@ -16,6 +16,14 @@ time), ``evals.csv`` (step, metric, value; GLUE metric definitions from ``varstu
 ``eval_loss``), ``run.csv`` (one row: config columns, best/final primary metric, train_time_s,
 saved_mib ...), ``config.json`` (the resolved config).
 
+NOTE [durable results / resume]: with ``out`` set, ``checkpoint.pt`` (model, AdamW, scheduler,
+RNG states, randomized-layer call counters, step, the steps/evals rows so far) is written
+atomically every ``checkpoint_every`` steps (default: at every evaluation) and deleted when the
+run ends; the final tables are written atomically, ``run.csv`` last (it marks a finished run).
+``resume=True`` (``--resume``) refuses a checkpoint made with a different config, restores it,
+replays only the minibatch order up to its step and continues; the tables then equal those of
+an uninterrupted run (bit for bit on CPU), except the wall-clock ``time_s``/``train_time_s``.
+
 NOTE [randomness]: every random choice comes from ``seed``: the new head's initialisation
 (``load_model``), the minibatch order (a ``torch.Generator``), the sketches (``randomize(seed=)``)
 and dropout, which reads torch's global RNG and therefore runs inside ``torch.random.fork_rng``
@@ -44,7 +52,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from varstudy import cli
 from varstudy import distributed as dist
+from varstudy import io as vio
 from varstudy.errors import VarstudyError
 from varstudy.sketches import SKETCHES
 
@@ -85,6 +95,8 @@ class FinetuneConfig:
     name: str | None = None           # run folder; None: derived from the config
     num_threads: int = 2
     progress: bool = True
+    resume: bool = False              # continue from <out>/<name>/checkpoint.pt if present
+    checkpoint_every: int | None = None  # steps between checkpoints; None: at every evaluation
 
 
 # Presets override only what differs from the defaults.
@@ -125,6 +137,11 @@ def check(config: FinetuneConfig) -> None:
     for key, value in positive.items():
         if value is not None and not value > 0:
             raise VarstudyError(f"{key} must be > 0, got {value!r}")
+    if config.checkpoint_every is not None and not config.checkpoint_every > 0:
+        raise VarstudyError(f"checkpoint_every must be > 0, got {config.checkpoint_every!r}")
+    if config.resume and not config.out:
+        raise VarstudyError("resume needs an output directory: the checkpoint lives in "
+                            "<out>/<name>; valid choices: --out DIR, or no --resume")
     if not 0.0 <= config.warmup < 1.0:
         raise VarstudyError(f"warmup must be a fraction in [0, 1), got {config.warmup!r}")
 
@@ -282,17 +299,23 @@ def train(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as ``config`` says; write the tables when ``config.out`` is set."""
     check(config)
     ctx, device = dist.setup(resolve_device(config.device))
+    folder = Path(config.out) / run_name(config) if config.out else None
+    if folder is not None and ctx.is_main:
+        finished = _prepare_folder(folder, config)
+        if finished is not None and not ctx.active:
+            return finished
     with _threads(config.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         setup = build(config, ctx, device)
         if setup.device.startswith("cuda"):
             torch.cuda.manual_seed_all(config.seed)
             torch.cuda.reset_peak_memory_stats()
-        steps, evals, memory = _loop(setup, config, ctx)
+        steps, evals, memory = _loop(setup, config, ctx, folder)
     result = _tables(config, setup, steps, evals, memory)
     result.config["world_size"] = ctx.world
     if config.out and ctx.is_main:
-        write(result, Path(config.out) / run_name(config))
+        write(result, folder)
+        vio.remove(folder / CHECKPOINT)
     return result
 
 
@@ -301,7 +324,8 @@ def run(config: FinetuneConfig) -> pd.DataFrame:
     return train(config).run
 
 
-def _loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context()):
+def _loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context(),
+          folder: Path | None = None):
     from tqdm.auto import tqdm
 
     from varstudy.data import minibatches
@@ -315,9 +339,14 @@ def _loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context
     batches = minibatches(setup.train, config.batch_size, generator=gen,
                           num_batches=setup.total_steps)
     steps, evals, memory, elapsed = [], [], None, 0.0
-    bar = tqdm(total=setup.total_steps, desc=run_name(config),
+    if config.resume and folder is not None:
+        steps, evals, memory, elapsed = _restore(folder, config, setup, optimizer, scheduler)
+    save_every = config.checkpoint_every or every
+    bar = tqdm(total=setup.total_steps, desc=run_name(config), initial=len(steps),
                disable=not (config.progress and ctx.is_main), leave=False)
     for step, batch in enumerate(batches, start=1):
+        if step <= len(steps):
+            continue  # trained before the checkpoint: replay the minibatch order only
         batch = to_device(batch, device)
         _sync(device)
         start = time.perf_counter()
@@ -331,6 +360,8 @@ def _loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = dist.mean_scalar(ctx, out.detach())  # synchronizes; mean over ranks
+        if not math.isfinite(loss):
+            raise VarstudyError(_non_finite(setup.model, step, loss))
         elapsed += time.perf_counter() - start
         steps.append((step, loss, lr, elapsed))
         bar.update(1)
@@ -339,8 +370,82 @@ def _loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context
             evals += [(step, k, v) for k, v in
                       evaluate(setup.model, setup.valid, setup.task, device,
                                max(64, 2 * config.batch_size)).items()]
+        if folder is not None and ctx.is_main and step % save_every == 0 \
+                and step < setup.total_steps:
+            _checkpoint(folder, config, setup, optimizer, scheduler, steps, evals, memory,
+                        elapsed)
     bar.close()
     return steps, evals, memory
+
+
+def _non_finite(model: nn.Module, step: int, loss: float) -> str:
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    where = f"first non-finite weight: {bad}" if bad else "weights still finite"
+    return (f"non-finite training loss {loss} at step {step} ({where}); valid choices: a lower "
+            "--lr, --dtype float32 or float64, finite data")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints (NOTE [durable results / resume])
+# --------------------------------------------------------------------------------------------
+
+CHECKPOINT = "checkpoint.pt"
+NOT_COMPARED = ("progress", "resume", "checkpoint_every", "out")
+FINAL = ("run.csv", "steps.csv", "evals.csv", "config.json")
+
+
+def _prepare_folder(folder: Path, config: FinetuneConfig) -> FinetuneResult | None:
+    """Check writability, clear what a new run replaces; a finished run to resume is returned."""
+    vio.check_writable(folder)
+    if config.resume and not (folder / CHECKPOINT).is_file() and (folder / "run.csv").is_file():
+        done = json.loads((folder / "config.json").read_text())
+        vio.refuse_changed(folder, {k: done.get(k) for k in asdict(config)}, asdict(config),
+                           NOT_COMPARED + ("device",))
+        return FinetuneResult(*(pd.read_csv(folder / f"{n}.csv") for n in
+                                ("run", "steps", "evals")), done)
+    vio.remove(*(folder / n for n in FINAL))  # run.csv first: a partial run never looks done
+    if not config.resume:
+        vio.remove(folder / CHECKPOINT)
+    return None
+
+
+def _checkpoint(folder, config, setup, optimizer, scheduler, steps, evals, memory, elapsed):
+    from varstudy.layers import RandomizedLinear
+
+    vio.atomic_torch_save(folder / CHECKPOINT, dict(
+        config=asdict(config), model=setup.model.state_dict(), optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(), rng_cpu=torch.get_rng_state(),
+        rng_cuda=torch.cuda.get_rng_state_all() if setup.device.startswith("cuda") else None,
+        calls={n: m.calls for n, m in setup.model.named_modules()
+               if isinstance(m, RandomizedLinear)},
+        steps=steps, evals=evals, elapsed=elapsed,
+        memory=dict(total=memory.total, by_module=dict(memory.by_module))))
+
+
+def _restore(folder, config, setup, optimizer, scheduler):
+    """State of the last checkpoint -> (steps, evals, memory, elapsed); empty when none."""
+    from collections import defaultdict
+
+    from varstudy.layers import RandomizedLinear
+    from varstudy.memory import SavedBytes
+
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return [], [], None, 0.0
+    saved = vio.load_checkpoint(path)
+    vio.refuse_changed(path, saved["config"], asdict(config), NOT_COMPARED)
+    setup.model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng_cpu"])
+    if saved["rng_cuda"] is not None and setup.device.startswith("cuda"):
+        torch.cuda.set_rng_state_all(saved["rng_cuda"])
+    for name, module in setup.model.named_modules():
+        if isinstance(module, RandomizedLinear):
+            module.calls = saved["calls"][name]
+    memory = SavedBytes(total=saved["memory"]["total"],
+                        by_module=defaultdict(int, saved["memory"]["by_module"]))
+    return list(saved["steps"]), list(saved["evals"]), memory, saved["elapsed"]
 
 
 def _tables(config: FinetuneConfig, setup: Setup, steps, evals, memory) -> FinetuneResult:
@@ -356,7 +461,8 @@ def _tables(config: FinetuneConfig, setup: Setup, steps, evals, memory) -> Finet
                 "n_train": len(setup.train["labels"]), "n_eval": len(setup.valid["labels"]),
                 "converted": setup.converted, "torch": torch.__version__}
     train_time = float(steps_df.time_s.iloc[-1])
-    row = {k: v for k, v in resolved.items() if k not in ("converted", "betas", "progress")}
+    row = {k: v for k, v in resolved.items()
+           if k not in ("converted", "betas", "progress", "resume", "checkpoint_every")}
     row.update(n_converted=len(setup.converted), metric=metric, best_value=float(best.value),
                best_step=int(best.step), final_value=float(primary.value.iloc[-1]),
                final_loss=float(steps_df.loss.tail(10).mean()), train_time_s=train_time,
@@ -368,12 +474,11 @@ def _tables(config: FinetuneConfig, setup: Setup, steps, evals, memory) -> Finet
 
 
 def write(result: FinetuneResult, folder: Path) -> Path:
-    """Write steps.csv, evals.csv, run.csv and config.json into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    result.steps.to_csv(folder / "steps.csv", index=False)
-    result.evals.to_csv(folder / "evals.csv", index=False)
-    result.run.to_csv(folder / "run.csv", index=False)
-    (folder / "config.json").write_text(json.dumps(result.config, indent=2, default=str) + "\n")
+    """Write steps.csv, evals.csv, config.json and, last, run.csv into ``folder`` (atomically)."""
+    vio.atomic_write_csv(folder / "steps.csv", result.steps)
+    vio.atomic_write_csv(folder / "evals.csv", result.evals)
+    vio.atomic_write_json(folder / "config.json", result.config)
+    vio.atomic_write_csv(folder / "run.csv", result.run)
     return folder
 
 
@@ -407,7 +512,8 @@ _CONVERTERS = {
     "data_dir": _optional(str), "include": _optional(str), "exclude": _optional(str),
     "epochs": _optional(float), "max_steps": _optional(int), "eval_every": _optional(int),
     "eval_examples": _optional(int), "out": _optional(str), "name": _optional(str),
-    "dropout": _flag, "progress": _flag,
+    "dropout": _flag, "progress": _flag, "resume": _flag,
+    "checkpoint_every": _optional(int),
 }
 
 
@@ -434,6 +540,9 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         given["betas"] = tuple(given["betas"])
     if "epochs" in given and "max_steps" not in given:
         given["max_steps"] = None
+    if given.get("sketch") == "exact" and "ratio" in given:
+        raise VarstudyError("--ratio conflicts with --sketch exact (an exact model has no "
+                            "ratio); valid choices: drop --ratio, or pick a sketch family")
     return preset(args.preset, **given)
 
 
@@ -448,7 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     except VarstudyError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {cli.one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the file system (no space left, permissions), not a bug
+        if args.debug:
+            raise
+        print(f"error: {cli.one_line(err)}", file=sys.stderr)
         return 2
     finally:
         dist.teardown()
