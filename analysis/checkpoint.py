@@ -41,7 +41,8 @@ def _new_axes(n: int, width: float = 5.0) -> list[Axes]:
 def memory_time_vs_n(df: pd.DataFrame, axes: tuple[Axes, Axes] | None = None) -> Figure:
     """(a) Fast-tier peak (MiB) and time per step (ms) vs sequence length N, one line per strategy.
 
-    df: vs_n.csv (columns strategy, n_steps, fast_peak_mib, time_per_step_ms).
+    df: vs_n.csv (columns strategy, n_steps, fast_peak_mib, time_per_step_ms). Skipped points
+    (NaN, column ``skipped``) leave a gap.
     """
     ax_mem, ax_time = axes if axes is not None else _new_axes(2)
     present = [s for s in STRATEGY_ORDER if s in set(df["strategy"])]
@@ -72,4 +73,32 @@ def overhead_vs_ratio(df: pd.DataFrame, ax: Axes | None = None) -> Figure:
                 label=f"{strategy} (cost model)")
     style_axis(ax, "transfer / compute ratio T_w / t_f", "time per step / t_f", logx=True)
     ax.legend(frameon=False, fontsize="small")
+    return ax.figure
+
+
+def overhead_vs_n(df: pd.DataFrame, ax: Axes | None = None, *, band: float = 0.10) -> Figure:
+    """(c) Measured time per step / (t_f + t_b) vs N (solid), beside the cost model (dashed).
+
+    df: vs_n.csv (columns strategy, n_steps, overhead_vs_plain, model_overhead_vs_plain). The
+    shaded band is +-``band`` around multistage_host's overhead at the smallest N (the flatness
+    target), when that strategy is present.
+    """
+    ax = ax if ax is not None else _new_axes(1, 5.5)[0]
+    present = [s for s in STRATEGY_ORDER if s in set(df["strategy"])]
+    present += sorted(set(df["strategy"]) - set(present))
+    for strategy in present:
+        d = df[df["strategy"] == strategy].sort_values("n_steps")
+        c = colour(strategy)
+        ax.plot(d["n_steps"], d["overhead_vs_plain"], color=c, marker=MARKERS.get(strategy, "o"),
+                label=f"{strategy} (measured)")
+        if d["model_overhead_vs_plain"].notna().any():
+            ax.plot(d["n_steps"], d["model_overhead_vs_plain"], color=c, linestyle="--",
+                    alpha=0.7)
+    ms = df[(df["strategy"] == "multistage_host") & df["overhead_vs_plain"].notna()]
+    if not ms.empty:
+        ref = ms.sort_values("n_steps")["overhead_vs_plain"].iloc[0]
+        ax.axhspan(ref * (1 - band), ref * (1 + band), color=colour("multistage_host"),
+                   alpha=0.12, lw=0, label=f"multistage_host +-{band:.0%}")
+    style_axis(ax, "sequence length N (steps)", "time per step / (t_f + t_b)", logx=True)
+    ax.legend(frameon=False, fontsize="small", title="dashed: cost model", title_fontsize="small")
     return ax.figure
