@@ -172,3 +172,38 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.iterdir()) == sorted(finetune.FINAL)
     again = finetune.train(_finetune_cfg(tmp_path / "cut", resume=True))  # already finished
     pd.testing.assert_frame_equal(again.evals, fresh.evals, check_exact=True)
+
+
+BENCH_LAYERS = ["layers", "--model", "tiny-bert", "--batch-size", "2", "--seq-len", "8",
+                "--families", "gaussian,rows", "--ratios", "0.5", "--repeats", "2"]
+
+
+def test_bench_layers_resume_skips_finished_configurations(tmp_path, monkeypatch):
+    from varstudy import bench, bench_layers as BL
+
+    out = tmp_path / "cut"
+    real_step, real_memory = BL._step, BL._memory_row
+    steps = []
+
+    def dying(model, batch):
+        steps.append(1)
+        if len(steps) == 6:  # warm-ups (3), then repeat 0 of exact and gaussian, then die
+            raise KeyboardInterrupt
+        return real_step(model, batch)
+
+    monkeypatch.setattr(BL, "_step", dying)
+    assert bench.main(BENCH_LAYERS + ["--out", str(out)]) == 130
+    assert not (out / "layers.csv").exists()
+    assert len(pd.read_csv(out / "layers.parts" / "times.csv")) == 2
+    monkeypatch.setattr(BL, "_step", real_step)
+    memory_calls = []
+    monkeypatch.setattr(BL, "_memory_row", lambda *a: memory_calls.append(1) or real_memory(*a))
+    assert bench.main(BENCH_LAYERS + ["--out", str(out), "--resume"]) == 0
+    assert len(memory_calls) == 1  # only the exact reference is recomputed
+    assert not (out / "layers.parts").exists()
+    assert bench.main(BENCH_LAYERS + ["--out", str(tmp_path / "ref")]) == 0
+    got, ref = pd.read_csv(out / "layers.csv"), pd.read_csv(tmp_path / "ref" / "layers.csv")
+    memory = ["family", "ratio", "saved_mib", "linear_saved_mib", "saved_ratio",
+              "linear_saved_ratio", "linear_vs_predicted"]
+    pd.testing.assert_frame_equal(got[memory], ref[memory])  # timings differ, by nature
+    assert json.loads((out / "layers.json").read_text())["config"]["seed"] == 0

@@ -13,6 +13,13 @@ tokens by default, dropout off) with each family and ratio, and measures in one 
   Σ_distinct inputs k·d_in·itemsize (+ O(k) index state for rows-norm).
 
 Writes ``results/bench/layers.csv`` and ``layers.json`` (resolved config and environment).
+
+NOTE [durable results / resume]: while running, each configuration's memory row and each
+(configuration, repeat) step time are appended (fsynced) to ``layers.parts/``; the final tables
+are written atomically at the end and the parts removed. ``--resume`` skips what the parts hold
+(a different config is refused); the resumed table mixes timings taken in two processes, so
+``step_time_ms``/``time_ratio`` differ from an uninterrupted run (as any two runs do), while
+the memory columns are identical.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +37,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from varstudy import cli
+from varstudy import io as vio
 from varstudy.layers import RandomizedLinear, derandomize, randomize
 from varstudy.memory import saved_bytes
 from varstudy.models import load_model
@@ -47,6 +57,7 @@ class LayerBenchConfig:
     device: str = "auto"
     seed: int = 0
     out: str = "results/bench"
+    resume: bool = False
 
 
 def _device(name: str) -> torch.device:
@@ -105,7 +116,8 @@ def _memory_row(model, batch, linears, exact) -> dict:
     return row, rep
 
 
-def run(cfg: LayerBenchConfig) -> pd.DataFrame:
+def run(cfg: LayerBenchConfig, parts: Path | None = None) -> pd.DataFrame:
+    """The table; with ``parts`` (a folder), finished work is appended there and skipped."""
     torch.set_num_threads(cfg.threads)
     device = _device(cfg.device)
     model, _ = load_model(cfg.model, num_labels=2, dropout=False, seed=cfg.seed, device=device)
@@ -116,17 +128,30 @@ def run(cfg: LayerBenchConfig) -> pd.DataFrame:
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     configs = [("exact", 1.0)] + [(f, r) for f in cfg.families for r in cfg.ratios]
 
-    rows, exact = {}, None
+    mem_path, time_path = (parts / "memory.csv", parts / "times.csv") if parts else (None,) * 2
+    rows = _done_rows(mem_path)
+    timed = _done_rows(time_path)
+    times = {c: [timed[c + (r,)]["seconds"] for r in range(cfg.repeats) if c + (r,) in timed]
+             for c in configs}
+    exact = None
     for family, ratio in tqdm(configs, desc="memory + warm-up"):
         _configure(model, family, ratio, cfg.seed)
-        rows[family, ratio], rep = _memory_row(model, batch, linears, exact)
-        exact = rep if family == "exact" else exact
-        _step(model, batch)  # warm-up
-    times = {c: [] for c in configs}
-    for _ in tqdm(range(cfg.repeats), desc="interleaved steps"):
+        if (family, ratio) not in rows or family == "exact":
+            row, rep = _memory_row(model, batch, linears, exact)
+            exact = rep if family == "exact" else exact
+            if (family, ratio) not in rows:
+                rows[family, ratio] = row
+                _append(mem_path, dict(family=family, ratio=ratio, **row))
+        if len(times[family, ratio]) < cfg.repeats:
+            _step(model, batch)  # warm-up
+    for r in tqdm(range(cfg.repeats), desc="interleaved steps"):
         for family, ratio in configs:
+            if (family, ratio, r) in timed:
+                continue
             _configure(model, family, ratio, cfg.seed)
             times[family, ratio].append(_step(model, batch))
+            _append(time_path, dict(family=family, ratio=ratio, repeat=r,
+                                    seconds=times[family, ratio][-1]))
     derandomize(model)
 
     exact_ms = statistics.median(times["exact", 1.0]) * 1e3
@@ -141,6 +166,21 @@ def run(cfg: LayerBenchConfig) -> pd.DataFrame:
     return frame
 
 
+def _done_rows(path: Path | None) -> dict:
+    """Rows of a parts file keyed by (family, ratio[, repeat]); {} when absent."""
+    frame = vio.read_chunk(path) if path is not None else None
+    if frame is None:
+        return {}
+    keys = [c for c in ("family", "ratio", "repeat") if c in frame.columns]
+    return {tuple(r[k] for k in keys): {c: r[c] for c in frame.columns if c not in keys}
+            for r in frame.to_dict("records")}
+
+
+def _append(path: Path | None, row: dict) -> None:
+    if path is not None:
+        vio.append_csv(path, pd.DataFrame([row]))
+
+
 def _environment() -> dict:
     import transformers
     return {"python": platform.python_version(), "torch": torch.__version__,
@@ -150,8 +190,8 @@ def _environment() -> dict:
 
 def _parse(argv) -> LayerBenchConfig:
     d = LayerBenchConfig()
-    p = argparse.ArgumentParser(prog="python -m varstudy.bench layers", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="python -m varstudy.bench layers", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=d.model, help="model name or local HF directory")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
@@ -162,6 +202,8 @@ def _parse(argv) -> LayerBenchConfig:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
     p.add_argument("--out", default=d.out)
+    p.add_argument("--resume", action="store_true", help="skip work kept in <out>/layers.parts")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     a = p.parse_args(argv)
     families = tuple(f for f in a.families.split(",") if f)
     unknown = [f for f in families if f not in SKETCHES]
@@ -173,18 +215,36 @@ def _parse(argv) -> LayerBenchConfig:
         p.error(f"--ratios must be comma-separated numbers in (0, 1], got {a.ratios!r}")
     if not all(0 < r <= 1 for r in ratios):
         p.error(f"--ratios must lie in (0, 1], got {a.ratios!r}")
+    for name in ("batch_size", "seq_len", "repeats", "threads"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.device not in ("auto", "cpu") and not (a.device.startswith("cuda")
+                                                and torch.cuda.is_available()):
+        p.error(f"device {a.device!r} is unknown or CUDA is not available; valid choices: auto, "
+                "cpu" + (", cuda" if torch.cuda.is_available() else ""))
     return LayerBenchConfig(a.model, a.batch_size, a.seq_len, families, ratios, a.repeats,
-                            a.threads, a.device, d.seed, a.out)
+                            a.threads, a.device, d.seed, a.out, a.resume)
 
 
 def main(argv=None) -> int:
-    cfg = _parse(argv)
-    frame = run(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "layers.csv", index=False, float_format="%.4g")
-    (out / "layers.json").write_text(json.dumps(
-        {"config": asdict(cfg), "environment": _environment()}, indent=2))
+    return cli.guarded(lambda: _main(_parse(argv)), debug=cli.wants_debug(argv))
+
+
+def _main(cfg: LayerBenchConfig) -> int:
+    out = vio.check_writable(cfg.out)
+    parts = out / "layers.parts"
+    if cfg.resume and (parts / "config.json").is_file():
+        old = json.loads((parts / "config.json").read_text())
+        vio.refuse_changed(parts, old, asdict(cfg), ("out", "resume"))
+    else:
+        vio.remove(*parts.glob("*.csv"))
+        vio.atomic_write_json(parts / "config.json", asdict(cfg))
+    vio.remove(out / "layers.csv", out / "layers.json")
+    frame = run(cfg, parts)
+    vio.atomic_write_csv(out / "layers.csv", frame, float_format="%.4g")
+    vio.atomic_write_json(out / "layers.json", {"config": asdict(cfg),
+                                                "environment": _environment()})
+    shutil.rmtree(parts, ignore_errors=True)
     cols = ["family", "ratio", "step_time_ms", "time_ratio", "saved_ratio",
             "linear_saved_ratio", "linear_vs_predicted"]
     print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -371,7 +371,7 @@ def prepare(cfg: MeasureConfig):
     encoded = encode(data, tokenizer, cfg.max_length)
     if cfg.batch_size > len(data):
         raise VarstudyError(f"batch_size {cfg.batch_size} exceeds the {len(data)} examples of "
-                            f"{cfg.dataset}/{cfg.split}")
+                            f"{cfg.dataset}/{cfg.split}; valid: 2 <= batch_size <= {len(data)}")
     return model, encoded, (float(len(data)) if cfg.fpc else math.inf)
 
 
