@@ -207,3 +207,34 @@ def test_bench_layers_resume_skips_finished_configurations(tmp_path, monkeypatch
               "linear_saved_ratio", "linear_vs_predicted"]
     pd.testing.assert_frame_equal(got[memory], ref[memory])  # timings differ, by nature
     assert json.loads((out / "layers.json").read_text())["config"]["seed"] == 0
+
+
+def test_bench_checkpoint_resume_skips_finished_rows(tmp_path, monkeypatch):
+    from varstudy import bench, bench_checkpoint as BC
+
+    out = tmp_path / "ckpt"
+    argv = ["checkpoint", "--preset", "smoke", "--out", str(out)]
+    real, calls = BC._timed, []
+
+    def dying(*a, **k):
+        calls.append(a[1:3])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(BC, "_timed", dying)
+    assert bench.main(argv) == 130
+    assert not (out / "config.json").exists()
+    kept = pd.read_csv(out / "parts" / "vs_n.csv")
+    assert len(kept) == 2
+    calls.clear()
+    monkeypatch.setattr(BC, "_timed", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    assert bench.main(argv + ["--resume"]) == 0
+    done = {(int(n), s) for n, s in zip(kept.n_steps, kept.strategy)}
+    assert not done & {(n, s) for s, n in calls}  # finished jobs were not run again
+    vs_n = pd.read_csv(out / "vs_n.csv")
+    cfg = BC.BenchConfig(**BC.PRESETS["smoke"])
+    assert [(n, s) for n, s in zip(vs_n.n_steps, vs_n.strategy)] == \
+        [(n, s) for n in cfg.ns for s in cfg.strategies]
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["config"]["seed"] == 0 and not (out / "parts").exists()

@@ -40,6 +40,12 @@ busy: the numbers are then not trustworthy).
 Outputs under ``--out`` (default results/checkpoint/): vs_n.csv, vs_ratio.csv, wave.csv,
 summary.csv (per strategy: overhead_vs_plain at the smallest and largest N and its change, the
 +-10% target, not slower than revolve at every N, fast-tier peak min/max over N), config.json.
+
+NOTE [resume]: each finished row (one (N, strategy) job, one ratio, one wave strategy) is appended
+(fsynced) to ``<out>/parts/``; the final tables are written atomically at the end, config.json
+last, and the parts removed. ``--resume`` keeps those rows and the calibration (t_f, t_b) of the
+interrupted run and runs only the missing jobs (a different config is refused); timings of the
+jobs run after the restart naturally differ from an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -60,6 +67,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from varstudy import cli
+from varstudy import io as vio
 from varstudy import schedules as sch
 from varstudy.errors import VarstudyError
 from varstudy.sequence import ScanStats, checkpointed_scan
@@ -100,6 +109,7 @@ class BenchConfig:
     threads: int = 1
     seed: int = 0
     out: str = "results/checkpoint"
+    resume: bool = False
 
 
 PRESETS = {  # short diffs against the defaults; default = paper (the committed results)
@@ -276,7 +286,18 @@ def _add_vs_store_all(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def sweep_n(cfg: BenchConfig, t_f: float, t_b: float) -> pd.DataFrame:
+def _parts(parts, name: str, keys: tuple[str, ...]):
+    """(done rows, done keys, append) of one parts file (NOTE [resume]); no-ops without parts."""
+    if parts is None:
+        return [], set(), lambda rows: None
+    path = parts / f"{name}.csv"
+    frame = vio.read_chunk(path)
+    rows = [] if frame is None else frame.to_dict("records")
+    return rows, {tuple(r[k] for k in keys) for r in rows}, \
+        lambda new: vio.append_csv(path, pd.DataFrame(new))
+
+
+def sweep_n(cfg: BenchConfig, t_f: float, t_b: float, parts=None) -> pd.DataFrame:
     """Time and fast-tier peak vs N for each strategy at the configured transfer/compute ratio."""
     step, h0, xs = _setup(cfg, 1)
     delay, inter = _intervals(cfg, h0, t_f, cfg.ratio)
@@ -284,8 +305,8 @@ def sweep_n(cfg: BenchConfig, t_f: float, t_b: float) -> pd.DataFrame:
     for name in cfg.strategies:  # warm-up: first calls of each code path are slow
         run_once(name, step, h0, xs.expand(20, -1, -1), slots=cfg.slots, delay_s=0.0,
                  interval=inter.get(name.rsplit("_", 1)[-1], 1))
-    rows = []
-    jobs = [(n, name) for n in cfg.ns for name in cfg.strategies]
+    rows, done, append = _parts(parts, "vs_n", ("n_steps", "strategy"))
+    jobs = [(n, name) for n in cfg.ns for name in cfg.strategies if (n, name) not in done]
     for n, name in tqdm(jobs, desc="checkpoint vs N", leave=False):
         slots = cfg.slots + (cfg.revolve_extra_slots if name == "revolve" else 0)
         est = estimated_peak_mib(name, n, tape)
@@ -294,35 +315,46 @@ def sweep_n(cfg: BenchConfig, t_f: float, t_b: float) -> pd.DataFrame:
                    f"{cfg.store_all_max_mib:.4g}")
             rows.append(_row(cfg.workload, name, n, slots, cfg.ratio, _NAN_RESULT, t_f, t_b,
                              repeats=0, skipped=why))
-            continue
-        res, reps = _timed(cfg, name, n, slots=slots, delay_s=delay,
-                           interval=inter.get(name.rsplit("_", 1)[-1], 1))
-        rows.append(_row(cfg.workload, name, n, slots, cfg.ratio, res, t_f, t_b, repeats=reps))
+        else:
+            res, reps = _timed(cfg, name, n, slots=slots, delay_s=delay,
+                               interval=inter.get(name.rsplit("_", 1)[-1], 1))
+            rows.append(_row(cfg.workload, name, n, slots, cfg.ratio, res, t_f, t_b,
+                             repeats=reps))
+        append(rows[-1:])
+    order = {job: i for i, job in enumerate((n, s) for n in cfg.ns for s in cfg.strategies)}
+    rows.sort(key=lambda r: order[r["n_steps"], r["strategy"]])
     return _add_vs_store_all(pd.DataFrame(rows, columns=COLUMNS))
 
 
-def sweep_ratio(cfg: BenchConfig, t_f: float, t_b: float) -> pd.DataFrame:
+def sweep_ratio(cfg: BenchConfig, t_f: float, t_b: float, parts=None) -> pd.DataFrame:
     """Multistage (host tier) time vs transfer/compute ratio at N = ratio_n, beside Revolve."""
-    n, rows = cfg.ratio_n, []
+    n = cfg.ratio_n
+    rows, done, append = _parts(parts, "vs_ratio", ("ratio",))
+    todo = [r for r in cfg.ratios if (r,) not in done]
     step, h0, xs = _setup(cfg, n)
     slots = cfg.slots + cfg.revolve_extra_slots
+    if not todo:
+        return pd.DataFrame(rows, columns=COLUMNS)
     res, reps = _timed(cfg, "revolve", n, slots=slots, interval=n, delay_s=0.0)
-    for ratio in tqdm(cfg.ratios, desc="checkpoint vs ratio", leave=False):
+    for ratio in tqdm(todo, desc="checkpoint vs ratio", leave=False):
         delay, inter = _intervals(cfg, h0, t_f, ratio)
         ms, ms_reps = _timed(cfg, "multistage_host", n, slots=cfg.slots, interval=inter["host"],
                              delay_s=delay)
         rows.append(_row(cfg.workload, "multistage_host", n, cfg.slots, ratio, ms, t_f, t_b,
                          repeats=ms_reps))
         rows.append(_row(cfg.workload, "revolve", n, slots, ratio, res, t_f, t_b, repeats=reps))
+        append(rows[-2:])
+    rows.sort(key=lambda r: cfg.ratios.index(r["ratio"]))  # stable: multistage, then revolve
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def wave_memory(cfg: BenchConfig) -> pd.DataFrame:
+def wave_memory(cfg: BenchConfig, parts=None) -> pd.DataFrame:
     """2-D wave stepper: store-all's tape exceeds the stated budget; Revolve/multistage fit."""
     wave = WaveStepper(cfg.wave_grid, seed=cfg.seed)
     src = WaveStepper.source(cfg.wave_n)
-    rows = []
-    for name in tqdm(("store_all", "revolve", "multistage_host"), desc="wave", leave=False):
+    names = ("store_all", "revolve", "multistage_host")
+    rows, done, append = _parts(parts, "wave", ("strategy",))
+    for name in tqdm([s for s in names if (s,) not in done], desc="wave", leave=False):
         meter, stats = MemoryMeter(), ScanStats()
         strategy = "multistage" if name == "multistage_host" else name
         wave.zero_grad()
@@ -337,12 +369,14 @@ def wave_memory(cfg: BenchConfig) -> pd.DataFrame:
                          budget_mib=cfg.budget_mib,
                          within_budget=meter.peak_bytes / 2**20 <= cfg.budget_mib,
                          grad_norm=float(wave.c.grad.norm())))
+        append(rows[-1:])
+    rows.sort(key=lambda r: names.index(r["strategy"]))
     return pd.DataFrame(rows)
 
 
 def _parse(argv) -> BenchConfig:
-    p = argparse.ArgumentParser(prog="python -m varstudy.bench checkpoint", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="python -m varstudy.bench checkpoint", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
     p.add_argument("--workload", choices=sorted(WORKLOADS))
     p.add_argument("--batch", type=int)
@@ -360,10 +394,14 @@ def _parse(argv) -> BenchConfig:
     p.add_argument("--repeats", type=int, help="runs per point (median) for N <= repeat_max_n")
     p.add_argument("--repeat-max-n", type=int, dest="repeat_max_n")
     p.add_argument("--out")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="skip the rows kept in <out>/parts (NOTE [resume])")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     a = p.parse_args(argv)
     over = dict(PRESETS[a.preset])
     for key in ("workload", "batch", "hidden", "inputs", "ns", "ratios", "ratio_n", "strategies",
-                "slots", "ratio", "store_all_max_mib", "repeats", "repeat_max_n", "out"):
+                "slots", "ratio", "store_all_max_mib", "repeats", "repeat_max_n", "out",
+                "resume"):
         val = getattr(a, key)
         if val is not None:
             over[key] = tuple(val) if isinstance(val, list) else val
@@ -371,20 +409,26 @@ def _parse(argv) -> BenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = _parse(argv or [])
+    return cli.guarded(lambda: _main(_parse(argv or [])), debug=cli.wants_debug(argv or []))
+
+
+def _main(cfg: BenchConfig) -> int:
     torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
+    out = vio.check_writable(cfg.out)
+    parts = out / "parts"
     step, params = _workload(cfg)  # calibrate needs the parameters this step closes over
     _, h0, xs = _setup(cfg, 1)
     run_once("multistage_host", step, h0, xs.expand(50, -1, -1), slots=cfg.slots, interval=5,
              delay_s=0.0)  # warm-up
-    t_f, t_b = calibrate(step, h0.detach(), xs[0], params)
+    t_f, t_b = _calibration(cfg, parts, lambda: calibrate(step, h0.detach(), xs[0], params))
+    vio.remove(*(out / f"{n}.csv" for n in ("vs_n", "vs_ratio", "wave", "summary")),
+               out / "config.json")
     t0 = time.perf_counter()
-    vs_n = sweep_n(cfg, t_f, t_b)
+    vs_n = sweep_n(cfg, t_f, t_b, parts)
     t1 = time.perf_counter()
-    vs_ratio = sweep_ratio(cfg, t_f, t_b)
+    vs_ratio = sweep_ratio(cfg, t_f, t_b, parts)
     t2 = time.perf_counter()
-    wave = wave_memory(cfg)
+    wave = wave_memory(cfg, parts)
     t3 = time.perf_counter()
     summary = summarize(vs_n)
     meta = dict(config=dataclasses.asdict(cfg), t_f_ms=1e3 * t_f, t_b_ms=1e3 * t_b,
@@ -392,11 +436,25 @@ def main(argv: list[str] | None = None) -> int:
                 wall_s=t3 - t0, wall_vs_n_s=t1 - t0, wall_vs_ratio_s=t2 - t1, wall_wave_s=t3 - t2)
     for name, df in (("vs_n", vs_n), ("vs_ratio", vs_ratio), ("wave", wave),
                      ("summary", summary)):
-        df.to_csv(os.path.join(cfg.out, f"{name}.csv"), index=False)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+        vio.atomic_write_csv(out / f"{name}.csv", df)
+    vio.atomic_write_json(out / "config.json", meta)  # last: marks a complete run
+    shutil.rmtree(parts, ignore_errors=True)
     _summary(vs_n, vs_ratio, wave, summary, meta)
     return 0
+
+
+def _calibration(cfg: BenchConfig, parts, measure) -> tuple[float, float]:
+    """(t_f, t_b): measured for a new run, kept in parts/calibration.json for a resumed one, so
+    the intervals and cost units of resumed rows match the rows kept (NOTE [resume])."""
+    path = parts / "calibration.json"
+    if cfg.resume and path.is_file():
+        old = json.loads(path.read_text())
+        vio.refuse_changed(parts, old["config"], dataclasses.asdict(cfg), ("out", "resume"))
+        return old["t_f"], old["t_b"]
+    shutil.rmtree(parts, ignore_errors=True)
+    t_f, t_b = measure()
+    vio.atomic_write_json(path, dict(config=dataclasses.asdict(cfg), t_f=t_f, t_b=t_b))
+    return t_f, t_b
 
 
 SUMMARY_COLUMNS = ["strategy", "n_min", "n_max", "overhead_at_n_min", "overhead_at_n_max",
