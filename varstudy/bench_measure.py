@@ -19,16 +19,20 @@ median; one warm-up each):
   Monte Carlo error, so "equal CI width" favours naive MC; the sampling variance, which the
   decomposition also returns, is not charged to naive MC either.
 Writes ``results/bench/measure.csv`` (quantity, value, unit) and ``measure.json`` (config).
+
+NOTE [resume]: each finished round's raw times and errors are appended (fsynced) to
+``measure.parts.csv`` (round, kind, value); ``--resume`` keeps them and runs the missing rounds
+(after a fresh warm-up round); the final tables are written atomically and the parts removed.
+A resumed run's medians mix timings from two processes, so they differ from an uninterrupted
+run's (as any two runs do); the naive-draw errors are identical (seeded per draw).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +41,8 @@ import pandas as pd
 import torch
 from scipy.stats import norm
 
+from varstudy import cli
+from varstudy import io as vio
 from varstudy.capture import mean_loss, select_layers
 from varstudy.errors import VarstudyError
 from varstudy.layers import derandomize, randomize, reseed
@@ -59,6 +65,7 @@ class BenchConfig:
     device: str = "auto"
     seed: int = 0
     out: str = "results/bench"
+    resume: bool = False
 
 
 def timed(fn) -> float:
@@ -71,7 +78,7 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench(cfg: BenchConfig) -> pd.DataFrame:
+def bench(cfg: BenchConfig, parts: Path | None = None) -> pd.DataFrame:
     """Run the three measurements; return the tidy (quantity, value, unit) table."""
     mcfg = MeasureConfig(model=cfg.model, dataset=cfg.dataset, batch_size=cfg.batch_size,
                          max_length=cfg.max_length, mc_draws=0, seed=cfg.seed,
@@ -93,18 +100,28 @@ def bench(cfg: BenchConfig) -> pd.DataFrame:
 
     exact = torch.autograd.grad(mean_loss(model, batch), weights)
     per_round = math.ceil(cfg.naive_draws / cfg.repeats)
-    t_step, t_dec, t_exact, t_draw, errs = [], [], [], [], []
+    kept = vio.read_chunk(parts) if parts is not None else None
+    rows = [] if kept is None else list(kept.itertuples(index=False, name=None))
+    done = {r[0] for r in rows}
     for i in range(cfg.repeats + 1):  # round 0 is warm-up; rounds interleave all costs
+        if i in done:
+            continue
         a, b = timed(step), timed(decomposition)
         c = timed(lambda: torch.autograd.grad(mean_loss(model, batch), weights))
         times, sq = naive_draws(model, batch, weights, exact, cfg, i * per_round,
                                 per_round if i else 1)
         if i:
-            t_step.append(a), t_dec.append(b), t_exact.append(c)
-            t_draw += times
-            errs += sq
+            new = [(i, "step", a), (i, "decomposition", b), (i, "exact_grad", c)] + \
+                [(i, "naive_draw", t) for t in times] + [(i, "naive_err", e) for e in sq]
+            rows += new
+            if parts is not None:
+                vio.append_csv(parts, pd.DataFrame(new, columns=["round", "kind", "value"]))
+    rows.sort(key=lambda r: r[0])
+    of = {k: [v for _, kind, v in rows if kind == k] for k in
+          ("step", "decomposition", "exact_grad", "naive_draw", "naive_err")}
     med = statistics.median
-    return table(cfg, mcfg, med(t_step), med(t_dec), med(t_exact), med(t_draw), errs)
+    return table(cfg, mcfg, med(of["step"]), med(of["decomposition"]), med(of["exact_grad"]),
+                 med(of["naive_draw"]), of["naive_err"])
 
 
 def naive_draws(model, batch, weights, exact, cfg: BenchConfig, first: int, count: int):
@@ -150,27 +167,40 @@ def table(cfg, mcfg, t_step, t_dec, t_exact, t_draw, errs) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m varstudy.bench measure",
-                                     description=__doc__.split("\n")[0])
+    parser = cli.Parser(prog="python -m varstudy.bench measure",
+                        description=__doc__.split("\n")[0])
     for name, default in asdict(BenchConfig()).items():
+        if isinstance(default, bool):
+            parser.add_argument("--" + name, action="store_true", help="keep finished rounds "
+                                "of an interrupted run in --out (NOTE [resume])")
+            continue
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
                             help=f"(default: {default})")
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
-    try:
-        if cfg.naive_family not in SKETCHES or cfg.naive_draws < 2 or cfg.repeats < 1:
-            raise VarstudyError(f"need naive_family in {', '.join(SKETCHES)}, naive_draws >= 2, "
-                                "repeats >= 1")
-        torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-        result = bench(cfg)
-    except VarstudyError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result.to_csv(out / "measure.csv", index=False)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    args = vars(parser.parse_args(argv))
+    debug = args.pop("debug")
+    return cli.guarded(lambda: _main(BenchConfig(**args)), debug=debug)
+
+
+def _main(cfg: BenchConfig) -> int:
+    if cfg.naive_family not in SKETCHES or cfg.naive_draws < 2 or cfg.repeats < 1:
+        raise VarstudyError(f"need naive_family in {', '.join(SKETCHES)}, naive_draws >= 2, "
+                            "repeats >= 1")
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    out = vio.check_writable(cfg.out)
+    parts, marker = out / "measure.parts.csv", out / "measure.parts.json"
+    if cfg.resume and marker.is_file():
+        vio.refuse_changed(marker, json.loads(marker.read_text()), asdict(cfg),
+                           ("out", "resume"))
+    else:
+        vio.remove(parts)
+        vio.atomic_write_json(marker, asdict(cfg))
+    vio.remove(out / "measure.csv", out / "measure.json")
+    result = bench(cfg, parts)
+    vio.atomic_write_csv(out / "measure.csv", result)
     env = env_info(MeasureConfig(device=cfg.device).resolved().device)
-    (out / "measure.json").write_text(json.dumps(dict(config=asdict(cfg), env=env), indent=2)
-                                      + "\n")
+    vio.atomic_write_json(out / "measure.json", dict(config=asdict(cfg), env=env))
+    vio.remove(parts, marker)
     print(result.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
