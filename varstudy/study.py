@@ -24,7 +24,6 @@ and a local or downloadable roberta-base).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -35,7 +34,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from varstudy import finetune
+from varstudy import cli, finetune
+from varstudy import io as vio
 from varstudy.errors import VarstudyError
 from varstudy.sketches import SKETCHES
 
@@ -134,7 +134,7 @@ def write_config(config: StudyConfig, study: str, folder: Path, **extra) -> None
     folder.mkdir(parents=True, exist_ok=True)
     resolved = {"study": study, **asdict(config), "torch": torch.__version__,
                 "device_resolved": finetune.resolve_device(config.device), **extra}
-    (folder / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    vio.atomic_write_json(folder / "config.json", resolved)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,8 +166,16 @@ def accuracy(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _load_partial(folder: Path) -> dict[str, list[pd.DataFrame]]:
-    return {name: [pd.read_csv(folder / f"{name}.csv")] if (folder / f"{name}.csv").is_file()
-            else [] for name in ("runs", "steps", "evals")}
+    """Tables of finished runs; steps/evals rows of a run missing from runs.csv (written last,
+    so a crash in between leaves such rows) are dropped, as that run is redone."""
+    tables = {name: [pd.read_csv(folder / f"{name}.csv")] if (folder / f"{name}.csv").is_file()
+              else [] for name in ("runs", "steps", "evals")}
+    if not tables["runs"]:
+        return {"runs": [], "steps": [], "evals": []}
+    done = tables["runs"][0][["family", "ratio", "seed"]].drop_duplicates()
+    for name in ("steps", "evals"):
+        tables[name] = [t.merge(done, on=["family", "ratio", "seed"]) for t in tables[name]]
+    return tables
 
 
 def _save_accuracy(tables: dict, folder: Path) -> pd.DataFrame:
@@ -175,12 +183,12 @@ def _save_accuracy(tables: dict, folder: Path) -> pd.DataFrame:
     front = KEYS + ["seed"]
     for name in ("steps", "evals"):
         frame = pd.concat(tables[name], ignore_index=True)
-        frame[front + [c for c in frame.columns if c not in front]].to_csv(
-            folder / f"{name}.csv", index=False)
+        vio.atomic_write_csv(folder / f"{name}.csv",
+                             frame[front + [c for c in frame.columns if c not in front]])
     runs = pd.concat(tables["runs"], ignore_index=True)
     runs = runs[front + [c for c in runs.columns if c not in front]]
-    runs.to_csv(folder / "runs.csv", index=False)
-    summarize(runs).to_csv(folder / "summary.csv", index=False)
+    vio.atomic_write_csv(folder / "summary.csv", summarize(runs))
+    vio.atomic_write_csv(folder / "runs.csv", runs)  # last: a run counts once it is here
     return runs
 
 
@@ -246,7 +254,7 @@ def memory(config: StudyConfig, write: bool = True) -> pd.DataFrame:
     if write:
         folder = Path(config.out) / "memory"
         write_config(config, "memory", folder)
-        table.to_csv(folder / "memory.csv", index=False)
+        vio.atomic_write_csv(folder / "memory.csv", table)
     return table
 
 
@@ -290,8 +298,8 @@ def throughput(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     fit = max_batch(memory(config, write=False), config.budget_mib)
     folder = Path(config.out) / "throughput"
     write_config(config, "throughput", folder)
-    table.to_csv(folder / "throughput.csv", index=False)
-    fit.to_csv(folder / "max_batch.csv", index=False)
+    vio.atomic_write_csv(folder / "throughput.csv", table)
+    vio.atomic_write_csv(folder / "max_batch.csv", fit)
     return table, fit
 
 
@@ -408,13 +416,19 @@ def main(argv: list[str] | None = None) -> int:
             given["max_steps"] = None
         config = preset(args.preset, args.study, **given)
         check(config)
+        vio.check_writable(Path(config.out) / args.study)
         start = time.perf_counter()
         tables = {"accuracy": accuracy, "memory": memory, "throughput": throughput}[args.study](
             config)
     except VarstudyError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {cli.one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the file system (no space left, permissions), not a bug
+        if args.debug:
+            raise
+        print(f"error: {cli.one_line(err)}", file=sys.stderr)
         return 2
     first = tables[1] if isinstance(tables, tuple) else tables
     with pd.option_context("display.width", 160, "display.max_columns", 20):
