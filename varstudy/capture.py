@@ -104,12 +104,15 @@ def _check_finite(names: list[str], xs: dict, ys: dict, loss: Tensor) -> None:
         torch.isfinite(xs[n]).all() & torch.isfinite(ys[n]).all() for n in names])
     if bool(flags.all()):
         return
-    for n in names:
-        for what, t in (("input activations X", xs[n]), ("output gradients Y", ys[n])):
-            if not bool(torch.isfinite(t).all()):
-                raise VarstudyError(
-                    f"non-finite values (NaN/Inf) in the {what} of layer {n}; valid choices: "
-                    "finite inputs and weights, --dtype float32 or float64, a lower --lr")
+    # The first non-finite input in forward order, else the first output gradient in backward
+    # order: the layer nearest to where the NaN/Inf arose.
+    order = [("input activations X", n, xs[n]) for n in names] + \
+        [("output gradients Y", n, ys[n]) for n in reversed(names)]
+    for what, n, t in order:
+        if not bool(torch.isfinite(t).all()):
+            raise VarstudyError(
+                f"non-finite values (NaN/Inf) in the {what} of layer {n}; valid choices: "
+                "finite inputs and weights, --dtype float32 or float64, a lower --lr")
     raise VarstudyError("non-finite loss (NaN/Inf) with finite layer activations; valid "
                         "choices: finite labels and weights, --dtype float32 or float64")
 

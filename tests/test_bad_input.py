@@ -1,0 +1,228 @@
+"""Bad-input matrix (issue 7): every command answers a bad input with exit status 2 and one line
+``error: ...`` naming the problem and the valid choices, no traceback (unless --debug), and no
+partial result that looks complete."""
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from varstudy import bench, finetune, study
+from varstudy import io as vio
+from varstudy import measure as M
+from varstudy.errors import VarstudyError
+
+ROOT = Path(__file__).resolve().parents[1]
+MEASURE = ["--model", "tiny-bert", "--dataset", "synthetic", "--batch-size", "4",
+           "--max-length", "16", "--num-batches", "1", "--families", "rows", "--ratios", "0.5",
+           "--mc-draws", "0", "--no-progress"]
+FINETUNE = ["--model", "tiny-bert", "--task", "synthetic", "--batch-size", "4", "--max-length",
+            "16", "--max-steps", "2", "--eval-every", "2", "--eval-examples", "8",
+            "--progress", "false"]
+STUDY = ["--model", "tiny-bert", "--task", "synthetic", "--families", "rows", "--ratios", "0.5",
+         "--batch-sizes", "2", "--max-length", "16", "--progress", "false"]
+FINAL = {"measure": ["layers.csv", "summary.csv", "env.json"], "finetune": ["run.csv"],
+         "study": ["memory/memory.csv"], "bench": ["layers.csv", "measure.csv", "config.json"]}
+
+
+@pytest.fixture
+def glue_without_files(tmp_path):
+    (tmp_path / "glue" / "CoLA").mkdir(parents=True)
+    (tmp_path / "glue" / "CoLA" / "readme.txt").write_text("no tsv here\n")
+    return str(tmp_path / "glue")
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _main(command: str):
+    main = {"measure": lambda a: M.main(MEASURE + a), "finetune": lambda a: finetune.main(
+        FINETUNE + a), "study": lambda a: study.main(["memory"] + STUDY + a),
+        "bench": bench.main}[command]
+
+    def exit_status(argv):  # usage errors leave argparse as SystemExit(2)
+        try:
+            return main(argv)
+        except SystemExit as stop:
+            return stop.code
+    return exit_status
+
+
+CASES = [  # (command, arguments, words the one line must hold)
+    ("measure", ["--model", "nope"], "valid choices"),
+    ("measure", ["--dataset", "mnist"], "valid choices"),
+    ("measure", ["--families", "rows,nope"], "valid choices"),
+    ("measure", ["--layers", "nothing_matches"], "valid names"),
+    ("measure", ["--layers", "(unclosed"], "invalid layer"),
+    ("measure", ["--ratios", "0"], "(0, 1]"),
+    ("measure", ["--ratios", "1.5"], "(0, 1]"),
+    ("measure", ["--batch-size", "1000"], "valid: 2 <= batch_size <= 400"),
+    ("measure", ["--max-length", "0"], "max_length"),
+    ("measure", ["--batch-size", "four"], "invalid int value"),
+    ("measure", ["--lr", "fast"], "invalid float value"),
+    ("measure", ["--model", "./no/such/model_dir"], "does not exist"),
+    ("measure", ["--dataset", "glue:cola", "--data-dir", "GLUE"], "GLUE file not found"),
+    ("measure", ["--device", "cuda"], "CUDA is not available"),
+    ("measure", ["--train-steps", "2", "--measure-at", "0,5"], "train_steps=2"),
+    ("measure", ["--train-sketch", "gaussian"], "train_steps 0"),
+    ("finetune", ["--model", "nope"], "valid choices"),
+    ("finetune", ["--task", "mnist"], "valid datasets"),
+    ("finetune", ["--sketch", "nope"], "valid choices"),
+    ("finetune", ["--include", "nothing_matches"], "valid names"),
+    ("finetune", ["--ratio", "0"], "(0, 1]"),
+    ("finetune", ["--ratio", "1.5"], "(0, 1]"),
+    ("finetune", ["--batch-size", "100000"], "valid: <= 400"),
+    ("finetune", ["--max-length", "0"], "max_length"),
+    ("finetune", ["--max-steps", "ten"], "invalid"),
+    ("finetune", ["--model", "./no/such/model_dir"], "does not exist"),
+    ("finetune", ["--task", "glue:cola", "--data-dir", "GLUE"], "GLUE file not found"),
+    ("finetune", ["--device", "cuda"], "CUDA is not available"),
+    ("finetune", ["--sketch", "exact", "--ratio", "0.5"], "conflicts with --sketch exact"),
+    ("finetune", ["--checkpoint-every", "0"], "checkpoint_every must be > 0"),
+    ("study", ["--families", "nope"], "valid choices"),
+    ("study", ["--ratios", "0"], "(0, 1]"),
+    ("study", ["--batch-size", "abc"], "invalid"),
+    ("study", ["--device", "cuda"], "CUDA is not available"),
+    ("bench", ["nope"], "valid choices"),
+    ("bench", ["layers", "--families", "nope"], "valid choices"),
+    ("bench", ["layers", "--ratios", "2"], "(0, 1]"),
+    ("bench", ["layers", "--batch-size", "abc"], "invalid int value"),
+    ("bench", ["layers", "--device", "cuda"], "CUDA is not available"),
+    ("bench", ["measure", "--repeats", "abc"], "invalid int value"),
+    ("bench", ["measure", "--naive-family", "nope"], "naive_family in"),
+    ("bench", ["checkpoint", "--slots", "abc"], "invalid int value"),
+]
+
+
+def _check_one_line(code, capsys, words, out: Path, command: str):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert words in err and "Traceback" not in err
+    for name in FINAL[command]:  # nothing that looks like a finished result
+        assert not list(out.rglob(Path(name).name)), name
+
+
+@pytest.mark.parametrize("command, argv, words", CASES,
+                         ids=[f"{c}-{' '.join(a)}" for c, a, _ in CASES])
+def test_bad_input_exits_2_with_one_line(command, argv, words, tmp_path, capsys, no_cuda,
+                                         glue_without_files):
+    out = tmp_path / "out"
+    argv = [glue_without_files if a == "GLUE" else a for a in argv]
+    if command != "bench" and "--out" not in argv:
+        argv = argv + ["--out", str(out)]
+    elif command == "bench" and argv[0] in ("layers", "measure"):
+        argv = argv + ["--out", str(out)]
+    _check_one_line(_main(command)(argv), capsys, words, out, command)
+
+
+@pytest.mark.parametrize("command", ["measure", "finetune", "study", "bench"])
+def test_output_directory_that_is_a_file(command, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory\n")
+    argv = (["layers", "--model", "tiny-bert"] if command == "bench" else []) + \
+        ["--out", str(blocker)]
+    code = _main(command)(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and str(blocker) in err
+    assert "valid choices" in err and blocker.read_text() == "not a directory\n"
+
+
+def _disk_full_after(monkeypatch, allowed: int):
+    real, count = vio._write, []
+
+    def writer(fd, data):
+        count.append(1)
+        if len(count) > allowed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)
+
+    monkeypatch.setattr(vio, "_write", writer)
+
+
+def test_disk_full_up_front_is_one_line(tmp_path, monkeypatch, capsys):
+    _disk_full_after(monkeypatch, 0)
+    out = tmp_path / "out"
+    assert finetune.main(FINETUNE + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err
+    assert "output directory" in err and not list(out.rglob("*.csv"))
+
+
+def test_disk_full_mid_run_leaves_nothing_that_looks_complete(tmp_path, monkeypatch, capsys):
+    _disk_full_after(monkeypatch, 2)  # the writability probe and config.json, then full
+    out = tmp_path / "out"
+    assert M.main(MEASURE + ["--num-batches", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "chunks" in err
+    assert not any((out / n).exists() for n in FINAL["measure"])
+    assert not [p for p in out.rglob(".tmp-*")]  # temp files are cleaned up
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(VarstudyError, match="valid choices"):
+        M.main(MEASURE + ["--families", "nope", "--debug"])
+    with pytest.raises(VarstudyError, match="resume needs an output directory"):
+        finetune.check(finetune.FinetuneConfig(resume=True, out=None))
+    with pytest.raises(VarstudyError, match="conflicts"):
+        finetune.main(FINETUNE + ["--sketch", "exact", "--ratio", "0.3", "--debug"])
+
+
+def test_subprocess_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "varstudy.bench", "layers", "--ratios", "x"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# NaN / Inf: detected and reported with the layer's name -------------------------------------
+
+
+def test_nan_in_activations_names_the_layer():
+    from varstudy.capture import capture
+    from varstudy.models import load_model
+
+    model, _ = load_model("tiny-bert", num_labels=2)
+    with torch.no_grad():
+        model.bert.encoder.layer[1].intermediate.dense.weight[0, 0] = float("nan")
+    batch = dict(input_ids=torch.randint(5, 100, (2, 8)), labels=torch.tensor([0, 1]))
+    with pytest.raises(VarstudyError, match=r"input activations X of layer "
+                                            r"bert\.encoder\.layer\.1\.output\.dense"):
+        capture(model, batch)
+
+
+def test_nan_while_training_is_one_line(tmp_path, capsys):
+    code = M.main(MEASURE + ["--train-steps", "3", "--lr", "1e15", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "non-finite loss" in err and "first non-finite weight: bert." in err
+    code = finetune.main(FINETUNE + ["--max-steps", "4", "--eval-every", "4", "--lr", "1e20",
+                                     "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "non-finite training loss" in err and "weight: bert." in err
+    assert not list(tmp_path.rglob("run.csv")) and not (tmp_path / "layers.csv").exists()
+
+
+def test_opt_in_layer_check_names_the_layer(monkeypatch):
+    from varstudy import layers as L
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    L.randomize(model, 0.5, "gaussian")
+    x = torch.randn(6, 4)
+    with L.finite_check():
+        out = model(x)
+        with pytest.raises(VarstudyError, match="output gradient of layer 1"):
+            (out * float("inf")).sum().backward()
+        with pytest.raises(VarstudyError, match="input of layer 0"):
+            model(torch.full((6, 4), float("nan")))
+
+    def no_sync(*_):  # off (the default): the hot path never checks, so never syncs
+        raise AssertionError("finite check ran while disabled")
+
+    monkeypatch.setattr(L, "_require_finite", no_sync)
+    model(torch.full((6, 4), float("nan"))).sum().backward()
