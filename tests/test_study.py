@@ -81,13 +81,15 @@ def test_max_batch_from_linear_fit():
     assert (table.basis == "saved_mib").all() and (table.fit_max_rel_err < 1e-9).all()
 
 
-def test_throughput_tables(tmp_path):
-    config = StudyConfig(out=str(tmp_path), **{**TINY, "ratios": (0.1,), "batch_sizes": (2, 4)})
+def test_throughput_tables(tmp_path, memory_table):
+    _, out = memory_table
+    config = StudyConfig(out=str(tmp_path), memory_from=str(out / "memory" / "memory.csv"),
+                         **{**TINY, "ratios": (0.1,)})
     table, fits = study.throughput(config)
-    assert len(table) == 3 and (table.repeats == 2).all()
+    assert len(table) == 3 and (table.repeats == 2).all() and "load_avg_1m" in table
     assert table.set_index("family").loc["exact", "speedup_vs_exact"] == 1.0
     assert (table.examples_per_s > 0).all()
-    assert len(fits) == 3 and (fits.max_batch > 0).all()
+    assert len(fits) == 7 and (fits.max_batch > 0).all()  # the 7 configs of memory.csv
     assert (fits[fits.family != "exact"].max_batch >= fits[fits.family == "exact"].max_batch.iloc[0]).all()
     for name in ("throughput.csv", "max_batch.csv", "config.json"):
         assert (tmp_path / "throughput" / name).is_file()

@@ -14,7 +14,9 @@
   ``throughput.csv``. Then the largest batch under ``budget_mib``: memory is linear in the batch
   (PAPERS.md), so a least-squares line per (family, ρ) through the memory grid gives
   B_max = ⌊(budget − intercept) / slope⌋ -> ``max_batch.csv`` (basis: saved bytes on CPU, the CUDA
-  peak on GPU).
+  peak on GPU; ``memory_from`` reuses a memory.csv instead of measuring again). The 1-minute load
+  average is recorded with the timings (``load_avg_1m``): on a shared machine it says how noisy
+  they are.
 
 Family "exact" has ratio 1.0. The ``cpu`` preset is the grid run for the committed results; the
 ``gpu`` preset is paper 1's scale (RoBERTa-base on GLUE CoLA; needs ``--data-dir`` with GLUE files
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -64,6 +67,7 @@ class StudyConfig:
     repeats: int = 5                             # throughput
     warmup_steps: int = 1                        # throughput, per configuration
     budget_mib: float = 256.0                    # max-batch fit
+    memory_from: str | None = None               # max-batch fit from this memory.csv
     device: str = "auto"
     out: str = "results/study"
     num_threads: int = 2
@@ -295,12 +299,22 @@ def throughput(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         torch.manual_seed(0)
         times = _time_steps(config, device)
     table = _throughput_table(config, times, device)
-    fit = max_batch(memory(config, write=False), config.budget_mib)
+    table["load_avg_1m"] = _load_average()
+    mem = pd.read_csv(config.memory_from) if config.memory_from else memory(config, write=False)
+    fit = max_batch(mem, config.budget_mib)
     folder = Path(config.out) / "throughput"
     write_config(config, "throughput", folder)
     vio.atomic_write_csv(folder / "throughput.csv", table)
     vio.atomic_write_csv(folder / "max_batch.csv", fit)
     return table, fit
+
+
+def _load_average() -> float:
+    """1-minute load average at the end of timing (NaN where unsupported): context for noise."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return math.nan
 
 
 def _time_steps(config: StudyConfig, device: str) -> dict[tuple[str, float], list[float]]:
@@ -387,7 +401,8 @@ def _tuple(kind):
     return convert
 
 
-_CONVERTERS = {"families": _tuple(str), "ratios": _tuple(float), "seeds": _tuple(int),
+_CONVERTERS = {"memory_from": finetune._optional(str), "families": _tuple(str),
+               "ratios": _tuple(float), "seeds": _tuple(int),
                "batch_sizes": _tuple(int), **finetune._CONVERTERS,
                "resume": finetune._flag}
 
