@@ -238,3 +238,80 @@ def test_bench_checkpoint_resume_skips_finished_rows(tmp_path, monkeypatch):
         [(n, s) for n in cfg.ns for s in cfg.strategies]
     meta = json.loads((out / "config.json").read_text())
     assert meta["config"]["seed"] == 0 and not (out / "parts").exists()
+
+
+def test_bench_measure_resume_keeps_finished_rounds(tmp_path, monkeypatch):
+    from varstudy import bench, bench_measure as BM
+
+    argv = ["measure", "--model", "tiny-bert", "--dataset", "synthetic", "--max-length", "16",
+            "--batch-size", "4", "--repeats", "2", "--naive-draws", "4", "--seed", "3",
+            "--out", str(tmp_path)]
+    real, rounds = BM.naive_draws, []
+
+    def dying(model, batch, weights, exact, cfg, first, count):
+        rounds.append(first)
+        if len(rounds) == 3:  # warm-up, round 1, then round 2 dies
+            raise KeyboardInterrupt
+        return real(model, batch, weights, exact, cfg, first, count)
+
+    monkeypatch.setattr(BM, "naive_draws", dying)
+    assert bench.main(argv) == 130
+    assert set(pd.read_csv(tmp_path / "measure.parts.csv")["round"]) == {1}
+    rounds.clear()
+    monkeypatch.setattr(BM, "naive_draws", lambda *a: rounds.append(a[-2]) or real(*a))
+    assert bench.main(argv + ["--resume"]) == 0
+    assert rounds == [0, 4]  # the warm-up again, then only round 2 (draws 4..5)
+    assert json.loads((tmp_path / "measure.json").read_text())["config"]["seed"] == 3
+    assert not (tmp_path / "measure.parts.csv").exists()
+
+
+# Determinism (issue 7, item 3) ---------------------------------------------------------------
+
+
+def test_finetune_same_seed_same_tables_other_seed_differs(tmp_path):
+    from varstudy import finetune
+
+    runs = [finetune.train(_finetune_cfg(tmp_path / f"r{i}", seed=seed, max_steps=3,
+                                         checkpoint_every=None))
+            for i, seed in enumerate((4, 4, 5))]
+    cols = ["step", "loss", "lr"]
+    pd.testing.assert_frame_equal(runs[0].steps[cols], runs[1].steps[cols], check_exact=True)
+    pd.testing.assert_frame_equal(runs[0].evals, runs[1].evals, check_exact=True)
+    assert not runs[0].steps.loss.equals(runs[2].steps.loss)
+    folder = tmp_path / "r0" / finetune.run_name(_finetune_cfg(tmp_path, seed=4))
+    assert json.loads((folder / "config.json").read_text())["seed"] == 4
+
+
+def test_different_seeds_give_different_sketches_same_seed_the_same():
+    import torch
+
+    from varstudy.layers import randomize
+
+    def weight_grad(seed):
+        torch.manual_seed(0)  # same weights and data; only the sketch seed varies
+        model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+        x = torch.randn(32, 8)
+        randomize(model, 0.25, "gaussian", seed=seed)
+        model(x).square().sum().backward()
+        return model[0].weight.grad
+
+    assert torch.equal(weight_grad(1), weight_grad(1))
+    assert not torch.allclose(weight_grad(1), weight_grad(2))
+    cfg = M.MeasureConfig()
+    assert not torch.equal(M.batch_indices(400, cfg, 0, 0),
+                           M.batch_indices(400, M.MeasureConfig(seed=1), 0, 0))
+
+
+def test_every_command_records_its_seeds(tmp_path):
+    from varstudy import study
+
+    assert M.main(["--model", "tiny-bert", "--dataset", "synthetic", "--batch-size", "4",
+                   "--max-length", "16", "--num-batches", "1", "--families", "rows",
+                   "--ratios", "0.5", "--mc-draws", "0", "--no-progress", "--seed", "7",
+                   "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["seed"] == 7
+    assert study.main(["memory", "--model", "tiny-bert", "--task", "synthetic", "--families",
+                       "rows", "--ratios", "0.5", "--batch-sizes", "2", "--max-length", "16",
+                       "--seeds", "3,4", "--progress", "false", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "memory" / "config.json").read_text())["seeds"] == [3, 4]
+    # finetune: test_finetune_same_seed...; bench layers/checkpoint/measure: the resume tests.
