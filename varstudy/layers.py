@@ -17,7 +17,8 @@ converted with the same base seed reproduces its gradients exactly. ``reseed`` r
 
 NOTE [shared sketches]: layers that read the very same input tensor (Q, K and V of attention) and
 use the same family and k share one stored ``SᵀX`` through a :class:`SketchCache`, so autograd keeps
-ρ·X once instead of 3ρ·X. The cache holds only weak references: it never keeps a tensor alive.
+ρ·X once instead of 3ρ·X. The cache references the input only weakly and drops its entry
+when the input dies.
 
 NOTE [finite check]: ``finite_check()`` (opt-in, off by default) makes every RandomizedLinear
 verify that its input, output and output gradient hold no NaN/Inf and raise a VarstudyError
@@ -79,22 +80,30 @@ def derive_seed(base_seed: int, *keys: int) -> int:
 
 
 class SketchCache:
-    """One-entry cache of the last sketched input, shared by the layers of one model."""
+    """One-entry cache of the last sketched input, shared by the layers of one model.
+
+    The entry holds the sketch strongly but the input only weakly, and is dropped as soon as
+    the input tensor dies, so the cache never outlives the forward pass that filled it.
+    """
 
     def __init__(self) -> None:
         self._entry: tuple | None = None
 
     def get(self, x: Tensor, sketch: Sketch, k: int):
-        if self._entry is None:
+        entry = self._entry
+        if entry is None:
             return None
-        x_ref, version, name, kk, sx_ref, seed, state = self._entry
-        sx = sx_ref()
-        if x_ref() is x and version == x._version and name == sketch.name and kk == k and sx is not None:
+        x_ref, version, name, kk, sx, seed, state = entry
+        if x_ref() is x and version == x._version and name == sketch.name and kk == k:
             return sx, seed, state
         return None
 
     def put(self, x: Tensor, sketch: Sketch, k: int, sx: Tensor, seed: int, state) -> None:
-        self._entry = (weakref.ref(x), x._version, sketch.name, k, weakref.ref(sx), seed, state)
+        def drop(ref) -> None:
+            if self._entry is not None and self._entry[0] is ref:
+                self._entry = None
+
+        self._entry = (weakref.ref(x, drop), x._version, sketch.name, k, sx, seed, state)
 
 
 class _SketchedLinearFn(torch.autograd.Function):

@@ -102,7 +102,10 @@ def saved_bytes(fn, *args, model: nn.Module | None = None, include_params: bool 
                 report.storages[key] = nbytes
                 report.by_module[owner] += nbytes
                 report.total += nbytes
-            return t
+            # NOTE [no cycles]: returning ``t`` itself would keep a saved *output* alive together
+            # with its grad_fn (a reference cycle through C++ that gc cannot break: every call
+            # leaked the whole graph). A detached alias shares the storage and holds no graph.
+            return t.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             result = fn(*args, **kwargs)
