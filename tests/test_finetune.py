@@ -136,6 +136,15 @@ def test_cli_bad_values_one_line_exit_2(capsys, argv, needle):
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_cli_none_clears_a_default(tmp_path, monkeypatch):
+    """"--out none" means "write nothing", not "use the default folder"."""
+    monkeypatch.chdir(tmp_path)
+    assert finetune.main(["--model", "tiny-bert", "--task", "synthetic", "--batch-size", "4",
+                          "--max-length", "16", "--max-steps", "1", "--out", "none",
+                          "--progress", "false"]) == 0
+    assert not (tmp_path / "results").exists()
+
+
 def test_cli_debug_raises():
     with pytest.raises(VarstudyError):
         finetune.main(["--sketch", "fourier", "--debug"])

@@ -525,17 +525,20 @@ def parser() -> argparse.ArgumentParser:
     for f in fields(FinetuneConfig):
         opt = "--" + f.name.replace("_", "-")
         if f.name == "betas":
-            p.add_argument(opt, type=float, nargs=2, metavar=("B1", "B2"), default=None)
+            p.add_argument(opt, type=float, nargs=2, metavar=("B1", "B2"),
+                           default=argparse.SUPPRESS)
             continue
         kind = _CONVERTERS.get(f.name, type(f.default))
-        p.add_argument(opt, type=kind, default=None, help=f"default {f.default!r}")
+        # SUPPRESS: an absent option is missing from the namespace, so "--out none" (None) is
+        # told apart from "not given" (the preset's value).
+        p.add_argument(opt, type=kind, default=argparse.SUPPRESS, help=f"default {f.default!r}")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """A preset plus the options that were given; --epochs alone clears max_steps."""
     given = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)
-             if getattr(args, f.name) is not None}
+             if hasattr(args, f.name)}
     if "betas" in given:
         given["betas"] = tuple(given["betas"])
     if "epochs" in given and "max_steps" not in given:

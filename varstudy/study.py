@@ -414,7 +414,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     for f in fields(StudyConfig):
         kind = _CONVERTERS.get(f.name, type(f.default))
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                        help=f"default {f.default!r}")
     return p
 
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(stop.code or 0)
     try:
         given = {f.name: getattr(args, f.name) for f in fields(StudyConfig)
-                 if getattr(args, f.name) is not None}
+                 if hasattr(args, f.name)}
         if "epochs" in given and "max_steps" not in given:
             given["max_steps"] = None
         config = preset(args.preset, args.study, **given)
