@@ -168,3 +168,26 @@ def test_cuda_matches_on_device(family):
     assert torch.equal(rl(x), lin(x))
     rl(x).sum().backward()
     assert rl.weight.grad.device.type == "cuda"
+
+
+@pytest.mark.parametrize("family", ["gaussian", "rademacher"])
+def test_dense_matrix_drawn_once_per_shared_input_and_released(family, monkeypatch):
+    """Q, K, V read one input: one draw in forward, one in backward, none kept afterwards."""
+    sketch = SKETCHES[family]
+    draws = []
+    original = sketch.draw
+    monkeypatch.setattr(sketch, "draw", lambda *a, **kw: draws.append(a[:2]) or original(*a, **kw))
+
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.key, self.value = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4)
+
+        def forward(self, x):
+            return (self.query(x) * self.key(x) + self.value(x)).sum()
+
+    model = QKV()
+    randomize(model, ratio=0.5, sketch=family)
+    model(torch.randn(3, 8, 6)).backward()
+    assert draws == [(24, 12), (24, 12)] and sketch._last is None
+    assert all(m.weight.grad is not None for m in model.children())

@@ -125,7 +125,8 @@ class _SketchedLinearFn(torch.autograd.Function):
             gx = grad_out @ weight
         flat = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
-            sy = ctx.sketch.apply(flat, ctx.k, ctx.seed, tuple(state))
+            sy = ctx.sketch.apply_in_backward(flat, ctx.k, ctx.seed, tuple(state))
+            torch.autograd.Variable._execution_engine.queue_callback(ctx.sketch.release)
             gw = (sy.T @ sx).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             gb = flat.sum(0)

@@ -88,6 +88,13 @@ class Sketch:
         """Closed-form E‖Ĝ − G‖²_F for X (n, d_in), Y (n, d_out) and k rows; float64 scalar."""
         raise NotImplementedError
 
+    def apply_in_backward(self, a: Tensor, k: int, seed: int, state: State) -> Tensor:
+        """``apply`` as called from a layer's backward (may reuse work within one pass)."""
+        return self.apply(a, k, seed, state)
+
+    def release(self) -> None:
+        """Drop anything kept by ``apply_in_backward`` (called when a backward pass ends)."""
+
     def estimate(self, x: Tensor, y: Tensor, k: int, seed: int) -> Tensor:
         """One draw of Ĝ = (SᵀY)ᵀ(SᵀX), shape (d_out, d_in): what the layer's backward returns."""
         sx, state = self.sketch(x, k, seed)
@@ -97,26 +104,58 @@ class Sketch:
         return f"{type(self).__name__}()"
 
 
-class Gaussian(Sketch):
-    name, dense = "gaussian", True
+class _Dense(Sketch):
+    """Families with a dense n × k matrix S = M / √k, M drawn entrywise from the seed.
+
+    NOTE [reuse in backward]: Q, K and V share one seed, so their backward passes ask for the
+    same M one after another. ``apply_in_backward`` keeps the last M (one entry) and reuses it
+    for the same (seed, n, k, device, dtype); ``release`` drops it, and RandomizedLinear queues a
+    release at the end of every backward pass, so no matrix outlives the pass.
+    """
+
+    dense = True
+
+    def __init__(self) -> None:
+        self._last = None
+
+    def draw(self, n: int, k: int, gen: torch.Generator, device) -> Tensor:
+        raise NotImplementedError
+
+    def _matrix(self, a: Tensor, k: int, seed: int) -> Tensor:
+        gen = generator(seed, a.device)
+        return self.draw(a.shape[0], k, gen, a.device).to(a.dtype)
 
     def apply(self, a, k, seed, state):
-        s = torch.randn(a.shape[0], k, generator=generator(seed, a.device), device=a.device)
-        return (s.to(a.dtype) * (1.0 / math.sqrt(k))).T @ a
+        return (self._matrix(a, k, seed).T @ a) * (1.0 / math.sqrt(k))
+
+    def apply_in_backward(self, a, k, seed, state):
+        key = (seed, a.shape[0], k, a.device, a.dtype)
+        last = self._last
+        if last is None or last[0] != key:
+            last = self._last = (key, self._matrix(a, k, seed))
+        return (last[1].T @ a) * (1.0 / math.sqrt(k))
+
+    def release(self) -> None:
+        self._last = None
+
+
+class Gaussian(_Dense):
+    name = "gaussian"
+
+    def draw(self, n, k, gen, device):
+        return torch.randn(n, k, generator=gen, device=device)
 
     def variance(self, x, y, k):
         s, a, _ = moments(x, y)
         return (s + a) / k
 
 
-class Rademacher(Sketch):
-    name, dense = "rademacher", True
+class Rademacher(_Dense):
+    name = "rademacher"
 
-    def apply(self, a, k, seed, state):
-        bits = torch.randint(0, 2, (a.shape[0], k), generator=generator(seed, a.device),
-                             device=a.device)
-        s = (bits.to(a.dtype) * 2 - 1) * (1.0 / math.sqrt(k))
-        return s.T @ a
+    def draw(self, n, k, gen, device):
+        bits = torch.randint(0, 2, (n, k), generator=gen, device=device, dtype=torch.int8)
+        return bits * 2 - 1
 
     def variance(self, x, y, k):
         s, a, p = moments(x, y)
