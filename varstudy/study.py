@@ -166,6 +166,10 @@ def accuracy(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         tables["evals"].append(result.evals.assign(**tag))
         runs = _save_accuracy(tables, folder)
     runs = pd.concat(tables["runs"], ignore_index=True)
+    # A resumed study may have added ratios or families: record what the tables hold.
+    write_config(config, "accuracy", folder, in_tables=sorted(
+        {(f, float(r)) for f, r in zip(runs.family, runs.ratio)}), seeds_in_tables=sorted(
+        {int(s) for s in runs.seed}))
     return runs, summarize(runs)
 
 
