@@ -41,7 +41,7 @@ from varstudy import cli
 from varstudy import io as vio
 from varstudy.layers import RandomizedLinear, derandomize, randomize
 from varstudy.memory import saved_bytes
-from varstudy.models import load_model
+from varstudy.models import load_model, resolve_device
 from varstudy.sketches import SKETCHES, rows_for
 
 
@@ -61,9 +61,7 @@ class LayerBenchConfig:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(resolve_device(name))
 
 
 def _sync(device: torch.device) -> None:

@@ -54,6 +54,7 @@ from torch import nn
 
 from varstudy import cli
 from varstudy import distributed as dist
+from varstudy import models
 from varstudy import io as vio
 from varstudy.errors import VarstudyError
 from varstudy.sketches import SKETCHES
@@ -124,8 +125,7 @@ def check(config: FinetuneConfig) -> None:
         raise VarstudyError(f"ratio must be in (0, 1], got {config.ratio!r}")
     if config.device not in DEVICES:
         raise VarstudyError(f"unknown device {config.device!r}; valid choices: {', '.join(DEVICES)}")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise VarstudyError("device 'cuda' requested but CUDA is not available; valid: auto, cpu")
+    models.resolve_device(config.device)  # raises when CUDA is requested but absent
     if config.dtype not in DTYPES:
         raise VarstudyError(f"unknown dtype {config.dtype!r}; valid choices: {', '.join(DTYPES)}")
     if config.max_steps is None and config.epochs is None:
@@ -155,8 +155,7 @@ def run_name(config: FinetuneConfig) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", raw)
 
 
-def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+resolve_device = models.resolve_device
 
 
 # --------------------------------------------------------------------------------------------

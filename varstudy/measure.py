@@ -75,7 +75,7 @@ from varstudy.capture import capture, mean_loss, select_layers
 from varstudy.data import DATASETS, encode, load_dataset
 from varstudy.errors import VarstudyError
 from varstudy.layers import derandomize, derive_seed, randomize
-from varstudy.models import layer_index, layer_kind, load_model
+from varstudy.models import layer_index, layer_kind, load_model, resolve_device
 from varstudy.sketches import SKETCHES, get_sketch, rows_for
 
 LAYER_COLUMNS = (
@@ -165,10 +165,7 @@ class MeasureConfig:
 
     def resolved(self) -> "MeasureConfig":
         """Device resolved ("auto" -> cuda when present), measure_at made explicit and sorted."""
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" \
-            else self.device
-        _check(not device.startswith("cuda") or torch.cuda.is_available(),
-               f"device {device!r} requested but CUDA is not available; valid choices: auto, cpu")
+        device = resolve_device(self.device)
         steps = self.measure_at or ((0,) if self.train_steps == 0 else (0, self.train_steps))
         return replace(self, device=device, measure_at=tuple(sorted(set(steps))))
 

@@ -64,6 +64,16 @@ class ModelSpec:
 # --------------------------------------------------------------------------------------------
 
 
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when a GPU is present, else "cpu"; an absent CUDA device is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VarstudyError(f"device {device!r} requested but CUDA is not available; "
+                            "valid choices: auto, cpu")
+    return device
+
+
 def minilm_path() -> Path:
     """Directory of the shipped all-MiniLM-L6-v2 (config, safetensors weights, tokenizer)."""
     try:
