@@ -115,7 +115,7 @@ def build_variance_ratio_over_training(layers: pd.DataFrame, summary: pd.DataFra
     plots.plot_paper_ratio(paper, ax=ax[0, 0], family=family,
                            title=f"as in the paper: {family}, one batch per step")
     plots.plot_ratio_over_training(view, ax=ax[0, 1],
-                                   title=f"corrected: per-example sampling, mean ± 95% CI")
+                                   title="corrected: per-example sampling, mean ± 95% CI")
     fig.suptitle(f"Variance ratio over training, layer {label}, ρ = {100 * ratio:g}%")
     return fig
 

@@ -6,7 +6,6 @@ draws, and figures written to a temporary folder instead of figures/.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nbformat

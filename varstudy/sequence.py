@@ -41,7 +41,7 @@ from torch import nn
 
 from varstudy import schedules as sch
 from varstudy.errors import VarstudyError
-from varstudy.storage import FastTier, MemoryMeter, make_tier, state_bytes
+from varstudy.storage import FastTier, MemoryMeter, make_tier
 
 
 @dataclass(frozen=True)
