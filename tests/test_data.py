@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from varstudy.data import (
-    SPLITS, encode, list_datasets, load_dataset, minibatches, sequential_batches,
+    SPLITS, available_splits, encode, list_datasets, load_dataset, minibatches, pad_batches,
+    sequential_batches, trim_padding,
 )
 from varstudy.errors import VarstudyError
 
@@ -166,6 +167,60 @@ def test_encode_pads_to_fixed_length(tokenizer, glue_dir):
     assert pairs["labels"].dtype == torch.float32 and pairs["token_type_ids"].max() == 1
     with pytest.raises(VarstudyError, match="valid: 3 <= max_length <= 512"):
         encode(load_dataset("synthetic"), tokenizer, 0)
+
+
+# --- dynamic padding -------------------------------------------------------------------------
+
+def test_trim_padding_keeps_every_real_token_and_cuts_the_rest(tokenizer):
+    enc = encode(load_dataset("rotten_tomatoes", "validation"), tokenizer, 64)
+    batch = {k: v[:16] for k, v in enc.items()}
+    trimmed = trim_padding(batch)
+    lengths = batch["attention_mask"].sum(1)
+    width = int(lengths.max())
+    assert width < 64  # the fixed length is mostly padding for these sentences
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert trimmed[key].shape == (16, width)
+        assert torch.equal(trimmed[key], batch[key][:, :width])
+    assert torch.equal(trimmed["attention_mask"].sum(1), lengths)  # no real token lost
+    assert not batch["attention_mask"][:, width:].any()            # only padding cut
+    assert torch.equal(trimmed["labels"], batch["labels"])
+
+
+def test_dynamic_batches_vary_in_n_and_match_the_fixed_forward(tokenizer):
+    from varstudy.models import load_model
+
+    enc = encode(load_dataset("synthetic"), tokenizer, 40)
+    fixed = list(minibatches(enc, 8, generator=torch.Generator().manual_seed(0), num_batches=6))
+    dynamic = list(pad_batches(iter(fixed), "dynamic"))
+    widths = {b["input_ids"].shape[1] for b in dynamic}
+    assert len(widths) > 1 and max(widths) < 40  # n = B·L_b changes from batch to batch
+    model, _ = load_model("tiny-bert", dropout=False, seed=0)
+    model.eval()
+    seen = []
+    hook = model.bert.encoder.layer[0].intermediate.dense.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    with torch.no_grad():
+        for full, cut in zip(fixed, dynamic):
+            torch.testing.assert_close(model(**cut).logits, model(**full).logits,
+                                       rtol=1e-5, atol=1e-5)
+    hook.remove()
+    assert seen[1::2] == [8 * 40] * 6
+    assert seen[0::2] == [8 * b["input_ids"].shape[1] for b in dynamic]
+    assert list(pad_batches(iter(fixed), "fixed")) == fixed
+
+
+def test_dynamic_padding_refuses_left_padding_and_unknown_modes():
+    batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.zeros(2),
+             "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])}
+    with pytest.raises(VarstudyError, match="right-padded"):
+        trim_padding(batch)
+    with pytest.raises(VarstudyError, match="valid choices: fixed, dynamic"):
+        pad_batches(iter([batch]), "bucket")
+
+
+def test_available_splits():
+    assert available_splits("rotten_tomatoes") == SPLITS
+    assert "test" not in available_splits("glue:cola")
 
 
 def _indexed(n):

@@ -148,3 +148,29 @@ def test_cli_none_clears_a_default(tmp_path, monkeypatch):
 def test_cli_debug_raises():
     with pytest.raises(VarstudyError):
         finetune.main(["--sketch", "fourier", "--debug"])
+
+
+def test_test_split_is_scored_at_each_new_best_validation_step():
+    config = FinetuneConfig(task="synthetic", padding="dynamic", eval_examples=40,
+                            **{**TINY, "max_steps": 6, "eval_every": 1, "lr": 1e-3})
+    result = finetune.train(replace_out(config))
+    evals = result.evals
+    val = evals[evals.metric == "accuracy"].set_index("step").value
+    tested = set(evals[evals.metric == "test_accuracy"].step)
+    new_best = {s for s, v in val.items() if v > max(val[val.index < s], default=-1)}
+    assert tested == new_best
+    row = result.run.iloc[0]
+    best = evals[(evals.metric == "test_accuracy") & (evals.step == row.best_step)]
+    assert row.test_at_best == best.value.iloc[0] and row.n_test == 40
+    assert row.padding == "dynamic"
+
+
+def test_no_test_split_no_test_scores():
+    config = FinetuneConfig(task="synthetic", test=False, eval_examples=20, **TINY)
+    row = finetune.train(replace_out(config)).run.iloc[0]
+    assert math.isnan(row.test_at_best) and row.n_test == 0
+
+
+def replace_out(config):
+    from dataclasses import replace
+    return replace(config, out=None)

@@ -27,8 +27,11 @@ def test_accuracy_one_row_per_config_and_seed(tmp_path):
     assert {"mean", "std", "final_mean", "saved_mib"} <= set(summary.columns)
     folder = tmp_path / "accuracy"
     on_disk = pd.read_csv(folder / "runs.csv")
-    assert len(on_disk) == 6 and list(on_disk.columns[:5]) == study.KEYS + ["seed"]
-    assert set(pd.read_csv(folder / "evals.csv").metric) == {"accuracy", "eval_loss"}
+    assert len(on_disk) == 6 and list(on_disk.columns[:6]) == study.KEYS + ["scope", "seed"]
+    assert set(on_disk.scope) == {"none", "all"}
+    metrics = set(pd.read_csv(folder / "evals.csv").metric)
+    assert {"accuracy", "eval_loss", "test_accuracy", "test_eval_loss"} == metrics
+    assert on_disk.test_at_best.between(0, 1).all()
     saved = json.loads((folder / "config.json").read_text())
     assert saved["study"] == "accuracy" and saved["families"] == ["gaussian", "rows"]
     assert saved["max_steps"] == 2 and saved["seeds"] == [0, 1]
@@ -106,3 +109,20 @@ def test_cli_bad_values(capsys, argv, needle):
     assert study.main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+def test_accuracy_scopes_convert_all_or_encoder_only(tmp_path):
+    config = StudyConfig(out=str(tmp_path), **{**TINY, "seeds": (0,), "families": ("rows",),
+                                               "scopes": ("all", "encoder"),
+                                               "padding": "dynamic"})
+    runs, summary = study.accuracy(config)
+    got = dict(zip(runs.scope, runs.n_converted))
+    # tiny-bert: 2 layers x 6 encoder linears, plus the pooler and the classifier
+    assert got == {"none": 0, "all": 14, "encoder": 12}
+    assert set(summary.scope) == {"none", "all", "encoder"}
+    assert (runs.padding == "dynamic").all()
+
+
+def test_accuracy_rejects_an_unknown_scope(tmp_path):
+    with pytest.raises(study.VarstudyError, match="unknown scope.*valid choices: all, encoder"):
+        study.check(StudyConfig(out=str(tmp_path), **{**TINY, "scopes": ("head",)}))

@@ -21,7 +21,9 @@ Names (see :func:`list_datasets`):
 
 Batching (:func:`encode`, :func:`minibatches`): every sequence is padded to the same
 ``max_length`` L, so a minibatch of B examples has n = B·L token rows, constant across batches.
-The sketch acts on all n rows, padding included, unless the caller passes the attention mask.
+With dynamic padding (:func:`trim_padding`, ``padding="dynamic"`` in the commands) each
+minibatch is cut after its longest real sequence L_b, so n = B·L_b varies per minibatch. The
+sketch acts on all n rows of the minibatch it is given, padding included.
 """
 
 from __future__ import annotations
@@ -415,6 +417,43 @@ def minibatches(
             idx = order[start:start + batch_size]
             yield {k: v[idx] for k, v in encoded.items()}
             produced += 1
+
+
+PADDINGS = ("fixed", "dynamic")
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dynamic padding: cut a right-padded minibatch after its longest real sequence.
+
+    Every (B, L) tensor keeps its first L_b = max_i Σ_t mask_it columns, so the sketch of a
+    randomized layer sees this minibatch's n = B·L_b rows instead of B·max_length; ``labels``
+    and other tensors pass unchanged. Call it on the host, before moving the batch to a device
+    (reading L_b is a host sync otherwise). The result equals the fixed-length forward up to
+    rounding, because attention masks the columns that are cut.
+    """
+    mask = batch["attention_mask"]
+    if mask.shape[1] > 1 and bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise VarstudyError("dynamic padding needs right-padded sequences (real tokens first); "
+                            "valid choices: a tokenizer with padding_side='right', or "
+                            "--padding fixed")
+    length = max(int(mask.sum(1).max()), 1)
+    width = mask.shape[1]
+    return {k: v[:, :length] if v.ndim == 2 and v.shape[1] == width and k != "labels" else v
+            for k, v in batch.items()}
+
+
+def pad_batches(batches: Iterator[dict[str, torch.Tensor]], padding: str):
+    """``batches`` unchanged (``"fixed"``) or each trimmed by :func:`trim_padding` (``"dynamic"``)."""
+    if padding not in PADDINGS:
+        raise VarstudyError(f"unknown padding {padding!r}; valid choices: {', '.join(PADDINGS)}")
+    return batches if padding == "fixed" else (trim_padding(b) for b in batches)
+
+
+def available_splits(name: str) -> tuple[str, ...]:
+    """Splits of dataset ``name`` that :func:`load_dataset` can load (GLUE: no test labels)."""
+    if name.startswith("glue:") and name[5:] in GLUE_TASKS:
+        return tuple(s for s, _ in GLUE_TASKS[name[5:]].files)
+    return SPLITS
 
 
 def sequential_batches(

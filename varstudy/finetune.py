@@ -79,6 +79,7 @@ class FinetuneConfig:
     seed: int = 0
     batch_size: int = 32
     max_length: int = 64
+    padding: str = "fixed"            # fixed: every batch max_length; dynamic: its longest
     lr: float = 1e-4
     epochs: float | None = None       # used when max_steps is None
     max_steps: int | None = 200       # wins over epochs when set
@@ -87,7 +88,8 @@ class FinetuneConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     eval_every: int | None = 50       # steps between evaluations; None: once per epoch
-    eval_examples: int | None = None  # first N validation examples; None: all
+    eval_examples: int | None = None  # first N validation (and test) examples; None: all
+    test: bool = True                 # also evaluate the test split, where it has labels
     device: str = "auto"              # auto: cuda when available
     dtype: str = "float32"
     dropout: bool = True
@@ -127,6 +129,10 @@ def check(config: FinetuneConfig) -> None:
     models.resolve_device(config.device)  # raises when CUDA is requested but absent
     if config.dtype not in DTYPES:
         raise VarstudyError(f"unknown dtype {config.dtype!r}; valid choices: {', '.join(DTYPES)}")
+    from varstudy.data import PADDINGS
+    if config.padding not in PADDINGS:
+        raise VarstudyError(f"unknown padding {config.padding!r}; valid choices: "
+                            f"{', '.join(PADDINGS)}")
     if config.max_steps is None and config.epochs is None:
         raise VarstudyError("no training budget: set max_steps or epochs")
     positive = dict(batch_size=config.batch_size, max_length=config.max_length,
@@ -169,6 +175,7 @@ class Setup:
     model: nn.Module
     train: dict
     valid: dict
+    test: dict | None
     task: str
     metrics: tuple[str, ...]
     converted: list[str]
@@ -184,15 +191,19 @@ def build(config: FinetuneConfig, ctx: dist.Context = dist.Context(),
     Under torchrun each rank trains on its own shard (examples rank::world) and draws its own
     sketches (seed derived from the run's seed and the rank); one process keeps ``seed``.
     """
-    from varstudy.data import encode, load_dataset
+    from varstudy.data import available_splits, encode, load_dataset
     from varstudy.layers import derive_seed, randomize
     from varstudy.models import load_model
 
     device = device or resolve_device(config.device)
     train_ds = load_dataset(config.task, "train", seed=config.seed, data_dir=config.data_dir)
     valid_ds = load_dataset(config.task, "validation", seed=config.seed, data_dir=config.data_dir)
+    test_ds = None
+    if config.test and "test" in available_splits(config.task):
+        test_ds = load_dataset(config.task, "test", seed=config.seed, data_dir=config.data_dir)
     if config.eval_examples is not None:
         valid_ds = valid_ds.subset(slice(0, config.eval_examples))
+        test_ds = test_ds and test_ds.subset(slice(0, config.eval_examples))
     model, tokenizer = load_model(config.model, num_labels=train_ds.num_labels,
                                   dropout=config.dropout, seed=config.seed,
                                   dtype=DTYPES[config.dtype], device=device)
@@ -212,8 +223,12 @@ def build(config: FinetuneConfig, ctx: dist.Context = dist.Context(),
                                 f"examples of one rank's shard; valid: <= {len(train_ds)}")
     per_epoch = len(train_ds) // config.batch_size
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
-    return Setup(model, encode(train_ds, tokenizer, config.max_length),
-                 encode(valid_ds, tokenizer, config.max_length), config.task,
+    def held_out(ds):  # evaluation order does not change any metric; by length, padding is cheap
+        enc = encode(ds, tokenizer, config.max_length)
+        return by_length(enc) if config.padding == "dynamic" else enc
+
+    return Setup(model, encode(train_ds, tokenizer, config.max_length), held_out(valid_ds),
+                 test_ds and held_out(test_ds), config.task,
                  train_ds.metrics, converted, total, per_epoch, device)
 
 
@@ -237,21 +252,27 @@ def make_optimizer(model: nn.Module, config: FinetuneConfig, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def by_length(encoded: dict) -> dict:
+    """The examples of ``encoded`` sorted by real length (stable), for cheap padded evaluation."""
+    order = torch.argsort(encoded["attention_mask"].sum(1), stable=True)
+    return {k: v[order] for k, v in encoded.items()}
+
+
 def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, encoded: dict, task: str, device: str,
-             batch_size: int = 64) -> dict[str, float]:
+             batch_size: int = 64, padding: str = "fixed") -> dict[str, float]:
     """The task's metrics (GLUE definitions) and the mean loss on ``encoded``; restores train mode."""
-    from varstudy.data import sequential_batches
+    from varstudy.data import pad_batches, sequential_batches
     from varstudy.metrics import compute_metrics
 
     was_training = model.training
     model.eval()
     logits, losses = [], []
-    for batch in sequential_batches(encoded, batch_size):
+    for batch in pad_batches(sequential_batches(encoded, batch_size), padding):
         out = model(**to_device(batch, device))
         logits.append(out.logits.float().cpu())
         losses.append(float(out.loss) * len(batch["labels"]))
@@ -326,7 +347,7 @@ def _loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context
           folder: Path | None = None):
     from tqdm.auto import tqdm
 
-    from varstudy.data import minibatches
+    from varstudy.data import minibatches, pad_batches
     from varstudy.memory import saved_bytes
 
     device = setup.device
@@ -334,8 +355,8 @@ def _loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context
     optimizer, scheduler = make_optimizer(model, config, setup.total_steps)
     every = config.eval_every or setup.steps_per_epoch
     gen = torch.Generator().manual_seed(config.seed)
-    batches = minibatches(setup.train, config.batch_size, generator=gen,
-                          num_batches=setup.total_steps)
+    batches = pad_batches(minibatches(setup.train, config.batch_size, generator=gen,
+                                      num_batches=setup.total_steps), config.padding)
     steps, evals, memory, elapsed = [], [], None, 0.0
     if config.resume and folder is not None:
         steps, evals, memory, elapsed = _restore(folder, config, setup, optimizer, scheduler)
@@ -365,15 +386,28 @@ def _loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if step % every == 0 or step == setup.total_steps:
-            evals += [(step, k, v) for k, v in
-                      evaluate(setup.model, setup.valid, setup.task, device,
-                               max(64, 2 * config.batch_size)).items()]
+            evals += _evaluations(setup, config, step, evals)
         if folder is not None and ctx.is_main and step % save_every == 0 \
                 and step < setup.total_steps:
             _checkpoint(folder, config, setup, optimizer, scheduler, steps, evals, memory,
                         elapsed)
     bar.close()
     return steps, evals, memory
+
+
+def _evaluations(setup: Setup, config: FinetuneConfig, step: int, evals: list) -> list[tuple]:
+    """(step, metric, value) rows of the validation split; when the primary validation metric
+    reaches a new best (the step whose test score the run reports), also of the test split
+    (metric names prefixed ``test_``)."""
+    size = max(64, 2 * config.batch_size)
+    values = evaluate(setup.model, setup.valid, setup.task, setup.device, size, config.padding)
+    rows = [(step, k, v) for k, v in values.items()]
+    metric = setup.metrics[0]
+    best = max((v for _, k, v in evals if k == metric), default=-math.inf)
+    if setup.test is not None and values[metric] > best:
+        rows += [(step, f"test_{k}", v) for k, v in evaluate(
+            setup.model, setup.test, setup.task, setup.device, size, config.padding).items()]
+    return rows
 
 
 def _non_finite(model: nn.Module, step: int, loss: float) -> str:
@@ -457,12 +491,15 @@ def _tables(config: FinetuneConfig, setup: Setup, steps, evals, memory) -> Finet
                 "total_steps": setup.total_steps, "steps_per_epoch": setup.steps_per_epoch,
                 "warmup_steps": math.ceil(config.warmup * setup.total_steps),
                 "n_train": len(setup.train["labels"]), "n_eval": len(setup.valid["labels"]),
+                "n_test": 0 if setup.test is None else len(setup.test["labels"]),
                 "converted": setup.converted, "torch": torch.__version__}
     train_time = float(steps_df.time_s.iloc[-1])
     row = {k: v for k, v in resolved.items()
            if k not in ("converted", "betas", "progress", "resume", "checkpoint_every")}
+    test = evals_df[(evals_df.metric == f"test_{metric}") & (evals_df.step == best.step)]
     row.update(n_converted=len(setup.converted), metric=metric, best_value=float(best.value),
                best_step=int(best.step), final_value=float(primary.value.iloc[-1]),
+               test_at_best=float(test.value.iloc[0]) if len(test) else float("nan"),
                final_loss=float(steps_df.loss.tail(10).mean()), train_time_s=train_time,
                examples_per_s=len(steps_df) * config.batch_size / train_time,
                saved_mib=memory.total / MIB, saved_linear_mib=memory.for_modules(linear) / MIB,
@@ -510,7 +547,7 @@ _CONVERTERS = {
     "data_dir": _optional(str), "include": _optional(str), "exclude": _optional(str),
     "epochs": _optional(float), "max_steps": _optional(int), "eval_every": _optional(int),
     "eval_examples": _optional(int), "out": _optional(str), "name": _optional(str),
-    "dropout": _flag, "progress": _flag, "resume": _flag,
+    "dropout": _flag, "progress": _flag, "resume": _flag, "test": _flag,
     "checkpoint_every": _optional(int),
 }
 

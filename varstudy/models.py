@@ -375,6 +375,27 @@ def layer_kind(name: str) -> str:
     return "other"
 
 
+HEAD_KINDS = ("pooler", "classifier")
+SCOPES = ("all", "encoder", "head")
+
+
+def layer_scope(name: str) -> str:
+    """"head" for the pooler and classifier linears, "encoder" for every other linear.
+
+    NOTE [scopes]: a model total is dominated by the layers with the largest gradients (in a
+    fine-tuned encoder classifier the pooler and classifier), so results are reported per scope:
+    "encoder", "head" and "all" (ARCHITECTURE.md, conventions).
+    """
+    return "head" if layer_kind(name) in HEAD_KINDS else "encoder"
+
+
+def in_scope(name: str, scope: str) -> bool:
+    """Whether linear module ``name`` belongs to ``scope`` (one of ``SCOPES``)."""
+    if scope not in SCOPES:
+        raise VarstudyError(f"unknown scope {scope!r}; valid choices: {', '.join(SCOPES)}")
+    return scope == "all" or layer_scope(name) == scope
+
+
 _INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
 
 

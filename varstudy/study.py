@@ -55,10 +55,12 @@ class StudyConfig:
     data_dir: str | None = None
     families: tuple[str, ...] = ("gaussian", "rows", "countsketch", "srht", "rows-norm")
     ratios: tuple[float, ...] = (0.5, 0.2, 0.1, 0.05)  # exact (ratio 1) is always included
+    scopes: tuple[str, ...] = ("all",)           # accuracy: "all" linears or "encoder" only
     seeds: tuple[int, ...] = (0, 1, 2)
     batch_size: int = 16                         # accuracy and throughput
     batch_sizes: tuple[int, ...] = (4, 8, 16, 32)  # memory and the max-batch fit
     max_length: int = 64
+    padding: str = "fixed"                       # accuracy: fixed or dynamic (finetune)
     max_steps: int | None = 30                   # accuracy
     epochs: float | None = None                  # accuracy, when max_steps is None
     lr: float = 3e-4                             # accuracy
@@ -108,9 +110,13 @@ def preset(name: str, study: str, **overrides) -> StudyConfig:
 
 def check(config: StudyConfig) -> None:
     bad = [f for f in config.families if f not in SKETCHES]
-    if bad or not config.families:
-        raise VarstudyError(f"unknown famil{'ies' if len(bad) > 1 else 'y'} {bad or '(none)'}; "
+    if bad:
+        raise VarstudyError(f"unknown famil{'ies' if len(bad) > 1 else 'y'} {bad}; "
                             f"valid choices: {', '.join(SKETCHES)}")
+    bad = [s for s in config.scopes if s not in CONVERSION_SCOPES]
+    if bad or not config.scopes:
+        raise VarstudyError(f"unknown scope {bad or '(none)'}; valid choices: "
+                            f"{', '.join(CONVERSION_SCOPES)}")
     if not config.ratios or not all(0 < r <= 1 for r in config.ratios):
         raise VarstudyError(f"ratios must be in (0, 1], got {config.ratios!r}")
     if not config.batch_sizes or min(config.batch_sizes) < 1 or config.batch_size < 1:
@@ -120,15 +126,31 @@ def check(config: StudyConfig) -> None:
     finetune.check(finetune_config(config, "exact", 1.0, config.seeds[0]))
 
 
+# Conversion scopes of the accuracy study: which nn.Linear modules are randomized.
+# "encoder" keeps the pooler and the classifier exact (NOTE [scopes] in varstudy.models).
+CONVERSION_SCOPES = {
+    "all": None,
+    "encoder": r"(^|\.)(pooler\.dense|classifier|pre_classifier|score)(\.|$)",
+}
+
+
 def grid(config: StudyConfig) -> list[tuple[str, float]]:
     """(family, ratio) pairs: exact first, then families × ratios."""
     return [("exact", 1.0)] + [(f, float(r)) for f in config.families for r in config.ratios]
 
 
-def finetune_config(config: StudyConfig, family: str, ratio: float, seed: int):
+def accuracy_grid(config: StudyConfig) -> list[tuple[str, float, str]]:
+    """(family, ratio, scope) triples: exact first (scope "none"), then every scope."""
+    return [("exact", 1.0, "none")] + [(f, r, scope) for scope in config.scopes
+                                       for f, r in grid(config)[1:]]
+
+
+def finetune_config(config: StudyConfig, family: str, ratio: float, seed: int,
+                    scope: str = "all"):
     return finetune.FinetuneConfig(
         model=config.model, task=config.task, data_dir=config.data_dir, sketch=family,
-        ratio=ratio, seed=seed, batch_size=config.batch_size, max_length=config.max_length,
+        ratio=ratio, exclude=CONVERSION_SCOPES.get(scope), seed=seed,
+        batch_size=config.batch_size, max_length=config.max_length, padding=config.padding,
         lr=config.lr, max_steps=config.max_steps, epochs=config.epochs,
         eval_every=config.eval_every, eval_examples=config.eval_examples, device=config.device,
         out=None, num_threads=config.num_threads, progress=False)
@@ -146,21 +168,28 @@ def write_config(config: StudyConfig, study: str, folder: Path, **extra) -> None
 # --------------------------------------------------------------------------------------------
 
 KEYS = ["task", "model", "family", "ratio"]
+RUN_KEYS = ["family", "ratio", "scope", "seed"]  # one accuracy run
 
 
 def accuracy(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Fine-tune every (family, ratio) for every seed; returns (runs, summary)."""
+    """Fine-tune every (family, ratio, scope) for every seed; returns (runs, summary).
+
+    Runs are paired by seed: a seed fixes the new head's initialisation, the minibatch order and
+    the dropout draws (NOTE [randomness] in varstudy.finetune), whatever the configuration.
+    """
     from tqdm.auto import tqdm
 
     folder = Path(config.out) / "accuracy"
     write_config(config, "accuracy", folder)
     tables = _load_partial(folder) if config.resume else {"runs": [], "steps": [], "evals": []}
-    done = {(r.family, r.ratio, r.seed) for r in pd.concat(tables["runs"] or [pd.DataFrame(
-        columns=["family", "ratio", "seed"])]).itertuples()}
-    jobs = [(f, r, s) for s in config.seeds for f, r in grid(config) if (f, r, s) not in done]
-    for family, ratio, seed in tqdm(jobs, desc="accuracy", disable=not config.progress):
-        result = finetune.train(finetune_config(config, family, ratio, seed))
-        tag = dict(task=config.task, model=config.model, family=family, ratio=ratio, seed=seed)
+    done = {tuple(r) for r in pd.concat(tables["runs"] or [pd.DataFrame(
+        columns=RUN_KEYS)])[RUN_KEYS].itertuples(index=False)}
+    jobs = [(f, r, sc, s) for s in config.seeds for f, r, sc in accuracy_grid(config)
+            if (f, r, sc, s) not in done]
+    for family, ratio, scope, seed in tqdm(jobs, desc="accuracy", disable=not config.progress):
+        result = finetune.train(finetune_config(config, family, ratio, seed, scope))
+        tag = dict(task=config.task, model=config.model, family=family, ratio=ratio,
+                   scope=scope, seed=seed)
         tables["runs"].append(result.run.drop(columns=["sketch"]).assign(**tag))
         tables["steps"].append(result.steps.assign(**tag))
         tables["evals"].append(result.evals.assign(**tag))
@@ -168,8 +197,8 @@ def accuracy(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     runs = pd.concat(tables["runs"], ignore_index=True)
     # A resumed study may have added ratios or families: record what the tables hold.
     write_config(config, "accuracy", folder, in_tables=sorted(
-        {(f, float(r)) for f, r in zip(runs.family, runs.ratio)}), seeds_in_tables=sorted(
-        {int(s) for s in runs.seed}))
+        {(f, float(r), sc) for f, r, sc in zip(runs.family, runs.ratio, runs.scope)}),
+        seeds_in_tables=sorted({int(s) for s in runs.seed}))
     return runs, summarize(runs)
 
 
@@ -180,15 +209,19 @@ def _load_partial(folder: Path) -> dict[str, list[pd.DataFrame]]:
               else [] for name in ("runs", "steps", "evals")}
     if not tables["runs"]:
         return {"runs": [], "steps": [], "evals": []}
-    done = tables["runs"][0][["family", "ratio", "seed"]].drop_duplicates()
+    for frames in tables.values():  # tables written before scopes existed converted all linears
+        for t in frames:
+            if "scope" not in t.columns:
+                t.insert(4, "scope", np.where(t.family == "exact", "none", "all"))
+    done = tables["runs"][0][RUN_KEYS].drop_duplicates()
     for name in ("steps", "evals"):
-        tables[name] = [t.merge(done, on=["family", "ratio", "seed"]) for t in tables[name]]
+        tables[name] = [t.merge(done, on=RUN_KEYS) for t in tables[name]]
     return tables
 
 
 def _save_accuracy(tables: dict, folder: Path) -> pd.DataFrame:
     """Rewrite the tidy tables after every run, so an interrupted study keeps its rows."""
-    front = KEYS + ["seed"]
+    front = KEYS + ["scope", "seed"]
     for name in ("steps", "evals"):
         frame = pd.concat(tables[name], ignore_index=True)
         vio.atomic_write_csv(folder / f"{name}.csv",
@@ -203,9 +236,12 @@ def _save_accuracy(tables: dict, folder: Path) -> pd.DataFrame:
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Per configuration, over seeds: ``mean``, ``std`` (ddof 1) and ``n`` of the best validation
     metric (the paper's "best epoch"), the same for the final metric, mean saved MiB and time."""
-    grouped = runs.groupby(KEYS + ["metric"], sort=False)
+    if "test_at_best" not in runs.columns:  # tables made before test evaluation existed
+        runs = runs.assign(test_at_best=np.nan)
+    grouped = runs.groupby(KEYS + ["scope", "metric"], sort=False)
     out = grouped.agg(mean=("best_value", "mean"), std=("best_value", "std"),
                       final_mean=("final_value", "mean"), final_std=("final_value", "std"),
+                      test_mean=("test_at_best", "mean"), test_std=("test_at_best", "std"),
                       n=("seed", "nunique"), saved_mib=("saved_mib", "mean"),
                       train_time_s=("train_time_s", "mean")).reset_index()
     return out
@@ -406,6 +442,7 @@ def _tuple(kind):
 
 
 _CONVERTERS = {"memory_from": finetune._optional(str), "families": _tuple(str),
+               "scopes": _tuple(str),
                "ratios": _tuple(float), "seeds": _tuple(int),
                "batch_sizes": _tuple(int), **finetune._CONVERTERS,
                "resume": finetune._flag}
