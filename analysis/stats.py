@@ -1,0 +1,105 @@
+"""Statistics of the studies: paired differences over seeds, rank correlations with bootstrap CIs.
+
+DataFrame in, DataFrame (or numbers) out; nothing here plots or reads files.
+
+* :func:`paired_differences`: every configuration of an accuracy study against the exact model,
+  paired by seed (a seed fixes the head's initialisation, the minibatch order and the dropout
+  draws, so the seed-to-seed noise that both runs share cancels in the difference).
+  With d_s = value(config, s) − value(exact, s) over the n seeds both have:
+  mean d̄, sd s_d (ddof 1), the two-sided Student-t interval d̄ ± t_{(1+level)/2, n−1} s_d/√n and
+  the p-value of the paired t-test (``scipy.stats.ttest_rel``); the difference is
+  *distinguishable* from zero when the interval excludes 0.
+* :func:`rank_correlation`: Spearman's ρ between two per-configuration quantities, with a
+  percentile bootstrap interval over configurations (seeded).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from varstudy.errors import VarstudyError
+
+EXACT = "exact"
+PAIRED_COLUMNS = ("family", "ratio", "scope", "value", "n", "mean_config", "mean_exact",
+                  "diff_mean", "diff_sd", "diff_ci_low", "diff_ci_high", "p_value",
+                  "distinguishable")
+
+
+def paired_differences(runs: pd.DataFrame, value: str = "best_value",
+                       keys: Sequence[str] = ("family", "ratio", "scope"),
+                       level: float = 0.95) -> pd.DataFrame:
+    """Paired-t differences of ``value`` between every configuration and the exact model.
+
+    Args:
+        runs: one row per run with the ``keys`` columns, ``seed`` and ``value``; the exact
+            baseline has ``family == "exact"``.
+        value: the per-run score (``best_value``: best validation metric; ``test_at_best``).
+        keys: columns naming a configuration.
+        level: confidence level of the interval.
+    Returns:
+        One row per non-exact configuration (the ``keys``, then ``PAIRED_COLUMNS[3:]``), in
+        the order of
+        ``runs``; ``n`` counts the seeds that both the configuration and exact have.
+    """
+    missing = [c for c in (*keys, "seed", value) if c not in runs.columns]
+    if missing:
+        raise VarstudyError(f"runs table lacks column(s) {', '.join(missing)}; columns present: "
+                            f"{', '.join(map(str, runs.columns))}")
+    exact = runs[runs.family == EXACT]
+    if exact.empty:
+        raise VarstudyError("runs table has no exact runs to pair with; valid choices: a study "
+                            "that includes family 'exact'")
+    if exact.seed.duplicated().any():
+        raise VarstudyError("runs table has several exact runs for one seed; valid choices: one "
+                            "exact run per seed")
+    base = exact.set_index("seed")[value]
+    rows = []
+    for key, group in runs[runs.family != EXACT].groupby(list(keys), sort=False):
+        pairs = group.set_index("seed")[value].to_frame("config").join(base.rename("exact"),
+                                                                       how="inner").dropna()
+        rows.append(dict(zip(keys, key), value=value, **_paired(pairs, level)))
+    return pd.DataFrame(rows, columns=[*keys, *PAIRED_COLUMNS[3:]])
+
+
+def _paired(pairs: pd.DataFrame, level: float) -> dict:
+    d = (pairs.config - pairs.exact).to_numpy(dtype=float)
+    n = d.size
+    out = dict(n=n, mean_config=float(pairs.config.mean()), mean_exact=float(pairs.exact.mean()),
+               diff_mean=float(d.mean()) if n else np.nan, diff_sd=np.nan, diff_ci_low=np.nan,
+               diff_ci_high=np.nan, p_value=np.nan, distinguishable=False)
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / np.sqrt(n)
+    p = float(stats.ttest_rel(pairs.config, pairs.exact).pvalue) if sd > 0 else \
+        (1.0 if d.mean() == 0 else 0.0)
+    out.update(diff_sd=sd, diff_ci_low=float(d.mean() - half), diff_ci_high=float(d.mean() + half),
+               p_value=p, distinguishable=bool(d.mean() - half > 0 or d.mean() + half < 0))
+    return out
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float], *, n_boot: int = 2000,
+                     level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Spearman's rank correlation of ``x`` and ``y`` and its percentile bootstrap interval.
+
+    Pairs (x_i, y_i) with a NaN are dropped. The interval resamples the pairs with replacement
+    ``n_boot`` times (``numpy.random.default_rng(seed)``); resamples with a constant side (no
+    ranking possible) are skipped. Returns (rho, low, high); NaNs with fewer than 3 pairs.
+    """
+    xy = np.column_stack([np.asarray(x, dtype=float), np.asarray(y, dtype=float)])
+    xy = xy[np.isfinite(xy).all(axis=1)]
+    if len(xy) < 3:
+        return float("nan"), float("nan"), float("nan")
+    rho = float(stats.spearmanr(xy[:, 0], xy[:, 1]).statistic)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        sample = xy[rng.integers(0, len(xy), len(xy))]
+        if np.ptp(sample[:, 0]) > 0 and np.ptp(sample[:, 1]) > 0:
+            draws.append(stats.spearmanr(sample[:, 0], sample[:, 1]).statistic)
+    low, high = np.quantile(draws, [0.5 - level / 2, 0.5 + level / 2])
+    return rho, float(low), float(high)

@@ -1,0 +1,63 @@
+"""Paired differences and rank correlations, checked against scipy on fixed examples."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis.stats import paired_differences, rank_correlation
+from varstudy.errors import VarstudyError
+
+EXACT = [0.80, 0.82, 0.79, 0.81, 0.83]
+ROWS = [0.78, 0.81, 0.76, 0.80, 0.80]     # lower on every seed: distinguishable
+GAUSS = [0.81, 0.80, 0.80, 0.79, 0.84]    # mixed signs: not distinguishable
+
+
+def _runs():
+    rows = [dict(family="exact", ratio=1.0, scope="none", seed=s, best_value=v)
+            for s, v in enumerate(EXACT)]
+    rows += [dict(family="rows", ratio=0.1, scope="all", seed=s, best_value=v)
+             for s, v in enumerate(ROWS)]
+    # gaussian misses seed 4 and lists its seeds in another order: pairing is by seed
+    rows += [dict(family="gaussian", ratio=0.1, scope="encoder", seed=s, best_value=GAUSS[s])
+             for s in (3, 1, 0, 2)]
+    return pd.DataFrame(rows)
+
+
+def test_paired_differences_match_scipy():
+    table = paired_differences(_runs()).set_index("family")
+    d = np.subtract(ROWS, EXACT)
+    ci = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    row = table.loc["rows"]
+    assert row.n == 5 and row.scope == "all"
+    assert row.diff_mean == pytest.approx(d.mean(), abs=1e-15)
+    assert (row.diff_ci_low, row.diff_ci_high) == pytest.approx(ci, abs=1e-12)
+    assert row.p_value == pytest.approx(stats.ttest_rel(ROWS, EXACT).pvalue, rel=1e-12)
+    assert row.distinguishable and row.diff_ci_high < 0
+    g = table.loc["gaussian"]
+    d4 = np.subtract(GAUSS[:4], EXACT[:4])
+    assert g.n == 4 and g.diff_mean == pytest.approx(d4.mean(), abs=1e-15)
+    assert g.p_value == pytest.approx(stats.ttest_rel(GAUSS[:4], EXACT[:4]).pvalue, rel=1e-12)
+    assert not g.distinguishable and g.diff_ci_low < 0 < g.diff_ci_high
+    assert g.mean_exact == pytest.approx(np.mean(EXACT[:4]))
+
+
+def test_paired_differences_need_one_exact_run_per_seed():
+    runs = _runs()
+    with pytest.raises(VarstudyError, match="no exact runs"):
+        paired_differences(runs[runs.family != "exact"])
+    with pytest.raises(VarstudyError, match="several exact runs"):
+        paired_differences(pd.concat([runs, runs[runs.family == "exact"].head(1)]))
+    with pytest.raises(VarstudyError, match="lacks column.*test_at_best"):
+        paired_differences(runs, value="test_at_best")
+
+
+def test_rank_correlation_and_bootstrap_interval():
+    x = [1, 2, 3, 4, 5, 6, 7, 8]
+    y = [2, 1, 4, 3, 6, 5, 8, 7]
+    rho, low, high = rank_correlation(x, y, n_boot=500, seed=1)
+    assert rho == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert low <= rho <= high <= 1 and low > 0
+    assert rank_correlation(x, y, n_boot=500, seed=1) == (rho, low, high)  # seeded
+    assert rank_correlation(x, x[::-1], n_boot=200) == pytest.approx((-1.0, -1.0, -1.0))
+    assert np.isnan(rank_correlation([1, 2], [3, 4])[0])
