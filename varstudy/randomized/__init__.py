@@ -1,0 +1,1 @@
+"""Randomized backprop through linear layers: sketches, layers, variance estimators, plans."""

@@ -1,0 +1,437 @@
+"""Variance-budgeted per-layer sketch sizes: spend the stored bytes where the variance is.
+
+A randomized layer l that keeps a fraction ρ_l of its n_l input rows stores ρ_l·n_l·d_l numbers
+and adds, averaged over minibatches, the sketch variance (closed forms, ARCHITECTURE.md)
+
+    V_l(ρ) = C_l / ρ            every family but rows-wor   (C_l = E_batch[c_l / n]),
+    V_l(ρ) = C_l · (1/ρ − 1)    rows-wor                    (C_l = E_batch[c_l / (n − 1)]),
+
+with c_l the family's constant for one batch (gaussian s + a, rows n·p − a, ...; the variance of
+k rows is c_l/k). Layers that read one tensor (Q, K, V) share one stored sketch: they form one
+**unit** with one ρ. A unit may also be **exact** (X stored, n_l·d_l numbers, no sketch
+variance); for every family but rows-wor, ρ = 1 still has variance C/1, so exact dominates it.
+
+Problems (all in float64, bytes counted in stored numbers; multiply by the itemsize for bytes):
+
+* :func:`plan_budget`: minimize Σ_u A_u/ρ_u subject to Σ_u D_u ρ_u ≤ M, ρ_min,u ≤ ρ_u ≤ 1, with
+  D_u = d_u·n̄_u and A_u = Σ_{l∈u} C_l (``objective="absolute"``: the total sketch variance plain
+  SGD feels) or A_u = Σ_{l∈u} C_l / v_l (``"relative"``: each layer's sketch variance over its own
+  sampling variance v_l, closer to what Adam's per-parameter normalisation feels).
+* :func:`plan_target`: minimize Σ_u D_u ρ_u subject to the sketch variance ≤ τ × the sampling
+  variance, for the model total (Σ_l V_l ≤ τ Σ_l v_l) or for every layer (V_l ≤ τ v_l).
+
+NOTE [solution]: for a fixed set E of exact units the rest is convex and separable; the KKT
+conditions give ρ_u(λ) = clamp(√(A_u / (λ D_u)), ρ_min,u, 1), and λ is found by bisection so
+that the budget (or the variance target) is met exactly. The exact set is chosen by local
+search: units whose ρ reaches 1 become exact (same bytes, no variance), then single units are
+added to or removed from E while that lowers the objective. Tests compare the result with brute
+force over every integer k on small instances.
+
+NOTE [integer rows]: a plan is stated as ρ per layer, so it carries over to any batch shape:
+at n rows a layer keeps k = clamp(round(ρ·n), min_rows, n) rows (``sketches.rows_for``). At the
+reference n of the statistics (fixed padding) the continuous ρ_u·n_u are rounded by flooring,
+then adding one row at a time to the unit whose variance falls most per stored number while the
+budget allows; the continuous optimum at the budget less one row of every unit, rounded up,
+fits the budget too, and the better of the two is kept, so the plan's objective is at most that
+continuous optimum (the stated rounding; tested against brute force over every integer k).
+Predictions use the rounded k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+
+from varstudy.errors import VarstudyError
+
+OBJECTIVES = ("absolute", "relative")
+EXACT = "exact"
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What a plan needs to know of one linear layer (from a measure run).
+
+    name: module name; unit: name of its storage unit (Q/K/V of one attention block share one);
+    d: input width d_in; n: mean token rows it sees per batch; c: C_l of the chosen family
+    (module docstring); v: its sampling variance Var[g_B] (same units as the variances).
+    """
+
+    name: str
+    unit: str
+    d: int
+    n: float
+    c: float
+    v: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per layer a ratio ρ in (0, 1] or ``"exact"``, and the predictions at the reference n.
+
+    ``ratios`` maps every planned layer to ρ (float) or "exact"; ``k`` the rows kept at the
+    reference n; ``var`` the predicted sketch variance per layer; ``stored`` the stored numbers
+    per unit-shared layer (attributed once per unit, to its first layer).
+    """
+
+    family: str
+    ratios: dict[str, float | str]
+    k: dict[str, int]
+    var: dict[str, float]
+    stored: dict[str, float]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def total_var(self) -> float:
+        return float(sum(self.var.values()))
+
+    @property
+    def total_stored(self) -> float:
+        return float(sum(self.stored.values()))
+
+    def relative(self, layers: Sequence[LayerStats]) -> float:
+        """Σ_l V_l / v_l, the relative objective."""
+        return float(sum(self.var[s.name] / s.v for s in layers if s.v > 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Units and the continuous problem
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Units:
+    names: list[str]
+    members: list[list[LayerStats]]
+    d: np.ndarray        # D_u = d_u · n̄_u, stored numbers at ρ = 1
+    lo: np.ndarray       # ρ_min,u
+    n: np.ndarray        # reference rows n_u
+    wor: bool
+
+    def weights(self, objective: str) -> np.ndarray:
+        if objective == "absolute":
+            return np.array([sum(s.c for s in m) for m in self.members])
+        return np.array([sum(s.c / s.v for s in m if s.v > 0) for m in self.members])
+
+    def variance(self, a: np.ndarray, rho: np.ndarray, exact: np.ndarray) -> np.ndarray:
+        """Per-unit sketch variance (A/ρ, or A(1/ρ − 1) for rows-wor); 0 where exact."""
+        v = a / rho - (a if self.wor else 0.0)
+        return np.where(exact, 0.0, v)
+
+
+def _units(layers: Sequence[LayerStats], family: str, min_rows: int) -> _Units:
+    if not layers:
+        raise VarstudyError("no layers to plan; valid choices: a measure run with linear layers")
+    groups: dict[str, list[LayerStats]] = {}
+    for s in layers:
+        groups.setdefault(s.unit, []).append(s)
+    for unit, members in groups.items():
+        if len({(m.d, m.n) for m in members}) > 1:
+            raise VarstudyError(f"layers of unit {unit!r} disagree on input width or rows; "
+                                "valid choices: units of layers that read one tensor")
+    members = list(groups.values())
+    n = np.array([m[0].n for m in members], dtype=float)
+    return _Units(list(groups), members, np.array([m[0].d * m[0].n for m in members]),
+                  np.minimum(min_rows / n, 1.0), n, family == "rows-wor")
+
+
+def _rho_for(a: np.ndarray, d: np.ndarray, lo: np.ndarray, lam: float) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.clip(np.sqrt(a / (lam * d)), lo, 1.0)
+
+
+def _bisect(f, target: float, increasing: bool) -> float:
+    """λ > 0 with f(λ) = target for a monotone f, by bisection on log λ (to float precision)."""
+    lo, hi = -60.0, 60.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if (f(math.exp(mid)) < target) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(hi if increasing else lo)
+
+
+def _solve_budget(u: _Units, a: np.ndarray, budget: float, exact: np.ndarray):
+    """Continuous optimum for a fixed exact set: (ρ, objective), or None when infeasible."""
+    free = ~exact
+    left = budget - float(u.d[exact].sum())
+    if left < float((u.d * u.lo)[free].sum()) - 1e-9 * budget:
+        return None
+    rho = np.ones_like(a)
+    if free.any():
+        if float(u.d[free].sum()) <= left:
+            rho[free] = 1.0
+        else:
+            lam = _bisect(lambda x: float((u.d * _rho_for(a, u.d, u.lo, x))[free].sum()), left,
+                          increasing=False)
+            rho[free] = _rho_for(a, u.d, u.lo, lam)[free]
+    return rho, float(u.variance(a, rho, exact).sum())
+
+
+def _local_search(u: _Units, solve) -> tuple[np.ndarray, np.ndarray]:
+    """Exact set by local search (NOTE [solution]); ``solve(exact) -> (ρ, cost) | None``."""
+    exact = np.zeros(len(u.names), dtype=bool)
+    best = solve(exact)
+    if best is None:  # a variance target may need exact units from the start
+        exact = ~exact
+        best = solve(exact)
+    if best is None:
+        raise VarstudyError("the budget is below the fewest rows every layer must keep; valid "
+                            "choices: a larger budget or a smaller min_rows")
+    while True:
+        rho, cost = best
+        at_top = (rho >= 1.0 - 1e-12) & ~exact
+        if at_top.any() and not u.wor:
+            exact = exact | at_top
+            best = solve(exact)
+            continue
+        moves = []
+        for i in range(len(exact)):
+            trial = exact.copy()
+            trial[i] = not trial[i]
+            got = solve(trial)
+            if got is not None and got[1] < cost * (1 - 1e-12) - 1e-300:
+                moves.append((got[1], i, got))
+        if not moves:
+            return exact, rho
+        _, i, best = min(moves, key=lambda m: m[0])
+        exact = exact.copy()
+        exact[i] = not exact[i]
+
+
+# --------------------------------------------------------------------------------------------
+# Public solvers
+# --------------------------------------------------------------------------------------------
+
+
+def plan_budget(layers: Sequence[LayerStats], family: str, budget: float, *,
+                objective: str = "absolute", min_rows: int = 1) -> Plan:
+    """Fewest sketch variance (absolute or relative) within ``budget`` stored numbers."""
+    if objective not in OBJECTIVES:
+        raise VarstudyError(f"unknown objective {objective!r}; valid choices: "
+                            f"{', '.join(OBJECTIVES)}")
+    u = _units(layers, family, min_rows)
+    a = u.weights(objective)
+    exact, rho = _local_search(u, lambda e: _solve_budget(u, a, budget, e))
+    k = _round_budget(u, a, rho, exact, budget)
+    # NOTE [integer rows]: the continuous optimum at the budget less one row per unit, rounded
+    # up, also fits; keeping the better of the two bounds the plan by that optimum.
+    slack = budget - float((u.d / u.n).sum())
+    try:
+        exact2, rho2 = _local_search(u, lambda e: _solve_budget(u, a, slack, e))
+    except VarstudyError:
+        exact2 = None
+    if exact2 is not None:
+        k2 = np.where(exact2, u.n, np.minimum(np.ceil(rho2 * u.n - 1e-9), u.n))
+        if _objective(u, a, k2, exact2) < _objective(u, a, k, exact):
+            k, exact = k2, exact2
+    return _plan(layers, u, family, k, exact, dict(problem="budget", objective=objective,
+                                                   budget=budget, min_rows=min_rows))
+
+
+def plan_target(layers: Sequence[LayerStats], family: str, tau: float, *,
+                per_layer: bool = False, min_rows: int = 1) -> Plan:
+    """Fewest stored numbers with sketch variance ≤ τ × sampling variance (total or per layer)."""
+    if not tau > 0:
+        raise VarstudyError(f"target ratio must be > 0, got {tau!r}")
+    u = _units(layers, family, min_rows)
+    if per_layer:
+        k, exact = _per_layer_target(u, tau)
+    else:
+        a = u.weights("absolute")
+        cap = tau * sum(s.v for s in layers)
+        exact, rho = _local_search(u, lambda e: _solve_target(u, a, cap, e))
+        k, exact = _round_target(u, a, rho, exact, cap)
+    return _plan(layers, u, family, k, exact, dict(problem="target", tau=tau,
+                                                   per_layer=per_layer, min_rows=min_rows))
+
+
+def uniform(layers: Sequence[LayerStats], family: str, ratio: float, *,
+            min_rows: int = 1, exact_units: Sequence[str] = ()) -> Plan:
+    """One ρ for every layer (k = rows_for(n, ρ)), optionally with some units exact."""
+    from varstudy.sketches import rows_for
+
+    u = _units(layers, family, min_rows)
+    k = np.array([rows_for(int(round(n)), ratio, min_rows) for n in u.n], dtype=float)
+    exact = np.array([name in exact_units for name in u.names])
+    return _plan(layers, u, family, k, exact, dict(problem="uniform", ratio=ratio,
+                                                   min_rows=min_rows))
+
+
+def _solve_target(u: _Units, a: np.ndarray, cap: float, exact: np.ndarray):
+    """Fewest stored numbers for a fixed exact set with Σ var ≤ cap: (ρ, stored) or None."""
+    free = ~exact
+    rho = np.ones_like(a)
+    if free.any():
+        floor_var = float(u.variance(a, np.ones_like(a), exact)[free].sum())
+        if floor_var > cap:
+            return None
+        var_at = lambda lam: float(u.variance(a, _rho_for(a, u.d, u.lo, lam), exact)[free].sum())
+        if var_at(1e300) > cap:  # the fewest rows overshoot: solve for λ
+            lam = _bisect(var_at, cap, increasing=True)
+            rho[free] = _rho_for(a, u.d, u.lo, lam)[free]
+        else:
+            rho[free] = u.lo[free]
+    return rho, float((u.d * rho).sum())
+
+
+def _per_layer_target(u: _Units, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit the fewest rows with V_l ≤ τ v_l for each of its layers."""
+    k = np.empty(len(u.names))
+    for i, members in enumerate(u.members):
+        need = 0.0
+        for s in members:
+            if s.v <= 0:
+                need = math.inf
+            elif u.wor:
+                need = max(need, u.n[i] / (1 + tau * s.v / s.c) if s.c > 0 else 0.0)
+            else:
+                need = max(need, u.n[i] * s.c / (tau * s.v))
+        k[i] = max(math.ceil(need - 1e-9), min(1, u.n[i]), u.lo[i] * u.n[i])
+    exact = k >= u.n
+    return np.minimum(k, u.n), exact
+
+
+# --------------------------------------------------------------------------------------------
+# Integer rows (NOTE [integer rows])
+# --------------------------------------------------------------------------------------------
+
+
+def _k_var(u: _Units, a: np.ndarray, k: np.ndarray) -> np.ndarray:
+    return u.variance(a, np.maximum(k, 1) / u.n, np.zeros(len(k), dtype=bool))
+
+
+def _objective(u: _Units, a: np.ndarray, k: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.where(exact | ((k >= u.n) & (not u.wor)), 0.0, _k_var(u, a, k)).sum())
+
+
+def _round_budget(u, a, rho, exact, budget) -> np.ndarray:
+    k = np.maximum(np.floor(rho * u.n + 1e-9), np.ceil(u.lo * u.n - 1e-9))
+    k[exact] = u.n[exact]
+    width = u.d / u.n
+    spent = float((k * width).sum())
+    while True:
+        gain = np.where(exact | (k >= u.n), -np.inf,
+                        (_k_var(u, a, k) - _k_var(u, a, k + 1)) / width)
+        gain[spent + width > budget * (1 + 1e-12)] = -np.inf
+        i = int(np.argmax(gain))
+        if not np.isfinite(gain[i]):
+            return k
+        k[i] += 1
+        spent += width[i]
+
+
+def _round_target(u, a, rho, exact, cap) -> tuple[np.ndarray, np.ndarray]:
+    k = np.minimum(np.ceil(rho * u.n - 1e-9), u.n)
+    k[exact] = u.n[exact]
+    width = u.d / u.n
+    var = _k_var(u, a, k)
+    # ceil keeps the variance under the cap; give back rows while it stays under
+    while True:
+        cost = np.where(exact | (k <= np.ceil(u.lo * u.n - 1e-9)), np.inf,
+                        (_k_var(u, a, k - 1) - var) / width)
+        total = float(np.where(exact, 0.0, var).sum())
+        ok = total + cost * width <= cap * (1 + 1e-12)
+        saving = np.where(ok, width, -np.inf)
+        i = int(np.argmax(saving))
+        if not np.isfinite(saving[i]):
+            return k, exact | ((k >= u.n) & ~np.bool_(u.wor))
+        k[i] -= 1
+        var = _k_var(u, a, k)
+
+
+def _plan(layers, u: _Units, family: str, k: np.ndarray, exact: np.ndarray, meta: dict) -> Plan:
+    ratios, ks, var, stored = {}, {}, {}, {}
+    exact = exact | (k >= u.n) if not u.wor else exact
+    for i, members in enumerate(u.members):
+        for j, s in enumerate(members):
+            ks[s.name] = int(round(u.n[i])) if exact[i] else int(k[i])
+            ratios[s.name] = EXACT if exact[i] else float(k[i] / u.n[i])
+            single = replace(u, members=[[s]], d=u.d[i:i + 1], lo=u.lo[i:i + 1], n=u.n[i:i + 1])
+            var[s.name] = 0.0 if exact[i] else float(_k_var(single, np.array([s.c]),
+                                                            k[i:i + 1])[0])
+            stored[s.name] = float(u.n[i] if exact[i] else k[i]) * s.d if j == 0 else 0.0
+    return Plan(family, ratios, ks, var, stored, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics from a measure run, and plans as JSON
+# --------------------------------------------------------------------------------------------
+
+
+def unit_name(layer: str) -> str:
+    """Storage unit of a linear layer: Q, K and V of one attention block share ``<block>.qkv``
+    (they read one tensor, NOTE [shared sketches] in varstudy.layers); others are their own."""
+    from varstudy.models import layer_kind
+
+    if layer_kind(layer) in ("query", "key", "value"):
+        return layer.rpartition(".")[0] + ".qkv"
+    return layer
+
+
+def stats_from_layers(layers, family: str, train_step: int | None = None) -> list[LayerStats]:
+    """:class:`LayerStats` per layer from a measure run's ``layers.csv`` (a DataFrame).
+
+    C_l comes from the closed-form sketch variance of every batch at the smallest measured ratio
+    (module docstring): C_l = mean_b var_b·k_b/n_b, or mean_b var_b·k_b/(n_b − k_b) for rows-wor;
+    v_l = mean_b var_sampling; n_l = mean_b n_rows. ``train_step``: default the first measured.
+    """
+    need = {"train_step", "layer", "family", "ratio", "k", "n_rows", "d_in", "var_sketch",
+            "var_sampling"}
+    missing = sorted(need - set(layers.columns))
+    if missing:
+        raise VarstudyError(f"layers table lacks column(s) {', '.join(missing)}; valid choices: "
+                            "a layers.csv written by python -m varstudy.measure")
+    if family not in set(layers.family):
+        raise VarstudyError(f"family {family!r} was not measured in this run; valid choices: "
+                            f"{', '.join(sorted(set(layers.family)))}")
+    step = layers.train_step.min() if train_step is None else train_step
+    rows = layers[(layers.family == family) & (layers.layer != "model")
+                  & (layers.train_step == step)]
+    if rows.empty:
+        raise VarstudyError(f"no rows at train step {train_step}; valid choices: "
+                            f"{', '.join(map(str, sorted(set(layers.train_step))))}")
+    out = []
+    for name, g in rows.groupby("layer", sort=False):
+        g = g[g.ratio == g.ratio.min()]
+        k, n, var = (g[c].to_numpy(dtype=float) for c in ("k", "n_rows", "var_sketch"))
+        if family == "rows-wor":
+            c = np.where(k < n, var * k / np.maximum(n - k, 1), 0.0)
+        else:
+            c = var * k / n
+        out.append(LayerStats(name, unit_name(name), int(g.d_in.iloc[0]), float(n.mean()),
+                              float(c.mean()), float(g.var_sampling.mean())))
+    return out
+
+
+def to_json(plan: Plan, layers: Sequence[LayerStats], **extra) -> dict:
+    """A plan as a JSON-ready dict: ``family``, ``layers`` {name: {ratio | "exact", k, unit,
+    n, d, var_sketch, var_sampling}}, totals and ``extra`` (provenance)."""
+    by = {s.name: s for s in layers}
+    return dict(
+        family=plan.family, **plan.meta, **extra,
+        total=dict(var_sketch=plan.total_var, relative=plan.relative(layers),
+                   stored_numbers=plan.total_stored,
+                   var_sampling=float(sum(s.v for s in layers))),
+        layers={name: dict(ratio=r, k=plan.k[name], unit=by[name].unit, n=by[name].n,
+                           d=by[name].d, var_sketch=plan.var[name], var_sampling=by[name].v)
+                for name, r in plan.ratios.items()})
+
+
+def ratios_from_json(data: dict) -> tuple[str, dict[str, float | str]]:
+    """(family, {layer: ρ or "exact"}) of a plan written by :func:`to_json`, validated."""
+    if not isinstance(data, dict) or "family" not in data or "layers" not in data:
+        raise VarstudyError("not a varstudy plan: expected keys 'family' and 'layers'; valid "
+                            "choices: a plan.json written by python -m varstudy.plan")
+    ratios = {}
+    for name, entry in data["layers"].items():
+        r = entry.get("ratio") if isinstance(entry, dict) else entry
+        if r != EXACT and not (isinstance(r, (int, float)) and 0 < r <= 1):
+            raise VarstudyError(f"plan layer {name!r} has ratio {r!r}; valid choices: a number "
+                                "in (0, 1] or 'exact'")
+        ratios[name] = r
+    return data["family"], ratios
