@@ -73,7 +73,7 @@ def test_ratio_one_permutation_equals_exact_model():
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
-def test_fresh_sketch_per_call_and_per_layer():
+def test_fresh_sketch_per_call_and_per_layer_without_sharing():
     """Unlike one reused generator state: two calls, and two identical layers, differ."""
     torch.manual_seed(0)
     twin = nn.Linear(6, 6)
@@ -85,6 +85,79 @@ def test_fresh_sketch_per_call_and_per_layer():
     second = torch.autograd.grad((model[0](x) * y).sum(), model[0].weight)[0]
     assert not torch.equal(first[0], first[1])   # across layers
     assert not torch.equal(first[0], second)     # across calls
+
+
+def weight_grads(model, x, y, calls):
+    """Weight gradients of the first layer for ``calls`` calls on the same tensor objects."""
+    return [torch.autograd.grad((model(x) * y).sum(), model[0].weight)[0] for _ in range(calls)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_input_tensor_gets_a_fresh_sketch_every_call(family):
+    """Sharing on (the default): a tensor fed again (fixed features) never reuses a sketch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    randomize(model, ratio=0.3, sketch=family, seed=3)
+    x, y = torch.randn(40, 6), torch.randn(40, 4)
+    grads = weight_grads(model, x, y, 20)
+    assert len({tuple(g.flatten().tolist()) for g in grads}) == 20
+
+
+def probe(seed=0):
+    """A linear probe on fixed features: its one layer reads the caller's tensor itself."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("build", [probe, mlp], ids=lambda f: f.__name__)
+def test_reseed_repeats_a_fresh_conversion_on_a_reused_tensor(build):
+    x, y = torch.randn(30, 6), torch.randn(30, 3)
+    model = build()
+    randomize(model, ratio=0.3, seed=1)
+    first = weight_grads(model, x, y, 4)
+    reseed(model, 2)
+    again = weight_grads(model, x, y, 4)
+    fresh = build()
+    randomize(fresh, ratio=0.3, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(again, weight_grads(fresh, x, y, 4)))
+    assert not any(torch.equal(a, b) for a, b in zip(first, again))
+    reseed(model, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, weight_grads(model, x, y, 4)))
+
+
+class QKV(nn.Module):
+    """Three linear layers reading one tensor, loss = Σ ⟨layer(x), Y_layer⟩."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4)
+        ys = torch.randn(3, 24, 4, generator=torch.Generator().manual_seed(5))
+        self.register_buffer("ys", ys)
+
+    def forward(self, x):
+        return sum((m(x).reshape(-1, 4) * y).sum() for m, y in zip(self.children(), self.ys))
+
+
+@pytest.mark.parametrize("family", ["gaussian", "rows-norm"])
+def test_qkv_share_one_sketch_per_forward_and_draw_anew_next_forward(family):
+    """One stored SᵀX per forward, drawn from the query's seed; the next forward on the same
+    tensor draws the query's next seed: Ĝ_m = (SᵀY_m)ᵀ(SᵀX) with that S for all three."""
+    from varstudy.layers import derive_seed
+    from varstudy.memory import saved_bytes
+
+    model = QKV()
+    randomize(model, ratio=0.5, sketch=family, seed=9)
+    x = torch.randn(3, 8, 6)
+    sk, k = SKETCHES[family], 12
+    for call in range(3):
+        loss, report = saved_bytes(model, x, model=model)
+        state_bytes = k * (8 + 4) if family == "rows-norm" else 0
+        assert report.total == k * 6 * 4 + state_bytes  # one sketch for the three layers
+        got = torch.autograd.grad(loss, [m.weight for m in model.children()])
+        seed = derive_seed(9, 0, call)  # the query's (layer 0's) seed at this call
+        sx, state = sk.sketch(x.reshape(-1, 6), k, seed)
+        for g, y in zip(got, model.ys):
+            assert torch.allclose(g, sk.apply(y, k, seed, state).T @ sx, atol=1e-5)
 
 
 def test_same_base_seed_same_gradients():
@@ -191,3 +264,18 @@ def test_dense_matrix_drawn_once_per_shared_input_and_released(family, monkeypat
     model(torch.randn(3, 8, 6)).backward()
     assert draws == [(24, 12), (24, 12)] and sketch._last is None
     assert all(m.weight.grad is not None for m in model.children())
+
+
+def test_reseed_drops_a_sketch_drawn_before_it():
+    """A stale entry the query never used (key called alone) must not leak past reseed."""
+    x = torch.randn(3, 8, 6)
+    runs = []
+    for seed, before in ((1, True), (5, False)):
+        torch.manual_seed(0)
+        model = QKV()
+        randomize(model, ratio=0.5, seed=seed)
+        if before:
+            model.key(x)
+            reseed(model, 5)
+        runs.append(torch.autograd.grad(model(x), [m.weight for m in model.children()]))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

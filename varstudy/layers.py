@@ -13,12 +13,18 @@ sketch from :mod:`varstudy.sketches`, k = clamp(round(ratio·n), min_rows, n).
 NOTE [fresh sketches, one seed]: every forward call draws a new S from the integer seed
 ``derive_seed(base_seed, layer_id, call_index)``; backward regenerates the same S from that seed on
 the tensor's device. Sketches therefore differ across calls and across layers, and a model
-converted with the same base seed reproduces its gradients exactly. ``reseed`` rewinds the counters.
+converted with the same base seed reproduces its gradients exactly. ``reseed`` rewinds the
+counters (and empties the sketch cache).
 
 NOTE [shared sketches]: layers that read the very same input tensor (Q, K and V of attention) and
-use the same family and k share one stored ``SᵀX`` through a :class:`SketchCache`, so autograd keeps
-ρ·X once instead of 3ρ·X. The cache references the input only weakly and drops its entry
-when the input dies.
+use the same family, k and dtype share one stored ``SᵀX`` through a :class:`SketchCache`,
+so autograd keeps ρ·X once instead of 3ρ·X. Sharing holds only among the sibling layers of one
+forward pass: the entry records which layers have used it, each layer uses an entry at most once,
+and a layer that meets an entry it already used (the same tensor fed again: a reused batch, fixed
+features, a layer applied twice) draws a fresh sketch from its own seed and replaces the entry.
+Siblings use the seed of the layer that drew the entry. The cache references the input only
+weakly and drops its entry when the input dies; ``reseed`` empties it, so a reseeded model
+repeats the gradients of a fresh conversion with that seed.
 
 NOTE [finite check]: ``finite_check()`` (opt-in, off by default) makes every RandomizedLinear
 verify that its input, output and output gradient hold no NaN/Inf and raise a VarstudyError
@@ -79,31 +85,44 @@ def derive_seed(base_seed: int, *keys: int) -> int:
     return z >> 1
 
 
-class SketchCache:
-    """One-entry cache of the last sketched input, shared by the layers of one model.
+class _Entry:
+    __slots__ = ("ref", "version", "key", "sx", "seed", "state", "users")
 
-    The entry holds the sketch strongly but the input only weakly, and is dropped as soon as
-    the input tensor dies, so the cache never outlives the forward pass that filled it.
+
+class SketchCache:
+    """One-entry cache of the last sketched input, shared by the sibling layers of one model.
+
+    The entry holds the sketch strongly but the input only weakly, and is dropped as soon as the
+    input tensor dies. Each layer (``user``) consumes an entry at most once (NOTE [shared
+    sketches]), so a tensor fed again gets a fresh sketch.
     """
 
     def __init__(self) -> None:
-        self._entry: tuple | None = None
+        self._entry: _Entry | None = None
 
-    def get(self, x: Tensor, sketch: Sketch, k: int):
-        entry = self._entry
-        if entry is None:
+    def get(self, x: Tensor, sketch: Sketch, k: int, dtype: torch.dtype, user: int):
+        """``(SᵀX, seed, state)`` stored for ``x`` if ``user`` has not used it yet, else None."""
+        e = self._entry
+        if (e is None or e.ref() is not x or e.version != x._version
+                or e.key != (sketch.name, k, dtype) or user in e.users):
             return None
-        x_ref, version, name, kk, sx, seed, state = entry
-        if x_ref() is x and version == x._version and name == sketch.name and kk == k:
-            return sx, seed, state
-        return None
+        e.users.add(user)
+        return e.sx, e.seed, e.state
 
-    def put(self, x: Tensor, sketch: Sketch, k: int, sx: Tensor, seed: int, state) -> None:
+    def put(self, x: Tensor, sketch: Sketch, k: int, sx: Tensor, seed: int, state,
+            user: int) -> None:
+        """Replace the entry by ``x``'s sketch ``sx`` (k, d_in), already used by ``user``."""
         def drop(ref) -> None:
-            if self._entry is not None and self._entry[0] is ref:
+            if self._entry is not None and self._entry.ref is ref:
                 self._entry = None
 
-        self._entry = (weakref.ref(x, drop), x._version, sketch.name, k, sx, seed, state)
+        e = _Entry()
+        e.ref, e.version, e.key = weakref.ref(x, drop), x._version, (sketch.name, k, sx.dtype)
+        e.sx, e.seed, e.state, e.users = sx, seed, state, {user}
+        self._entry = e
+
+    def clear(self) -> None:
+        self._entry = None
 
 
 class _SketchedLinearFn(torch.autograd.Function):
@@ -191,15 +210,17 @@ class RandomizedLinear(nn.Linear):
         return out
 
     def _sketch_input(self, x: Tensor, flat: Tensor, k: int):
-        hit = self.cache.get(x, self.sketch, k) if self.cache is not None else None
+        """(SᵀX, seed, state) for this call: a sibling's entry if unused here, else a new draw."""
         seed = derive_seed(self.seed, self.layer_id, self.calls)
         self.calls += 1
+        cache = self.cache
+        hit = None if cache is None else cache.get(x, self.sketch, k, flat.dtype, id(self))
         if hit is not None:
             return hit
         with torch.no_grad():
             sx, state = self.sketch.sketch(flat, k, seed)
-        if self.cache is not None:
-            self.cache.put(x, self.sketch, k, sx, seed, state)
+        if cache is not None:
+            cache.put(x, self.sketch, k, sx, seed, state, id(self))
         return sx, seed, state
 
     def extra_repr(self) -> str:
@@ -280,7 +301,8 @@ def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaus
 
     ``include``/``exclude`` are regexes searched in module names. Parameters are shared, not
     copied. Layers are numbered in module order for seed derivation. With ``share``, layers that
-    read the same input tensor share one stored sketch. Everything is validated before the first
+    read the same input tensor in one forward pass share one stored sketch (NOTE [shared
+    sketches]). Everything is validated before the first
     module is replaced, so a failed conversion leaves the model unchanged.
     """
     family, ratio, min_rows = get_sketch(sketch), check_ratio(ratio), check_min_rows(min_rows)
@@ -310,7 +332,12 @@ def derandomize(model: nn.Module) -> Conversion:
 
 
 def reseed(model: nn.Module, seed: int) -> None:
-    """Set the base seed of every RandomizedLinear and rewind its call counter."""
+    """Set the base seed of every RandomizedLinear, rewind its call counter, empty its cache.
+
+    Afterwards the model draws the sketches of a fresh conversion with base seed ``seed``.
+    """
     for module in model.modules():
         if isinstance(module, RandomizedLinear):
             module.seed, module.calls = int(seed), 0
+            if module.cache is not None:
+                module.cache.clear()
