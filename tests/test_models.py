@@ -29,15 +29,40 @@ def _dropout_ps(model):
     return {m.p for m in model.modules() if isinstance(m, nn.Dropout)}
 
 
+HEADS = {  # the classification-head weights of each named model
+    "minilm": ("bert.pooler.dense.weight", "classifier.weight"),
+    "tiny-bert": ("bert.pooler.dense.weight", "classifier.weight"),
+    "tiny-roberta": ("classifier.dense.weight", "classifier.out_proj.weight"),
+}
+
+
 @pytest.mark.parametrize("name", ["minilm", "tiny-bert", "tiny-roberta"])
 def test_named_models_load_and_run(name, minilm):
+    """Every trainable parameter gets a finite gradient, non-zero except the attention key biases.
+
+    A key bias adds q·b_k to every score of a query row, which the softmax ignores, so its exact
+    gradient is 0 (autograd leaves float32 rounding, ~1e-10 of the largest gradient norm); every
+    other parameter's gradient norm exceeds 1e-6 of the largest (the smallest, in the tiny
+    random models, are ~5e-4 of it). Gradients via autograd.grad: the shared fixture keeps no .grad.
+    """
     model, tok = minilm if name == "minilm" else load_model(name)
     out = model(**_batch(tok))
     assert out.logits.shape == (2, 2) and torch.isfinite(out.loss)
-    out.loss.backward()
-    assert model.classifier.weight.grad is not None if name != "tiny-roberta" else True
+    params = dict(model.named_parameters())
+    assert set(HEADS[name]) <= set(params)
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    assert trainable == list(params)
+    grads = torch.autograd.grad(out.loss, [params[n] for n in trainable])  # None would raise
+    norms = {n: float(g.norm()) for n, g in zip(trainable, grads)}
+    assert all(torch.isfinite(g).all() for g in grads)
+    largest = max(norms.values())
+    zero = {n for n, v in norms.items() if v <= 1e-6 * largest}
+    layers = model.config.num_hidden_layers
+    prefix = model.base_model_prefix  # "bert" or "roberta"
+    assert zero == {f"{prefix}.encoder.layer.{i}.attention.self.key.bias" for i in range(layers)}
+    assert all(norms[n] > 1e-6 * largest for n in HEADS[name])
     assert model.training and model.config._attn_implementation == "eager"
-    assert list_models() == ["minilm", "tiny-bert", "tiny-roberta"]
+    assert list_models() == ["minilm", "mpnet-base", "tiny-bert", "tiny-roberta"]
 
 
 def test_minilm_shape_and_seeded_head():
@@ -103,7 +128,7 @@ def test_local_directory_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("bad", ["not-a-model", "./missing_dir", "/no/such/dir", "a/b/c"])
 def test_bad_names_list_valid_choices(bad):
-    with pytest.raises(VarstudyError, match="minilm, tiny-bert, tiny-roberta"):
+    with pytest.raises(VarstudyError, match="minilm, mpnet-base, tiny-bert, tiny-roberta"):
         load_model(bad)
 
 
