@@ -24,15 +24,18 @@ is not given they are discovered by running step 0 once with a tape and collecti
 that require grad (other than state and x_0) from its graph.
 
 NOTE [RNG]: like torch.utils.checkpoint, recomputation is exact under dropout: every stored
-checkpoint carries the RNG state (CPU, plus the CUDA device's) at its step; restoring a checkpoint
-restores that RNG, and steps re-run in order consume the same random numbers. Backward runs inside
-``torch.random.fork_rng`` so the caller's RNG stream is left as the forward pass left it.
+checkpoint carries the RNG state (CPU, plus that of each CUDA device holding the state, inputs or
+parameters) at its step; restoring a checkpoint restores those RNGs, and steps re-run in order
+consume the same random numbers. Parameter discovery, interval timing and backward run inside
+``_fork_rng`` over the same devices, so neither the forward masks nor the caller's RNG stream after
+backward are changed by them. Device RNG calls go through the device ops (storage.CudaOps).
 """
 
 from __future__ import annotations
 
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,7 +44,7 @@ from torch import nn
 
 from varstudy import schedules as sch
 from varstudy.errors import VarstudyError
-from varstudy.storage import FastTier, MemoryMeter, make_tier
+from varstudy.storage import CudaOps, FastTier, MemoryMeter, device_ops, make_tier
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class ScanConfig:
     timeout_s: float = 60.0
     preserve_rng: bool = True
     write_fn: Callable | None = None  # disk tier serializer (default torch.save); fault injection
+    device_ops: object | None = None  # CUDA calls (default storage.CudaOps on CUDA); tests: a fake
 
     def __post_init__(self) -> None:
         if self.strategy not in sch.STRATEGIES:
@@ -85,12 +89,42 @@ def _as_tuple(state) -> tuple[torch.Tensor, ...]:
     return tuple(state) if isinstance(state, (tuple, list)) else (state,)
 
 
+def _rng_ops(cfg: ScanConfig, device: torch.device, tensors) -> list:
+    """Device ops whose RNG a step may use: ``device``'s (``cfg.device_ops`` stands in for it),
+    then those of the other CUDA devices holding ``tensors`` (NOTE [RNG])."""
+    main = device_ops(device, cfg.device_ops)
+    others = {t.device for t in tensors if t is not None and t.is_cuda} - {device}
+    return ([main] if main is not None else []) + [CudaOps(d) for d in sorted(others, key=str)]
+
+
+def _get_rng(ops: list) -> tuple[torch.Tensor, ...]:
+    return (torch.get_rng_state(),) + tuple(o.get_rng_state() for o in ops)
+
+
+def _set_rng(ops: list, states) -> None:
+    torch.set_rng_state(states[0])
+    for o, state in zip(ops, states[1:]):
+        o.set_rng_state(state)
+
+
+@contextmanager
+def _fork_rng(ops: list, enabled: bool = True):
+    """torch.random.fork_rng for the CPU and the devices of ``ops`` (get/set_rng_state each)."""
+    saved = _get_rng(ops) if enabled else None
+    try:
+        yield
+    finally:
+        if enabled:
+            _set_rng(ops, saved)
+
+
 class _Runner:
     """Holds one scan's step function, schedule and storage between forward and backward."""
 
-    def __init__(self, step, n, n_state, cfg, stats, meter, device):
+    def __init__(self, step, n, n_state, cfg, stats, meter, device, rng_ops):
         self.step, self.n, self.n_state, self.cfg = step, n, n_state, cfg
-        self.stats, self.meter, self.device = stats, meter, device
+        self.stats, self.meter, self.rng_ops = stats, meter, rng_ops
+        self.ops = device_ops(device, cfg.device_ops)  # storage NOTE [device ops]
         self.fast = FastTier(meter)
         self.slow = None
         self.inputs = None
@@ -100,18 +134,11 @@ class _Runner:
 
     # -- RNG-carrying checkpoints -------------------------------------------------------------
     def pack(self, state):
-        if not self.cfg.preserve_rng:
-            return tuple(state)
-        rng = (torch.get_rng_state(),)
-        if self.device.type == "cuda":
-            rng += (torch.cuda.get_rng_state(self.device),)
-        return tuple(state) + rng
+        return tuple(state) + (_get_rng(self.rng_ops) if self.cfg.preserve_rng else ())
 
     def unpack(self, packed):
         if self.cfg.preserve_rng:
-            torch.set_rng_state(packed[self.n_state])
-            if self.device.type == "cuda":
-                torch.cuda.set_rng_state(packed[self.n_state + 1], self.device)
+            _set_rng(self.rng_ops, packed[self.n_state:])
         return tuple(packed[:self.n_state])
 
     # -- stepping ------------------------------------------------------------------------------
@@ -132,11 +159,13 @@ class _Runner:
             return self.n
         if cfg.interval is not None:
             return cfg.interval
-        with torch.random.fork_rng(devices=self._rng_devices()):
+        with _fork_rng(self.rng_ops):
             times = []
             for _ in range(3):
+                self.sync()  # on GPU time the kernels, not their launches
                 t0 = time.perf_counter()
                 self.run(0, 1, state0)
+                self.sync()
                 times.append(time.perf_counter() - t0)
         probe = self.make_slow(2, self.pack(state0))
         try:
@@ -148,14 +177,16 @@ class _Runner:
         t_f, t_w = sorted(times)[1], min(probe.write_times_s)
         return sch.choose_interval(t_f, t_w)
 
+    def sync(self) -> None:
+        if self.ops is not None:
+            self.ops.synchronize()
+
     def make_slow(self, n_keys, template):
         cfg = self.cfg
         return make_tier(cfg.tier, n_keys=n_keys, template=template, disk_dir=cfg.disk_dir,
                          transfer_delay_s=cfg.transfer_delay_s, max_pending=cfg.max_pending,
-                         timeout_s=cfg.timeout_s, meter=self.meter, write_fn=cfg.write_fn)
-
-    def _rng_devices(self):
-        return [self.device] if self.device.type == "cuda" else []
+                         timeout_s=cfg.timeout_s, meter=self.meter, write_fn=cfg.write_fn,
+                         ops=self.ops)
 
 
 def _close_quietly(fast, slow_box):
@@ -262,7 +293,7 @@ class _Grads:
 def _backward(r: _Runner, grads: _Grads) -> None:
     """Reverse intervals last to first, prefetching the previous interval's start state."""
     chunks = sch.intervals(r.n, r.stats.interval)
-    with torch.random.fork_rng(devices=r._rng_devices(), enabled=r.cfg.preserve_rng):
+    with _fork_rng(r.rng_ops, enabled=r.cfg.preserve_rng):
         for k in range(len(chunks) - 1, -1, -1):
             a, b = chunks[k]
             ops = sch.revolve_ops(b - a, r.cfg.slots)
@@ -324,9 +355,9 @@ class _Scan(torch.autograd.Function):
         return (None, grads.g_inputs, *g_state, *grads.g_params)
 
 
-def _discover_params(step, state0, x0) -> tuple[torch.Tensor, ...]:
+def _discover_params(step, state0, x0, rng_ops) -> tuple[torch.Tensor, ...]:
     """Leaf tensors requiring grad reached from step 0's graph (NOTE [parameters])."""
-    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+    with torch.enable_grad(), _fork_rng(rng_ops):
         st = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in state0)
         x = None if x0 is None else x0.detach()
         new, y = step(0, st, x)
@@ -358,14 +389,18 @@ def _scan(step, state0, inputs, n, params, cfg, stats, meter=None):
     if n < 1:
         raise VarstudyError(f"scan needs at least 1 step; got {n}")
     stats = stats if stats is not None else ScanStats()
+    if cfg.strategy == "store_all" or not torch.is_grad_enabled():
+        return _plain(step, state0, n, inputs)
+    x0, device = None if inputs is None else inputs[0], state0[0].device
     if params is None:
-        params = _discover_params(step, state0, None if inputs is None else inputs[0])
+        params = _discover_params(step, state0, x0, _rng_ops(cfg, device, state0 + (x0,)))
     params = tuple(params)
     needs = [t.requires_grad for t in state0 + params] + [inputs is not None and inputs.requires_grad]
-    if cfg.strategy == "store_all" or not torch.is_grad_enabled() or not any(needs):
+    if not any(needs):
         return _plain(step, state0, n, inputs)
     meter = meter if meter is not None else MemoryMeter()
-    r = _Runner(step, n, len(state0), cfg, stats, meter, state0[0].device)
+    r = _Runner(step, n, len(state0), cfg, stats, meter, device,
+                _rng_ops(cfg, device, state0 + (x0,) + params))
     r.params = params
     out = _Scan.apply(r, inputs, *state0, *params)
     return out[0], tuple(out[1:])
@@ -381,9 +416,10 @@ def checkpointed_scan(step_fn, state0, inputs, *, strategy: str = "multistage", 
     (LSTM (h, c)); inputs: (N, *x_shape); strategy: ``store_all`` | ``revolve`` | ``multistage``;
     slots: fast checkpoint slots s; interval: slow-tier interval I (None: ceil(T_w / t_f),
     measured); tier: ``host`` | ``disk``; meter: a MemoryMeter receiving fast-tier bytes (wrap
-    forward and backward in ``meter.track_saved()`` to add the re-taped steps); params: tensors used inside step_fn that need gradients
-    (None: discovered, NOTE [parameters]); config overrides all of these; extra keywords go to
-    :class:`ScanConfig` (transfer_delay_s, disk_dir, max_pending, timeout_s, preserve_rng).
+    forward and backward in ``meter.track_saved()`` to add the re-taped steps); params: tensors
+    step_fn takes from outside that need gradients (None: discovered, NOTE
+    [parameters]); config overrides all of these; extra keywords go to :class:`ScanConfig`
+    (transfer_delay_s, disk_dir, max_pending, timeout_s, preserve_rng, write_fn, device_ops).
     Returns (ys of shape (N, *y_shape), final state shaped like state0).
     """
     cfg = config or ScanConfig(strategy=strategy, slots=slots, interval=interval, tier=tier, **kw)

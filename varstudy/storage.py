@@ -3,12 +3,22 @@
 A *state* is a tuple of tensors (model state + RNG state). Slow tiers (host, disk) write and read
 asynchronously: ``put`` returns at once, ``prefetch`` starts a read, ``get`` waits for it.
 
-NOTE [async tiers]: one worker thread per tier (or, for the host tier on CUDA, a side CUDA stream)
-does the transfers. The number of writes in flight is bounded by a semaphore (``max_pending``), so a
-slow link stalls the caller instead of growing a queue. The worker never blocks on the caller, so it
-cannot deadlock; every wait has a timeout. A transfer that fails stores its exception in its future;
-the next ``put``/``get``/``close`` in the caller raises it as :class:`VarstudyError`. ``close`` (also
-called on error) waits for the worker and removes every file the disk tier wrote.
+NOTE [async tiers]: one worker thread per tier does the transfers, on every device. The number of
+writes in flight is bounded by a semaphore (``max_pending``), so a slow link stalls the caller
+instead of growing a queue. The worker never blocks on the caller, so it cannot deadlock; every wait
+has a timeout. A transfer that fails stores its exception in its future; the next
+``put``/``get``/``wait_writes``/``close`` in the caller raises it as :class:`VarstudyError`.
+``close`` (also called on error) waits for the worker and removes every file the disk tier wrote.
+
+NOTE [device ops]: the host tier's CUDA path makes its device calls through a small ops object
+(:class:`CudaOps` by default; tests pass a fake so this path runs on CPU). ``put`` records a *ready*
+event on the caller's stream; the worker waits for it (the write clock starts there, so T_w is the
+transfer alone), issues non_blocking copies into the pinned pool on a side stream, records a *done*
+event and waits for it: the worker, never the caller, blocks on the GPU, the write time includes
+the copy, and an asynchronous CUDA error surfaces in the write's future like any other failure.
+Reads copy back on the side stream the same way; ``get`` marks the tensors as used by the caller's
+stream (``record_stream``) so the allocator does not reuse them early. The source of a write stays
+referenced (and counted by the meter) until its done event has completed.
 
 ``transfer_delay_s`` is an ARTIFICIAL THROTTLE: the worker sleeps that long per write and per read,
 modelling a link of known speed so the compute/transfer ratio can be swept on one machine.
@@ -130,6 +140,54 @@ class FastTier:
         return len(self._slots)
 
 
+class CudaOps:
+    """The CUDA calls of the host tier and of interval timing, for one device (NOTE [device ops])."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+
+    def stream(self):
+        return torch.cuda.Stream(self.device)
+
+    def current_stream(self):
+        return torch.cuda.current_stream(self.device)
+
+    def use_stream(self, stream):
+        return torch.cuda.stream(stream)
+
+    def event(self):
+        return torch.cuda.Event()
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def pinned_empty(self, shape, dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
+
+    def copy_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src, non_blocking=True)
+
+    def to(self, src: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return src.to(device, non_blocking=True, copy=True)
+
+    def record_stream(self, t: torch.Tensor, stream) -> None:
+        if t.is_cuda:
+            t.record_stream(stream)
+
+    def get_rng_state(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device)
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.cuda.set_rng_state(state, self.device)
+
+
+def device_ops(device: torch.device, ops=None):
+    """``ops`` if given, else :class:`CudaOps` for a CUDA device, else None (plain CPU path)."""
+    if ops is not None:
+        return ops
+    return CudaOps(device) if torch.device(device).type == "cuda" else None
+
+
 class _AsyncTier:
     """Shared machinery: one worker thread, bounded writes, futures carrying errors."""
 
@@ -162,7 +220,7 @@ class _AsyncTier:
         self.stall_s += time.perf_counter() - t0
         nbytes = state_bytes(state)
         self.meter.add(nbytes)  # the source stays alive in fast memory until written
-        fut = self._pool.submit(self._timed_write, key, state)
+        fut = self._pool.submit(self._timed_write, key, state, self._source_ready())
         self._writes[key] = fut
         fut.add_done_callback(lambda f: self._write_done(key, f, nbytes))
 
@@ -220,7 +278,15 @@ class _AsyncTier:
         except Exception as exc:  # noqa: BLE001 - re-raised in the caller with context
             raise VarstudyError(f"{self.name} tier: {what} failed: {exc!r}") from exc
 
-    def _timed_write(self, key: int, state: State) -> None:
+    def _source_ready(self):
+        """Caller side: a token the worker waits on before copying (CUDA: an event)."""
+        return None
+
+    def _await_source(self, token) -> None:
+        pass
+
+    def _timed_write(self, key: int, state: State, token=None) -> None:
+        self._await_source(token)  # not timed: the producer's compute (NOTE [device ops])
         t0 = time.perf_counter()
         self._write(key, state)
         if self.delay:
@@ -256,61 +322,65 @@ class _AsyncTier:
 class HostTier(_AsyncTier):
     """Host memory: a pool preallocated for ``n_keys`` states shaped like ``template``.
 
-    On CUDA the pool is pinned and copies run on a side CUDA stream ordered by events (no host sync);
-    on CPU a plain preallocated pool is filled by the worker thread.
+    On CUDA (or with ``ops`` given) the pool is pinned and the worker copies on a side stream
+    ordered by events (NOTE [device ops]); on CPU the worker fills a plain preallocated pool.
     """
 
     name = "host"
 
-    def __init__(self, n_keys: int, template: State, **kw) -> None:
+    def __init__(self, n_keys: int, template: State, *, ops=None, **kw) -> None:
         super().__init__(**kw)
         self.device = template[0].device
-        self.cuda = self.device.type == "cuda"
-        pin = self.cuda and torch.cuda.is_available()
-        self.pool = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in template)
+        self.ops = device_ops(self.device, ops)
+        empty = self.ops.pinned_empty if self.ops is not None else \
+            (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+        self.pool = [tuple(empty(t.shape, t.dtype) for t in template)
                      for _ in range(max(n_keys, 0))]
         self.devices = [t.device for t in template]
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self._events: dict[int, tuple] = {}
-
-    def put(self, key: int, state: State) -> None:
-        if not self.cuda:
-            return super().put(key, state)
-        ready = torch.cuda.current_stream(self.device).record_event()
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(ready)
-            for dst, src in zip(self.pool[key], state):
-                dst.copy_(src, non_blocking=True)
-                if src.device.type == "cuda":
-                    src.record_stream(self.stream)
-
-    def prefetch(self, key: int) -> None:
-        if not self.cuda:
-            return super().prefetch(key)
-        if key in self._events:
-            return
-        with torch.cuda.stream(self.stream):
-            out = tuple(p.to(d, non_blocking=True) for p, d in zip(self.pool[key], self.devices))
-            self._events[key] = (out, self.stream.record_event())
+        self.stream = self.ops.stream() if self.ops is not None else None
 
     def get(self, key: int) -> State:
-        if not self.cuda:
-            return super().get(key)
-        self.prefetch(key)
-        out, done = self._events.pop(key)
-        main = torch.cuda.current_stream(self.device)
-        main.wait_event(done)
-        for t in out:
-            if t.device.type == "cuda":
-                t.record_stream(main)
-        return out
+        state = super().get(key)
+        if self.ops is not None:  # read on the side stream, used on the caller's
+            main = self.ops.current_stream()
+            for t in state:
+                self.ops.record_stream(t, main)
+        return state
+
+    def _source_ready(self):
+        if self.ops is None:
+            return None
+        ready = self.ops.event()
+        ready.record(self.ops.current_stream())
+        return ready
+
+    def _await_source(self, token) -> None:
+        if token is not None:
+            token.synchronize()
 
     def _write(self, key: int, state: State) -> None:
-        for dst, src in zip(self.pool[key], state):
-            dst.copy_(src)
+        if self.ops is None:
+            for dst, src in zip(self.pool[key], state):
+                dst.copy_(src)
+            return
+        with self.ops.use_stream(self.stream):
+            for dst, src in zip(self.pool[key], state):
+                self.ops.copy_(dst, src)
+            self._wait_side()
 
     def _read(self, key: int) -> State:
-        return tuple(p.to(d, copy=True) for p, d in zip(self.pool[key], self.devices))
+        if self.ops is None:
+            return tuple(p.to(d, copy=True) for p, d in zip(self.pool[key], self.devices))
+        with self.ops.use_stream(self.stream):
+            out = tuple(self.ops.to(p, d) for p, d in zip(self.pool[key], self.devices))
+            self._wait_side()
+        return out
+
+    def _wait_side(self) -> None:
+        """Worker side: block until the side stream's queued copies are done."""
+        done = self.ops.event()
+        done.record(self.stream)
+        done.synchronize()
 
     def _cleanup(self) -> None:
         self.pool = []
@@ -357,10 +427,10 @@ class DiskTier(_AsyncTier):
 
 
 def make_tier(name: str, *, n_keys: int, template: State, disk_dir: str | None = None,
-              write_fn: Callable | None = None, **kw) -> _AsyncTier:
-    """Build a slow tier by name (registry: ``TIERS``)."""
+              write_fn: Callable | None = None, ops=None, **kw) -> _AsyncTier:
+    """Build a slow tier by name (registry: ``TIERS``); ``ops``: the host tier's device ops."""
     if name == "host":
-        return HostTier(n_keys, template, **kw)
+        return HostTier(n_keys, template, ops=ops, **kw)
     if name == "disk":
         return DiskTier(disk_dir, write_fn=write_fn, **kw)
     raise VarstudyError(f"unknown storage tier {name!r}; valid: {', '.join(TIERS)}")
