@@ -150,3 +150,73 @@ def test_bad_config_lists_choices():
     with pytest.raises(VarstudyError, match="valid: host, disk"):
         xs = torch.zeros(3, 1, 3)
         checkpointed_scan(step, torch.zeros(1, 5, requires_grad=True), xs, tier="tape", interval=1)
+
+
+def _plain_loop(step, h0, xs):
+    ys, h = [], h0
+    for x in xs:
+        h, y = step(h, x)
+        ys.append(y)
+    return torch.stack(ys), h
+
+
+CLOSURE_CASES = {
+    "store_all": dict(strategy="store_all"),
+    "revolve": dict(strategy="revolve", slots=2),
+    "multistage-host": dict(strategy="multistage", slots=2, interval=3, tier="host"),
+    "multistage-disk": dict(strategy="multistage", slots=2, interval=3, tier="disk"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLOSURE_CASES))
+def test_step_closing_over_non_leaf_matches_plain_autograd(case, tmp_path):
+    """wn = f(w0) made outside the step (a graph shared by all steps): w0's gradient, through wn
+    and through its direct use in the step, and wn's use outside the scan, as plain autograd."""
+    g = torch.Generator().manual_seed(4)
+    w0 = (0.5 * torch.randn(5, 5, generator=g)).requires_grad_()
+    u = torch.randn(3, 5, generator=g).requires_grad_()
+    xs = torch.randn(11, 2, 3, generator=g, requires_grad=True)
+    h0 = torch.randn(2, 5, generator=g, requires_grad=True)
+
+    def grads(run):
+        wn = torch.tanh(w0) * 0.3  # non-leaf; tanh saves its output for backward
+
+        def step(h, x):
+            new = torch.tanh(h @ wn + x @ u + 0.1 * (h @ w0))
+            return new, new.pow(2).sum(-1)
+
+        ys, hT = run(step)
+        loss = (ys * torch.linspace(0, 1, ys.numel()).view_as(ys)).sum() + hT.pow(2).sum() + wn.sum()
+        return torch.autograd.grad(loss, [w0, u, xs, h0]), loss.detach()
+
+    ref, loss_ref = grads(lambda step: _plain_loop(step, h0, xs))
+    kw = dict(CLOSURE_CASES[case], disk_dir=str(tmp_path), timeout_s=10)
+    got, loss = grads(lambda step: checkpointed_scan(step, h0, xs, **kw))
+    assert torch.equal(loss, loss_ref)
+    _assert_same(got, ref)
+
+
+@pytest.mark.parametrize("case", ["revolve", "multistage-host"])
+def test_step_closing_over_another_scans_output(case, tmp_path):
+    """Encoder-decoder: the decoder step closes over the encoder scan's final state (a non-leaf
+    made by another checkpointed scan, whose backward must run once)."""
+    enc, enc_params = _rnn(seed=5)
+    g = torch.Generator().manual_seed(6)
+    v = torch.randn(5, 5, generator=g).requires_grad_()
+    xs_enc = torch.randn(9, 2, 3, generator=g, requires_grad=True)
+    xs_dec = torch.randn(7, 2, 5, generator=g)
+    h0 = torch.zeros(2, 5)
+
+    def grads(run):
+        _, ctx = run(enc, h0, xs_enc)
+
+        def dec(h, x):
+            new = torch.tanh(h @ v + x + ctx)
+            return new, new.sum(-1)
+
+        ys, hT = run(dec, h0, xs_dec)
+        return torch.autograd.grad(ys.pow(2).sum() + hT.sum(), enc_params + [v, xs_enc])
+
+    ref = grads(_plain_loop)
+    kw = dict(CLOSURE_CASES[case], disk_dir=str(tmp_path), timeout_s=10)
+    _assert_same(grads(lambda step, h, xs: checkpointed_scan(step, h, xs, **kw)), ref)

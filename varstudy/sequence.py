@@ -19,9 +19,16 @@ advances under no_grad, and for each step a re-tape under enable_grad followed b
 Function returns for the parameters it received as inputs. So ``.backward()`` and
 ``torch.autograd.grad`` both work, for any N, slots and interval.
 
-NOTE [parameters]: parameters used inside ``step_fn`` must be inputs of the Function. If ``params``
-is not given they are discovered by running step 0 once with a tape and collecting the leaf tensors
-that require grad (other than state and x_0) from its graph.
+NOTE [parameters]: tensors requiring grad that ``step_fn`` takes from outside (parameters, and
+non-leaf tensors such as ``wn = w0 * 0.3`` made before the scan) must be inputs of the Function.
+If ``params`` is not given they are discovered on step 0, run once with a tape under a
+TorchFunctionMode recording each tensor argument that requires grad and was not made in the step
+(plus the leaves its graph reaches, the walk stopping at those non-leaf tensors). A re-taped step
+must not backpropagate into the graph outside it (shared by all N steps, freed by the first pass),
+so it runs with each non-leaf parameter swapped for a detached leaf alias (the same mode) and
+differentiates w.r.t. the aliases; their summed gradients are returned for the non-leaf tensors,
+and autograd carries them on once, as plain autograd does. The originals are differentiated too:
+None, unless a use escaped the swap (inside a custom autograd.Function), which is then counted.
 
 NOTE [RNG]: like torch.utils.checkpoint, recomputation is exact under dropout: every stored
 checkpoint carries the RNG state (CPU, plus that of each CUDA device holding the state, inputs or
@@ -35,12 +42,14 @@ from __future__ import annotations
 
 import time
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from varstudy import schedules as sch
 from varstudy.errors import VarstudyError
@@ -254,11 +263,16 @@ class _Grads:
         self.g_params = [None] * len(r.params)
         need_x = r.inputs is not None and r.inputs.requires_grad
         self.g_inputs = torch.zeros_like(r.inputs) if need_x else None
+        # NOTE [parameters]: non-leaf parameters are swapped for leaf aliases in each re-tape
+        self.alias = {j: p.detach().requires_grad_() for j, p in enumerate(r.params)
+                      if p.grad_fn is not None}
+        self.swap = _Closures(swap={id(r.params[j]): a for j, a in self.alias.items()})
+        self.targets = list(range(len(r.params))) + list(self.alias)  # g_params index per wrt
 
     def reverse_step(self, i: int, cur) -> None:
         """Re-tape step i from x_i and backpropagate the current adjoint through it."""
         r = self.r
-        with torch.enable_grad():
+        with torch.enable_grad(), (self.swap if self.alias else nullcontext()):
             st = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in cur)
             x = r.x(i)
             if self.g_inputs is not None:
@@ -269,8 +283,8 @@ class _Grads:
             if out is not None and g is not None and out.requires_grad:
                 outs.append(out)
                 gouts.append(g)
-        wrt = [t for t in st if t.requires_grad]
-        wrt += ([x] if self.g_inputs is not None else []) + list(r.params)
+        wrt = [t for t in st if t.requires_grad] + ([x] if self.g_inputs is not None else [])
+        wrt += list(r.params) + list(self.alias.values())  # NOTE [parameters]: originals too
         got = torch.autograd.grad(outs, wrt, gouts, allow_unused=True) if outs else [None] * len(wrt)
         r.stats.retaped_steps += 1
         self._accumulate(i, st, got)
@@ -285,9 +299,12 @@ class _Grads:
             gx = got.pop(0)
             if gx is not None:
                 self.g_inputs[i] = gx
-        for j, g in enumerate(got):
-            if g is not None:
-                self.g_params[j] = g if self.g_params[j] is None else self.g_params[j] + g
+        for j, g in zip(self.targets, got):
+            self.g_params[j] = _add(self.g_params[j], g)
+
+
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
 
 
 def _backward(r: _Runner, grads: _Grads) -> None:
@@ -355,13 +372,41 @@ class _Scan(torch.autograd.Function):
         return (None, grads.g_inputs, *g_state, *grads.g_params)
 
 
+class _Closures(TorchFunctionMode):
+    """Finds (``found``) or swaps (``swap``: id -> alias) the tensors a step takes from outside."""
+
+    def __init__(self, inside=(), swap=None) -> None:
+        super().__init__()
+        self.made, self.found, self.swap = list(inside), [], swap  # made: keeps their ids unique
+        self.inside = {id(t) for t in inside}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        args, kwargs = tree_map_only(torch.Tensor, self._visit, (args, kwargs or {}))
+        out = func(*args, **kwargs)
+        if self.swap is None:
+            made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.made += made
+            self.inside.update(map(id, made))
+        return out
+
+    def _visit(self, t: torch.Tensor) -> torch.Tensor:
+        if self.swap is not None:
+            return self.swap.get(id(t), t)
+        if t.requires_grad and id(t) not in self.inside and all(t is not f for f in self.found):
+            self.found.append(t)
+        return t
+
+
 def _discover_params(step, state0, x0, rng_ops) -> tuple[torch.Tensor, ...]:
-    """Leaf tensors requiring grad reached from step 0's graph (NOTE [parameters])."""
+    """Tensors requiring grad that step 0 takes from outside (NOTE [parameters])."""
     with torch.enable_grad(), _fork_rng(rng_ops):
         st = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in state0)
         x = None if x0 is None else x0.detach()
-        new, y = step(0, st, x)
-    seen, found, stack = set(), [], [o.grad_fn for o in new + (y,) if o is not None and o.grad_fn]
+        with _Closures(inside=st + ((x,) if x is not None else ())) as mode:
+            new, y = step(0, st, x)
+    found = mode.found
+    seen = {t.grad_fn for t in found if t.grad_fn is not None}  # the walk stops at non-leaves
+    stack = [o.grad_fn for o in new + (y,) if o is not None and o.grad_fn]
     exclude = {id(t) for t in st}
     while stack:
         fn = stack.pop()
@@ -417,7 +462,7 @@ def checkpointed_scan(step_fn, state0, inputs, *, strategy: str = "multistage", 
     slots: fast checkpoint slots s; interval: slow-tier interval I (None: ceil(T_w / t_f),
     measured); tier: ``host`` | ``disk``; meter: a MemoryMeter receiving fast-tier bytes (wrap
     forward and backward in ``meter.track_saved()`` to add the re-taped steps); params: tensors
-    step_fn takes from outside that need gradients (None: discovered, NOTE
+    step_fn takes from outside that need gradients, leaf or not (None: discovered, NOTE
     [parameters]); config overrides all of these; extra keywords go to :class:`ScanConfig`
     (transfer_delay_s, disk_dir, max_pending, timeout_s, preserve_rng, write_fn, device_ops).
     Returns (ys of shape (N, *y_shape), final state shaped like state0).
