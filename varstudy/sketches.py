@@ -10,7 +10,11 @@ Every family implements one small protocol (:class:`Sketch`):
   ``rows-norm``, whose row probabilities depend on X, which backward no longer has).
 * ``apply(a, k, seed, state) -> SᵀA``: applied in backward to Y; it regenerates S from the seed
   (S is never stored).
-* ``variance(x, y, k) -> E‖Ĝ − G‖²_F``: the closed form for one minibatch (float64 scalar).
+* ``variance(x, y, k) -> E‖Ĝ − G‖²_F``: the closed form for one minibatch (float64 scalar), and
+  ``entry_variance(x, y, k) -> E(Ĝ − G)²`` entrywise (d_out × d_in). A family states its closed
+  form once, as ``form(s, a, p, n, k)``; for a family whose S does not depend on X, entry (i, j)
+  of Ĝ is the estimator of the one-column problem (x_j, y_i), so the same form at the entrywise
+  moments (:func:`entry_moments`) gives its variance.
 
 Randomness comes only from a ``torch.Generator`` seeded with ``seed`` on the tensor's device, and
 every family draws in the same order in ``sketch`` and ``apply``, so both see the same S.
@@ -70,8 +74,20 @@ def moments(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return s, a, p
 
 
+def entry_moments(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The moments of each one-column problem (x_j, y_i), as (d_out, d_in) float64 matrices.
+
+    s_ij = ‖y_i‖² ‖x_j‖²,  a_ij = G_ij²,  p_ij = Σ_l y_li² x_lj²  (columns x_j of X, y_i of Y).
+    """
+    x, y = x.double(), y.double()
+    s = y.square().sum(0)[:, None] * x.square().sum(0)[None, :]
+    a = (y.T @ x).square()
+    p = y.square().T @ x.square()
+    return s, a, p
+
+
 class Sketch:
-    """Protocol of a sketch family; subclasses set ``name`` and implement the three methods."""
+    """Protocol of a sketch family; subclasses set ``name``, ``apply`` and ``form``."""
 
     name: str = ""
     dense: bool = False  # True when the family materializes an n × k matrix
@@ -84,9 +100,17 @@ class Sketch:
         """Return ``SᵀA`` (k, d) for a of shape (n, d), with the same S as ``sketch``."""
         raise NotImplementedError
 
+    def form(self, s: Tensor, a: Tensor, p: Tensor, n: int, k: int) -> Tensor:
+        """The closed form E‖Ĝ − G‖²_F from the moments s, a, p (see :func:`moments`)."""
+        raise NotImplementedError
+
     def variance(self, x: Tensor, y: Tensor, k: int) -> Tensor:
         """Closed-form E‖Ĝ − G‖²_F for X (n, d_in), Y (n, d_out) and k rows; float64 scalar."""
-        raise NotImplementedError
+        return self.form(*moments(x, y), x.shape[0], k)
+
+    def entry_variance(self, x: Tensor, y: Tensor, k: int) -> Tensor:
+        """Closed-form E(Ĝ_ij − G_ij)², (d_out, d_in) float64; sums to ``variance``."""
+        return self.form(*entry_moments(x, y), x.shape[0], k)
 
     def apply_in_backward(self, a: Tensor, k: int, seed: int, state: State) -> Tensor:
         """``apply`` as called from a layer's backward (may reuse work within one pass)."""
@@ -145,8 +169,7 @@ class Gaussian(_Dense):
     def draw(self, n, k, gen, device):
         return torch.randn(n, k, generator=gen, device=device)
 
-    def variance(self, x, y, k):
-        s, a, _ = moments(x, y)
+    def form(self, s, a, p, n, k):
         return (s + a) / k
 
 
@@ -157,8 +180,7 @@ class Rademacher(_Dense):
         bits = torch.randint(0, 2, (n, k), generator=gen, device=device, dtype=torch.int8)
         return bits * 2 - 1
 
-    def variance(self, x, y, k):
-        s, a, p = moments(x, y)
+    def form(self, s, a, p, n, k):
         return (s + a - 2 * p) / k
 
 
@@ -172,8 +194,7 @@ class CountSketch(Sketch):
         signed = a * (sign.to(a.dtype) * 2 - 1)
         return a.new_zeros(k, a.shape[1]).index_add_(0, bucket, signed)
 
-    def variance(self, x, y, k):
-        s, a, p = moments(x, y)
+    def form(self, s, a, p, n, k):
         return (s + a - 2 * p) / k
 
 
@@ -185,9 +206,8 @@ class Rows(Sketch):
         idx = torch.randint(0, n, (k,), generator=generator(seed, a.device), device=a.device)
         return a[idx] * math.sqrt(n / k)
 
-    def variance(self, x, y, k):
-        _, a, p = moments(x, y)
-        return (x.shape[0] * p - a) / k
+    def form(self, s, a, p, n, k):
+        return (n * p - a) / k
 
 
 class RowsWithoutReplacement(Sketch):
@@ -198,9 +218,7 @@ class RowsWithoutReplacement(Sketch):
         idx = torch.randperm(n, generator=generator(seed, a.device), device=a.device)[:k]
         return a[idx] * math.sqrt(n / k)
 
-    def variance(self, x, y, k):
-        n = x.shape[0]
-        _, a, p = moments(x, y)
+    def form(self, s, a, p, n, k):
         fpc = (n - k) / (n - 1) if n > 1 else 0.0
         return (n * p - a) / k * fpc
 
@@ -228,9 +246,16 @@ class RowsNorm(Sketch):
         idx, scale = state
         return a[idx] * scale.to(a.dtype)[:, None]
 
-    def variance(self, x, y, k):
-        s, a, _ = moments(x, y)
+    def form(self, s, a, p, n, k):
         return (s - a) / k
+
+    def entry_variance(self, x, y, k):
+        """S depends on X: (Σ_l (y_li x_lj)² / P(l) − G_ij²) / k with P(l) = ‖x_l‖² / ‖X‖²."""
+        x, y = x.double(), y.double()
+        w = x.square().sum(1)
+        inv = torch.where(w > 0, w.sum() / w, torch.zeros_like(w))  # 1/P(l); zero rows add 0
+        second = (y.square() * inv[:, None]).T @ x.square()
+        return (second - (y.T @ x).square()) / k
 
 
 def fwht(a: Tensor) -> Tensor:
@@ -260,8 +285,7 @@ class SRHT(Sketch):
             signed = torch.cat((signed, signed.new_zeros(m - n, a.shape[1])))
         return fwht(signed)[idx] * math.sqrt(m / k)
 
-    def variance(self, x, y, k):
-        s, a, p = moments(x, y)
+    def form(self, s, a, p, n, k):
         return (s + a - 2 * p) / k
 
 
