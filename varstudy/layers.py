@@ -17,7 +17,7 @@ converted with the same base seed reproduces its gradients exactly. ``reseed`` r
 counters (and empties the sketch cache).
 
 NOTE [shared sketches]: layers that read the very same input tensor (Q, K and V of attention) and
-use the same family, k and dtype share one stored ``SᵀX`` through a :class:`SketchCache`,
+use the same family, k and compute dtype share one stored ``SᵀX`` through a :class:`SketchCache`,
 so autograd keeps ρ·X once instead of 3ρ·X. Sharing holds only among the sibling layers of one
 forward pass: the entry records which layers have used it, each layer uses an entry at most once,
 and a layer that meets an entry it already used (the same tensor fed again: a reused batch, fixed
@@ -25,6 +25,13 @@ features, a layer applied twice) draws a fresh sketch from its own seed and repl
 Siblings use the seed of the layer that drew the entry. The cache references the input only
 weakly and drops its entry when the input dies; ``reseed`` empties it, so a reseeded model
 repeats the gradients of a fresh conversion with that seed.
+
+NOTE [mixed precision]: under ``torch.autocast`` the layer follows autocast's rule for
+``nn.Linear``: the output is ``F.linear`` run under autocast (equal to nn.Linear's), and x, W and
+the sketch are in the autocast dtype (float64 inputs are left alone, as autocast does). The stored
+``SᵀX`` is in that dtype (half the bytes of float32), backward runs with autocast off on explicit
+casts (dX = Y W in the autocast dtype, Ĝ = (SᵀY)ᵀ(SᵀX) from the same S), and each gradient is
+returned in its input's dtype. The fp32 weight itself is saved, not a cast copy.
 
 NOTE [finite check]: ``finite_check()`` (opt-in, off by default) makes every RandomizedLinear
 verify that its input, output and output gradient hold no NaN/Inf and raise a VarstudyError
@@ -36,7 +43,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -125,14 +132,30 @@ class SketchCache:
         self._entry = None
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast gives ``x`` in a linear layer, or None when autocast leaves it alone."""
+    device = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _autocast_off(device: str, enabled: bool):
+    return torch.autocast(device, enabled=False) if enabled else nullcontext()
+
+
 class _SketchedLinearFn(torch.autograd.Function):
-    """out = x Wᵀ + b; saves (SᵀX, W, state) instead of x. See the module docstring."""
+    """out = x Wᵀ + b; saves (SᵀX, W, state) instead of x. See the module docstring.
+
+    ``ct`` is the autocast dtype or None (NOTE [mixed precision]); ``sx`` is already in it.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, sx, sketch, k, seed, check, *state):
+    def forward(ctx, x, weight, bias, sx, sketch, k, seed, check, ct, *state):
         ctx.save_for_backward(sx, weight, *state)
-        ctx.sketch, ctx.k, ctx.seed, ctx.check = sketch, k, seed, check
-        return F.linear(x, weight, bias)
+        ctx.sketch, ctx.k, ctx.seed, ctx.check, ctx.ct = sketch, k, seed, check, ct
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
+        return F.linear(x, weight, bias)  # under the caller's autocast, exactly as nn.Linear
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -140,16 +163,20 @@ class _SketchedLinearFn(torch.autograd.Function):
         if ctx.check is not None:
             _require_finite(grad_out, ctx.check, "output gradient")
         gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = grad_out @ weight
-        flat = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.needs_input_grad[1]:
-            sy = ctx.sketch.apply_in_backward(flat, ctx.k, ctx.seed, tuple(state))
-            torch.autograd.Variable._execution_engine.queue_callback(ctx.sketch.release)
-            gw = (sy.T @ sx).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            gb = flat.sum(0)
-        return (gx, gw, gb, None, None, None, None, None) + (None,) * len(state)
+        with _autocast_off(grad_out.device.type, ctx.ct is not None):
+            if ctx.ct is not None:
+                grad_out = grad_out.to(ctx.ct)
+            if ctx.needs_input_grad[0]:
+                w = weight if ctx.ct is None else weight.to(ctx.ct)
+                gx = (grad_out @ w).to(ctx.dtypes[0])
+            flat = grad_out.reshape(-1, grad_out.shape[-1])
+            if ctx.needs_input_grad[1]:
+                sy = ctx.sketch.apply_in_backward(flat, ctx.k, ctx.seed, tuple(state))
+                torch.autograd.Variable._execution_engine.queue_callback(ctx.sketch.release)
+                gw = (sy.T @ sx).to(weight.dtype)
+            if ctx.needs_input_grad[2]:
+                gb = flat.sum(0).to(ctx.dtypes[1])
+        return (gx, gw, gb) + (None,) * (6 + len(state))
 
 
 class RandomizedLinear(nn.Linear):
@@ -200,16 +227,18 @@ class RandomizedLinear(nn.Linear):
             _require_finite(x, check, "input")
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)  # nothing would be stored for dW
+        ct = _autocast_dtype(x)
         flat = x.detach().reshape(-1, x.shape[-1])
+        flat = flat if ct is None else flat.to(ct)
         k = rows_for(flat.shape[0], self.ratio, self.min_rows)
-        sx, seed, state = self._sketch_input(x, flat, k)
+        sx, seed, state = self._sketch_input(x, flat, k, ct is not None)
         out = _SketchedLinearFn.apply(x, self.weight, self.bias, sx, self.sketch, k, seed, check,
-                                      *state)
+                                      ct, *state)
         if check is not None:
             _require_finite(out, check, "output")
         return out
 
-    def _sketch_input(self, x: Tensor, flat: Tensor, k: int):
+    def _sketch_input(self, x: Tensor, flat: Tensor, k: int, autocast: bool):
         """(SᵀX, seed, state) for this call: a sibling's entry if unused here, else a new draw."""
         seed = derive_seed(self.seed, self.layer_id, self.calls)
         self.calls += 1
@@ -217,7 +246,7 @@ class RandomizedLinear(nn.Linear):
         hit = None if cache is None else cache.get(x, self.sketch, k, flat.dtype, id(self))
         if hit is not None:
             return hit
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(x.device.type, autocast):
             sx, state = self.sketch.sketch(flat, k, seed)
         if cache is not None:
             cache.put(x, self.sketch, k, sx, seed, state, id(self))

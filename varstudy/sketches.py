@@ -37,6 +37,13 @@ For ``srht`` the n token rows are zero-padded to n' = 2^⌈log2 n⌉ rows; paddi
 and Y, so s, a and p are unchanged. Derivation: E_D Σ_r ‖(HDx)_r‖²‖(HDy)_r‖² = (s + 2a − 2p)/n'
 for H with entries ±1/√n', and uniform sampling with replacement adds (n'·that − a)/k. ``rows-wor``
 is the finite-population version of ``rows``; at k = n it is a permutation and Ĝ = G exactly.
+
+NOTE [low precision]: for float16/bfloat16 inputs the result SᵀA is in the input's dtype, but the
+sums behind it run in float32 (matmul accumulation; countsketch's buckets and srht's transform are
+summed in float32) and each result entry is rounded at most twice (dense: product, then 1/√k).
+The dense matrix itself is rounded entrywise to the input's dtype; rounding to nearest is odd
+(fl(−m) = −fl(m)) and the entries are independent and symmetric, so E[S Sᵀ] stays a multiple
+c·I of the identity with |c − 1| ≤ 2u + u² (u the unit roundoff).
 """
 
 from __future__ import annotations
@@ -84,6 +91,11 @@ def entry_moments(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     a = (y.T @ x).square()
     p = y.square().T @ x.square()
     return s, a, p
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float16/bfloat16 (NOTE [low precision]), else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class Sketch:
@@ -191,8 +203,9 @@ class CountSketch(Sketch):
         gen = generator(seed, a.device)
         bucket = torch.randint(0, k, (a.shape[0],), generator=gen, device=a.device)
         sign = torch.randint(0, 2, (a.shape[0], 1), generator=gen, device=a.device)
-        signed = a * (sign.to(a.dtype) * 2 - 1)
-        return a.new_zeros(k, a.shape[1]).index_add_(0, bucket, signed)
+        acc = _acc_dtype(a.dtype)
+        signed = a.to(acc) * (sign.to(acc) * 2 - 1)
+        return a.new_zeros(k, a.shape[1], dtype=acc).index_add_(0, bucket, signed).to(a.dtype)
 
     def form(self, s, a, p, n, k):
         return (s + a - 2 * p) / k
@@ -244,7 +257,8 @@ class RowsNorm(Sketch):
 
     def apply(self, a, k, seed, state):
         idx, scale = state
-        return a[idx] * scale.to(a.dtype)[:, None]
+        acc = _acc_dtype(a.dtype)
+        return (a[idx].to(acc) * scale.to(acc)[:, None]).to(a.dtype)
 
     def form(self, s, a, p, n, k):
         return (s - a) / k
@@ -280,10 +294,11 @@ class SRHT(Sketch):
         gen = generator(seed, a.device)
         sign = torch.randint(0, 2, (n, 1), generator=gen, device=a.device)
         idx = torch.randint(0, m, (k,), generator=gen, device=a.device)
-        signed = a * (sign.to(a.dtype) * 2 - 1)
+        acc = _acc_dtype(a.dtype)
+        signed = a.to(acc) * (sign.to(acc) * 2 - 1)
         if m > n:
             signed = torch.cat((signed, signed.new_zeros(m - n, a.shape[1])))
-        return fwht(signed)[idx] * math.sqrt(m / k)
+        return (fwht(signed)[idx] * math.sqrt(m / k)).to(a.dtype)
 
     def form(self, s, a, p, n, k):
         return (s + a - 2 * p) / k
