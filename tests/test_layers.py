@@ -28,14 +28,44 @@ def grads(model, x):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_equals_linear(family, dtype):
+def test_forward_and_exact_grads_equal_linear_in_dtype(family, dtype):
+    """A layer kept in ``dtype`` (no autocast): output, dX and db equal nn.Linear's bit for bit;
+    dW is finite, nonzero and in ``dtype``."""
     lin = nn.Linear(6, 5).to(dtype)
-    rl = RandomizedLinear.from_linear(lin, ratio=0.3, sketch=family)
-    x = torch.randn(2, 7, 6).to(dtype).requires_grad_(True)
-    out = rl(x)
-    assert out.dtype == dtype and torch.equal(out, lin(x))
-    out.sum().backward()
-    assert rl.weight.grad.dtype == dtype and rl.weight.grad.shape == (5, 6)
+    rl = RandomizedLinear.from_linear(copy.deepcopy(lin), ratio=0.3, sketch=family)
+    x, y = torch.randn(2, 7, 6).to(dtype), torch.randn(2, 7, 5).to(dtype)
+    got = []
+    for layer in (lin, rl):
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        (out * y).sum().backward()
+        got.append((out, xi.grad, layer.bias.grad))
+    for a, b in zip(*got):
+        assert b.dtype == dtype and torch.equal(a, b)
+    assert rl.weight.grad.dtype == dtype and torch.isfinite(rl.weight.grad).all()
+    assert rl.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype,unit", [(torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)])
+def test_low_precision_ratio_one_gradient_equals_linear_within_rounding(dtype, unit):
+    """rows-wor at k = n permutes the rows (scale 1), so Ĝ = G in exact arithmetic. Each of Ĝ and
+    nn.Linear's dW is a float32 sum over the n rows rounded once to ``dtype`` (unit roundoff u),
+    so each is within u|G| + γ_n(1 + u)|Y|ᵀ|X| of the float64 G = YᵀX, γ_n = n·2⁻²⁴/(1 − n·2⁻²⁴).
+    """
+    lin = nn.Linear(6, 5).to(dtype)
+    rl = RandomizedLinear.from_linear(copy.deepcopy(lin), ratio=1.0, sketch="rows-wor")
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(3, 9, 6, generator=gen).to(dtype), torch.randn(3, 9, 5, generator=gen)
+    y = y.to(dtype)
+    x64, y64 = x.double().reshape(-1, 6), y.double().reshape(-1, 5)
+    g = y64.T @ x64
+    n = x64.shape[0]
+    gamma = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
+    bound = unit * g.abs() + gamma * (1 + unit) * (y64.abs().T @ x64.abs())
+    for layer in (lin, rl):
+        (layer(x) * y).sum().backward()
+        assert layer.weight.grad.dtype == dtype
+        assert ((layer.weight.grad.double() - g).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
