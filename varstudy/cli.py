@@ -47,6 +47,27 @@ def guarded(body: Callable[[], int | None], *, debug: bool = False) -> int:
         return 130
 
 
+SEED_LIMIT = 2**63  # seeds feed torch.manual_seed and numpy generators: 0 <= seed < 2**63
+
+
+def check_seed(name: str, seed) -> None:
+    """Raise a VarstudyError unless ``seed`` is an integer in [0, 2**63)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise VarstudyError(f"{name} {seed!r} is out of range; valid: integers with "
+                            f"0 <= {name} < 2**63")
+
+
+def check_distinct(name: str, values) -> None:
+    """Raise a VarstudyError when a list option names one value twice (``--ratios 0.1,0.1``
+    would count that configuration twice in every total and narrow its intervals)."""
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise VarstudyError(f"{name} lists {v!r} more than once ({', '.join(map(str, values))}"
+                                f"); valid choices: distinct values")
+        seen.add(v)
+
+
 def wants_debug(argv) -> bool:
     """True when ``--debug`` is among the raw arguments (for errors raised while parsing)."""
     return "--debug" in list(sys.argv[1:] if argv is None else argv)

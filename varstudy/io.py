@@ -8,6 +8,14 @@ fsync; a crash may leave a trailing partial line, which :func:`read_chunk` drops
 (no space left, permission denied, ...) becomes a one-line :class:`VarstudyError` naming the file.
 
 All bytes go through :func:`_write`, so tests can inject failures (``OSError(ENOSPC)``) there.
+New files get the mode the user's umask gives any new file (0666 & ~umask), like ``open``.
+
+NOTE [one run per folder]: a command holds :func:`output_lock` on its output folder for the whole
+run (``fcntl.flock`` on ``<folder>/.lock``, non-blocking); a second run on the same folder stops
+with one line naming the holder's pid instead of appending duplicate rows next to the first.
+The OS drops the lock when its process ends, however it ends, so a crash never leaves the folder
+locked (at most an unlocked ``.lock`` file, reused by the next run); a run that ends normally,
+with or without an error, removes the file.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,12 +66,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _new_temp(folder: Path, prefix: str) -> tuple[int, str]:
+    """Create a new file ``folder/prefix<random>`` for writing: (fd, path).
+
+    Unlike ``tempfile.mkstemp`` (always 0600) the mode is 0666 less the umask, so a table moved
+    into place has the permissions any new file of the user has.
+    """
+    while True:
+        tmp = str(folder / f"{prefix}{secrets.token_hex(6)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync, replace)."""
     path = Path(path)
     with _wrapped("writing", path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+        fd, tmp = _new_temp(path.parent, f".tmp-{path.name}.")
         try:
             try:
                 _write(fd, data)
@@ -110,10 +132,42 @@ def atomic_torch_save(path, obj) -> Path:
 
 
 def load_checkpoint(path) -> dict:
+    """A checkpoint written by :func:`atomic_torch_save`; a truncated or corrupt file is a
+    one-line VarstudyError naming it."""
     import torch
 
     with _wrapped("reading", path):
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        except OSError:
+            raise
+        except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors of a damaged file
+            raise VarstudyError(
+                f"checkpoint {path} is unreadable ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:200]}); valid choices: delete it and rerun (the "
+                "run starts over from its last finished part), or rerun without --resume") \
+                from None
+    if not isinstance(saved, dict):
+        raise VarstudyError(f"checkpoint {path} holds a {type(saved).__name__}, not a "
+                            "checkpoint; valid choices: delete it, or rerun without --resume")
+    return saved
+
+
+def read_json(path) -> dict:
+    """A JSON object written by :func:`atomic_write_json` (a resumed run's config), or a one-line
+    VarstudyError naming the file when it is not valid JSON."""
+    with _wrapped("reading", path):
+        text = Path(path).read_bytes()
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise VarstudyError(f"{path} is not valid JSON ({' '.join(str(err).split())}); valid "
+                            "choices: rerun without --resume (start over), or another --out") \
+            from None
+    if not isinstance(data, dict):
+        raise VarstudyError(f"{path} holds a JSON {type(data).__name__}, not an object; valid "
+                            "choices: rerun without --resume (start over), or another --out")
+    return data
 
 
 def append_csv(path, frame: pd.DataFrame) -> Path:
@@ -125,7 +179,7 @@ def append_csv(path, frame: pd.DataFrame) -> Path:
     path = Path(path)
     with _wrapped("appending to", path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         try:
             header = os.fstat(fd).st_size == 0
             _write(fd, frame.to_csv(index=False, header=header).encode("utf-8"))
@@ -151,6 +205,18 @@ def read_chunk(path) -> pd.DataFrame | None:
     return pd.read_csv(io.BytesIO(whole))
 
 
+def whole_lines(path) -> list[str]:
+    """The lines of a chunk file up to its last newline (a trailing partial line dropped), each
+    with its newline, undecodable bytes replaced; [] when the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with _wrapped("reading", path):
+        data = path.read_bytes()
+    text = data[:data.rfind(b"\n") + 1].decode("utf-8", "replace")
+    return [line + "\n" for line in text.split("\n")[:-1]]
+
+
 def trim_partial_line(path) -> None:
     """Cut a trailing partial line (an append interrupted mid-write) off a chunk file."""
     path = Path(path)
@@ -170,7 +236,7 @@ def check_writable(folder: str | os.PathLike) -> Path:
                             "directory path (--out)")
     with _wrapped("writing a test file to output directory", folder):
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-writable.")
+        fd, tmp = _new_temp(folder, ".tmp-writable.")
         try:
             _write(fd, b"ok\n")
             os.fsync(fd)
@@ -179,6 +245,55 @@ def check_writable(folder: str | os.PathLike) -> Path:
             with _ignored():
                 os.unlink(tmp)
     return folder
+
+
+def require_out(out) -> None:
+    """Refuse an empty output path: ``Path("")`` is the current directory, which is never meant."""
+    if out is None or not str(out).strip():
+        shown = "(none)" if out is None else repr(out)
+        raise VarstudyError(f"output directory --out {shown} is empty; valid choices: a "
+                            "directory path (--out . for the current directory)")
+
+
+@contextmanager
+def output_lock(folder: str | os.PathLike, name: str = ".lock"):
+    """Hold the exclusive lock of output folder ``folder`` for the block (NOTE [one run per
+    folder]); raise a one-line VarstudyError naming the holder's pid when another run has it."""
+    import fcntl
+
+    folder = Path(folder)
+    path = folder / name
+    while True:
+        with _wrapped("locking", path):
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise VarstudyError(f"output directory {folder} is in use by another run (pid "
+                                f"{holder}); valid choices: wait for it, or another --out") \
+                from None
+        except OSError as err:
+            os.close(fd)
+            raise _fail("locking", path, err) from err
+        try:  # the holder before us may have removed the file between our open and flock
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        pid = f"{os.getpid()}\n".encode()
+        os.pwrite(fd, pid, 0)
+        os.ftruncate(fd, len(pid))
+        yield path
+    finally:
+        with _ignored():
+            os.unlink(path)  # still locked: a run that opened it now sees another file
+        os.close(fd)
 
 
 def remove(*paths) -> None:
