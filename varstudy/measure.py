@@ -21,9 +21,13 @@ assembled into the final tables at the end). Training batches use ``derive_seed(
 NOTE [durable results / resume]: every finished batch is appended to its step's chunk with one
 write + fsync (:mod:`varstudy.io`); final tables are written last, each through a temp file +
 ``os.replace``, and ``env.json`` is written after them, so its presence marks a complete run
-(stale final tables are deleted when a run starts). ``resume=True`` (``--resume``) refuses a
-config.json that differs (except ``progress``/``resume``/``out``), drops a trailing partial line
-and any incomplete batch from the chunks, and measures only the missing batches. Training over
+(stale final tables are deleted when a run starts). Nothing in ``out`` changes before the model,
+the data and the layer patterns are loaded and checked, and only while the run holds the
+folder's lock (NOTE [one run per folder] in :mod:`varstudy.io`); only the run's own files are
+deleted. ``resume=True`` (``--resume``) refuses a config.json that differs (except
+``progress``/``resume``/``out``), drops from the chunks a trailing partial line and every batch
+that is incomplete or holds a row that fails :func:`finished_rows`' checks (a line cut or edited
+in the middle, a batch appended twice), and measures only the missing batches. Training over
 steps is resumed from a checkpoint, not replayed: after training up to each measured step
 t > 0, the model and AdamW state are saved atomically to ``state/train.pt`` (one file, replaced;
 the run measures step t only after that), and resume loads it; steps before t are complete by
@@ -54,7 +58,9 @@ summary.csv, one row per (train_step, layer incl. "model", family, ratio):
 
 from __future__ import annotations
 
-import json
+import contextlib
+import csv
+import io
 import math
 import os
 import platform
@@ -133,8 +139,12 @@ class MeasureConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for fam in self.families + ((self.train_sketch,) if self.train_sketch else ()):
             get_sketch(fam)
-        _check(len(self.families) > 0 and len(set(self.families)) == len(self.families),
-               f"families must be distinct and non-empty, got {self.families}")
+        _check(len(self.families) > 0, "families is empty; valid choices: "
+               f"{', '.join(SKETCHES)}")
+        cli.check_distinct("families", self.families)
+        cli.check_distinct("ratios", self.ratios)
+        cli.check_seed("seed", self.seed)
+        vio.require_out(self.out)
         _check(len(self.ratios) > 0 and all(0 < r <= 1 for r in self.ratios + (self.train_ratio,)),
                f"ratios must be in (0, 1], got {self.ratios} / train_ratio {self.train_ratio}")
         _check(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; valid choices: "
@@ -155,8 +165,10 @@ class MeasureConfig:
         _check(not (self.train_sketch and self.train_steps == 0),
                f"train_sketch {self.train_sketch!r} has no effect with train_steps 0; valid "
                "choices: --train-steps N > 0, or --train-sketch none")
-        _check(0 < self.level < 1 and self.lr > 0 and self.weight_decay >= 0,
-               "level must be in (0, 1), lr > 0 and weight_decay >= 0")
+        _check(0 < self.level < 1 and 0 < self.lr < math.inf
+               and 0 <= self.weight_decay < math.inf,
+               f"level {self.level!r}, lr {self.lr!r} or weight_decay {self.weight_decay!r} "
+               "is out of range; valid: 0 < level < 1, finite lr > 0 and weight_decay >= 0")
         for pattern in (self.layers, self.mc_layers):
             try:
                 re.compile(pattern or "")
@@ -314,7 +326,6 @@ def env_info(device: str) -> dict:
 
 def _seeded_rng(cfg: MeasureConfig, seed: int):
     """torch's global RNG (read by dropout only) forked and seeded; restored afterwards."""
-    import contextlib
     if not cfg.dropout:
         return contextlib.nullcontext()
     cuda = [torch.device(cfg.device).index or 0] if cfg.device.startswith("cuda") else []
@@ -388,20 +399,44 @@ def run(config: MeasureConfig | None = None) -> pd.DataFrame:
     ctx, device = dist.setup(cfg.device)
     started = time.perf_counter()
     out = Path(cfg.out)
-    chunks, state = out / "chunks", out / "state" / "train.pt"
     resuming = cfg.resume and (out / "config.json").is_file()
     if resuming:
-        old = json.loads((out / "config.json").read_text())
+        old = vio.read_json(out / "config.json")
         vio.refuse_changed(out, {k: old.get(k) for k in asdict(cfg)}, asdict(cfg), NOT_COMPARED)
     if ctx.is_main:
         vio.check_writable(out)
+    # Model, data and layer patterns are loaded and checked before anything in `out` changes.
+    model, encoded, population = prepare(replace(cfg, device=device))
+    names = select_layers(model, cfg.layers)
+    mc_names = mc_layer_names(cfg, names)
+    with contextlib.ExitStack() as held:
+        if ctx.is_main:
+            held.enter_context(vio.output_lock(out))  # NOTE [one run per folder] (io)
+        return _run(cfg, ctx, device, started, resuming, model, encoded, population, names,
+                    mc_names)
+
+
+def mc_layer_names(cfg: MeasureConfig, names: list[str]) -> set[str]:
+    """The selected layers that get Monte Carlo (``mc_layers`` None: all of them); an error when
+    Monte Carlo is asked for (``mc_draws`` > 0) but the pattern matches none of them."""
+    picked = {n for n in names if cfg.mc_draws and re.search(cfg.mc_layers or "", n)}
+    if cfg.mc_draws and cfg.mc_batches and not picked:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise VarstudyError(f"mc_layers {cfg.mc_layers!r} matches none of the {len(names)} "
+                            f"selected layers ({shown}); valid choices: a regex matching one of "
+                            "them, 'none' (all selected layers), or mc_draws 0 (no Monte Carlo)")
+    return picked
+
+
+def _run(cfg, ctx, device, started, resuming, model, encoded, population, names, mc_names):
+    """:func:`run` once its inputs are loaded and, on rank 0, the output folder is locked."""
+    out = Path(cfg.out)
+    chunks, state = out / "chunks", out / "state" / "train.pt"
+    if ctx.is_main:
         vio.remove(*(out / name for name in FINAL))  # a partial run never looks complete
         if not resuming:  # a fresh run
             vio.remove(state, *chunks.glob("step_*.csv"))
     dist.barrier(ctx)  # every rank reads the chunks only after rank 0 prepared them
-    model, encoded, population = prepare(replace(cfg, device=device))
-    names = select_layers(model, cfg.layers)
-    mc_names = {n for n in names if cfg.mc_draws and re.search(cfg.mc_layers or "", n)}
     if ctx.is_main:
         vio.atomic_write_json(out / "config.json", dict(
             asdict(cfg), population=population, world_size=ctx.world, layers_selected=names,
@@ -447,28 +482,97 @@ def rows_per_batch(cfg: MeasureConfig, names: list[str]) -> int:
     return (len(names) + 1) * len(cfg.families) * len(cfg.ratios)
 
 
-def finished_rows(path: Path, cfg: MeasureConfig, names: list[str], repair: bool):
-    """Rows of the complete batches in chunk ``path`` (None when there are none).
+def finished_rows(path: Path, cfg: MeasureConfig, names: list[str], repair: bool,
+                  step: int | None = None):
+    """Rows of the complete, well-formed batches in chunk ``path`` (None when there are none).
 
-    A trailing partial line and batches with fewer rows than :func:`rows_per_batch` (an
-    interrupted append) are dropped; with ``repair`` the chunk is rewritten without them.
+    A row counts when it has every schema column, each parses as its type (no empty text, no
+    ``xyz`` in a number), and it names this ``step``, a batch index below ``num_batches``, a
+    selected layer or "model", a configured family and ratio; a batch counts when its rows hold
+    every (layer, family, ratio) exactly once. Anything else (a trailing partial line, a line cut
+    or edited in the middle, a batch appended twice) drops its whole batch, which is measured
+    again; with ``repair`` the chunk is rewritten without it (the kept lines byte for byte).
     """
     if repair:
         vio.trim_partial_line(path)
-    rows = vio.read_chunk(path)
-    if rows is None or not len(rows):
+    lines = vio.whole_lines(path)
+    if not lines or lines[0].rstrip("\r\n") != ",".join(LAYER_COLUMNS):
+        kept = []  # no schema header: nothing in this chunk can be trusted
+    else:
+        kept = _valid_batch_lines(lines[1:], cfg, names, step)
+    if repair and len(kept) + 1 < len(lines):
+        if kept:
+            vio.atomic_write_text(path, lines[0] + "".join(kept))
+        else:
+            vio.remove(path)
+    if not kept:
         return None
-    counts = rows.groupby("batch")["batch"].transform("size")
-    whole = rows[counts == rows_per_batch(cfg, names)]
-    if repair and len(whole) < len(rows):
-        vio.atomic_write_csv(path, whole)
-    return whole if len(whole) else None
+    return typed(pd.read_csv(io.StringIO(lines[0] + "".join(kept))))
+
+
+_TEXT = ("layer", "layer_kind", "family")
+_REQUIRED = ("train_step", "batch", "batch_size", "mc_draws", "ratio", "grad_sq_norm",
+             "var_sampling", "var_sketch")             # never empty
+_LAYER_ONLY = ("d_in", "d_out", "n_rows", "k")          # empty on "model" rows only
+
+
+def _valid_batch_lines(lines: list[str], cfg: MeasureConfig, names: list[str],
+                       step: int | None) -> list[str]:
+    """The lines of the batches whose every row is valid and that are complete (finished_rows)."""
+    expected = {(n, f, r) for n in [*names, "model"] for f in cfg.families for r in cfg.ratios}
+    batches: dict[int, list] = {}
+    broken = set()
+    for line, cells in zip(lines, csv.reader(lines)):
+        row = _parse_row(cells)
+        if row is None:  # its batch (when the line still names one) is measured again
+            if len(cells) > 1 and cells[1].isdigit():
+                broken.add(int(cells[1]))
+            continue
+        key = (row["layer"], row["family"], row["ratio"])
+        ok = (key in expected and 0 <= row["batch"] < cfg.num_batches
+              and (step is None or row["train_step"] == step))
+        if not ok:
+            broken.add(row["batch"])
+        batches.setdefault(row["batch"], []).append((key, line))
+    kept = []
+    for b, rows in batches.items():
+        keys = [k for k, _ in rows]
+        if b not in broken and len(keys) == len(expected) and set(keys) == expected:
+            kept += [line for _, line in rows]
+    return kept
+
+
+def _parse_row(cells: list[str]) -> dict | None:
+    """One chunk line as {column: value}, or None when a column is missing or does not parse."""
+    if len(cells) != len(LAYER_COLUMNS):
+        return None
+    row = dict(zip(LAYER_COLUMNS, cells))
+    model = row["layer"] == "model"
+    for c, text in row.items():
+        if c in _TEXT:
+            if not text.strip():
+                return None
+            continue
+        if text == "":
+            if c in _REQUIRED or (c in _LAYER_ONLY and not model):
+                return None
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        if c in INT_COLUMNS:
+            if not value.is_integer():
+                return None
+            value = int(value)
+        row[c] = value
+    return row
 
 
 def _measure_step(model, encoded, cfg, names, mc_names, step, population, ctx, path) -> None:
     """Measure this rank's missing batches of one step; every finished batch reaches ``path``."""
     from tqdm.auto import tqdm
-    have = finished_rows(path, cfg, names, repair=ctx.is_main)
+    have = finished_rows(path, cfg, names, repair=ctx.is_main, step=step)
     done = set() if have is None else set(have["batch"])
     todo = [b for b in range(cfg.num_batches) if b not in done]
     mine = []
@@ -575,7 +679,8 @@ def build_parser():
             kind = float if f.name == "ratios" else int if f.name == "measure_at" else str
             parse, shown = _tuple_of(kind), ",".join(map(str, default))
         else:
-            parse = _optional if default is None or f.name in ("train_sketch",) else type(default)
+            parse = (_optional if default is None or f.name in ("train_sketch", "mc_layers")
+                     else type(default))
             shown = default
         parser.add_argument(flag, type=parse, default=default, metavar=f.name.upper(),
                             help=f"{HELP[f.name]} (default: {shown})".replace("%", "%%"))
