@@ -20,6 +20,9 @@ NOTE [durable results / resume]: with ``out`` set, ``checkpoint.pt`` (model, Ada
 RNG states, randomized-layer call counters, step, the steps/evals rows so far) is written
 atomically every ``checkpoint_every`` steps (default: at every evaluation) and deleted when the
 run ends; the final tables are written atomically, ``run.csv`` last (it marks a finished run).
+The run folder ``<out>/<name>`` changes only after the data, the model and the checkpoint to
+resume from are loaded, and while the run holds the folder's lock (NOTE [one run per folder] in
+:mod:`varstudy.io`).
 ``resume=True`` (``--resume``) refuses a checkpoint made with a different config, restores it,
 replays only the minibatch order up to its step and continues; the tables then equal those of
 an uninterrupted run (bit for bit on CPU), except the wall-clock ``time_s``/``train_time_s``.
@@ -39,10 +42,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -110,8 +111,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(name: str, **overrides) -> FinetuneConfig:
-    """A preset's config with ``overrides`` applied."""
+def preset(name: str, /, **overrides) -> FinetuneConfig:
+    """A preset's config with ``overrides`` applied (``name=`` among them names the run)."""
     if name not in PRESETS:
         raise VarstudyError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS)}")
     return replace(FinetuneConfig(), **{**PRESETS[name], **overrides})
@@ -138,10 +139,23 @@ def check(config: FinetuneConfig) -> None:
     positive = dict(batch_size=config.batch_size, max_length=config.max_length,
                     max_steps=config.max_steps, eval_every=config.eval_every,
                     eval_examples=config.eval_examples, num_threads=config.num_threads,
-                    epochs=config.epochs, lr=config.lr)
+                    epochs=config.epochs, lr=config.lr, eps=config.eps)
     for key, value in positive.items():
-        if value is not None and not value > 0:
-            raise VarstudyError(f"{key} must be > 0, got {value!r}")
+        if value is not None and not 0 < value < math.inf:
+            raise VarstudyError(f"{key} must be > 0 and finite, got {value!r}; valid: "
+                                f"0 < {key} < inf")
+    if not 0 <= config.weight_decay < math.inf:
+        raise VarstudyError(f"weight_decay must be >= 0 and finite, got "
+                            f"{config.weight_decay!r}; valid: 0 <= weight_decay < inf")
+    betas = tuple(config.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise VarstudyError(f"betas {betas!r} are out of range; valid: two numbers B1 B2 with "
+                            "0 <= B < 1 (AdamW; the paper's 0.9 0.98)")
+    cli.check_seed("seed", config.seed)
+    if config.name is not None and (config.name in (".", "..") or "/" in config.name
+                                    or "\\" in config.name):
+        raise VarstudyError(f"name {config.name!r} is not a folder name; valid: one path "
+                            "component, not '.' or '..' (the run folder is <out>/<name>)")
     if config.checkpoint_every is not None and not config.checkpoint_every > 0:
         raise VarstudyError(f"checkpoint_every must be > 0, got {config.checkpoint_every!r}")
     if config.resume and not config.out:
@@ -315,26 +329,37 @@ class FinetuneResult:
 
 
 def train(config: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune as ``config`` says; write the tables when ``config.out`` is set."""
+    """Fine-tune as ``config`` says; write the tables when ``config.out`` is set.
+
+    The run folder changes only after the data, the model and a checkpoint to resume from have
+    been loaded, and while this run holds its lock (NOTE [one run per folder] in varstudy.io).
+    """
     check(config)
     ctx, device = dist.setup(resolve_device(config.device))
     folder = Path(config.out) / run_name(config) if config.out else None
-    if folder is not None and ctx.is_main:
-        finished = _prepare_folder(folder, config)
+    writer = folder is not None and ctx.is_main
+    if writer:
+        finished = _finished_run(folder, config)
         if finished is not None and not ctx.active:
             return finished
-    with _threads(config.num_threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        setup = build(config, ctx, device)
-        if setup.device.startswith("cuda"):
-            torch.cuda.manual_seed_all(config.seed)
-            torch.cuda.reset_peak_memory_stats()
-        steps, evals, memory = _loop(setup, config, ctx, folder)
-    result = _tables(config, setup, steps, evals, memory)
-    result.config["world_size"] = ctx.world
-    if config.out and ctx.is_main:
-        write(result, folder)
-        vio.remove(folder / CHECKPOINT)
+        vio.check_writable(folder)
+    with contextlib.ExitStack() as held:
+        with _threads(config.num_threads), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            setup = build(config, ctx, device)
+            saved = _saved_state(folder, config) if config.resume and folder else None
+            if writer:
+                held.enter_context(vio.output_lock(folder))
+                _clear_folder(folder, config)
+            if setup.device.startswith("cuda"):
+                torch.cuda.manual_seed_all(config.seed)
+                torch.cuda.reset_peak_memory_stats()
+            steps, evals, memory = _loop(setup, config, ctx, folder, saved)
+        result = _tables(config, setup, steps, evals, memory)
+        result.config["world_size"] = ctx.world
+        if writer:
+            write(result, folder)
+            vio.remove(folder / CHECKPOINT)
     return result
 
 
@@ -344,7 +369,7 @@ def run(config: FinetuneConfig) -> pd.DataFrame:
 
 
 def _loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context(),
-          folder: Path | None = None):
+          folder: Path | None = None, saved: dict | None = None):
     from tqdm.auto import tqdm
 
     from varstudy.data import minibatches, pad_batches
@@ -358,8 +383,8 @@ def _loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context
     batches = pad_batches(minibatches(setup.train, config.batch_size, generator=gen,
                                       num_batches=setup.total_steps), config.padding)
     steps, evals, memory, elapsed = [], [], None, 0.0
-    if config.resume and folder is not None:
-        steps, evals, memory, elapsed = _restore(folder, config, setup, optimizer, scheduler)
+    if saved is not None:
+        steps, evals, memory, elapsed = _restore(saved, setup, optimizer, scheduler)
     save_every = config.checkpoint_every or every
     bar = tqdm(total=setup.total_steps, desc=run_name(config), initial=len(steps),
                disable=not (config.progress and ctx.is_main), leave=False)
@@ -426,19 +451,33 @@ NOT_COMPARED = ("progress", "resume", "checkpoint_every", "out")
 FINAL = ("run.csv", "steps.csv", "evals.csv", "config.json")
 
 
-def _prepare_folder(folder: Path, config: FinetuneConfig) -> FinetuneResult | None:
-    """Check writability, clear what a new run replaces; a finished run to resume is returned."""
-    vio.check_writable(folder)
+def _finished_run(folder: Path, config: FinetuneConfig) -> FinetuneResult | None:
+    """With ``resume``, the tables of a run that already finished in ``folder`` (else None)."""
     if config.resume and not (folder / CHECKPOINT).is_file() and (folder / "run.csv").is_file():
-        done = json.loads((folder / "config.json").read_text())
+        done = vio.read_json(folder / "config.json")
         vio.refuse_changed(folder, {k: done.get(k) for k in asdict(config)}, asdict(config),
                            NOT_COMPARED + ("device",))
         return FinetuneResult(*(pd.read_csv(folder / f"{n}.csv") for n in
                                 ("run", "steps", "evals")), done)
+    return None
+
+
+def _clear_folder(folder: Path, config: FinetuneConfig) -> None:
+    """Delete what a new run replaces (only the run's own files; a resumed run keeps its
+    checkpoint)."""
     vio.remove(*(folder / n for n in FINAL))  # run.csv first: a partial run never looks done
     if not config.resume:
         vio.remove(folder / CHECKPOINT)
-    return None
+
+
+def _saved_state(folder: Path, config: FinetuneConfig) -> dict | None:
+    """The checkpoint to resume from (None when there is none), made with this config."""
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return None
+    saved = vio.load_checkpoint(path)
+    vio.refuse_changed(path, saved.get("config", {}), asdict(config), NOT_COMPARED)
+    return saved
 
 
 def _checkpoint(folder, config, setup, optimizer, scheduler, steps, evals, memory, elapsed):
@@ -454,18 +493,13 @@ def _checkpoint(folder, config, setup, optimizer, scheduler, steps, evals, memor
         memory=dict(total=memory.total, by_module=dict(memory.by_module))))
 
 
-def _restore(folder, config, setup, optimizer, scheduler):
-    """State of the last checkpoint -> (steps, evals, memory, elapsed); empty when none."""
+def _restore(saved, setup, optimizer, scheduler):
+    """State of a checkpoint (:func:`_saved_state`) -> (steps, evals, memory, elapsed)."""
     from collections import defaultdict
 
     from varstudy.layers import RandomizedLinear
     from varstudy.memory import SavedBytes
 
-    path = folder / CHECKPOINT
-    if not path.is_file():
-        return [], [], None, 0.0
-    saved = vio.load_checkpoint(path)
-    vio.refuse_changed(path, saved["config"], asdict(config), NOT_COMPARED)
     setup.model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -589,23 +623,18 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as stop:  # usage error (one line, status 2) or --help (status 0)
         return int(stop.code or 0)
-    try:
-        config = config_from_args(args)
-        result = train(config)
-    except VarstudyError as err:
-        if args.debug:
-            raise
-        print(f"error: {cli.one_line(err)}", file=sys.stderr)
-        return 2
-    except OSError as err:  # the file system (no space left, permissions), not a bug
-        if args.debug:
-            raise
-        print(f"error: {cli.one_line(err)}", file=sys.stderr)
-        return 2
+    done = {}
+
+    def body() -> None:
+        done["config"] = config = config_from_args(args)
+        done["result"] = train(config)
+    try:  # bad input: one line, status 2; Ctrl-C: status 130 and the --resume hint
+        code = cli.guarded(body, debug=args.debug)
     finally:
         dist.teardown()
-    if not dist.is_main_process():
-        return 0
+    if code or not dist.is_main_process():
+        return code
+    config, result = done["config"], done["result"]
     row = result.run.iloc[0]
     print(f"{row['run']}: best {row['metric']} {row['best_value']:.4f} at step "
           f"{row['best_step']}, final {row['final_value']:.4f}, "

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -100,7 +99,7 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
-def preset(name: str, study: str, **overrides) -> StudyConfig:
+def preset(name: str, study: str, /, **overrides) -> StudyConfig:
     if study not in STUDIES:
         raise VarstudyError(f"unknown study {study!r}; valid choices: {', '.join(STUDIES)}")
     if name not in PRESETS:
@@ -123,7 +122,42 @@ def check(config: StudyConfig) -> None:
         raise VarstudyError("batch sizes must be integers >= 1")
     if config.repeats < 1 or config.warmup_steps < 0 or not config.seeds:
         raise VarstudyError("repeats must be >= 1, warmup_steps >= 0, and seeds non-empty")
+    for name in ("families", "ratios", "scopes", "seeds", "batch_sizes"):
+        cli.check_distinct(name, getattr(config, name))
+    for seed in config.seeds:
+        cli.check_seed("seeds", seed)
+    vio.require_out(config.out)
     finetune.check(finetune_config(config, "exact", 1.0, config.seeds[0]))
+
+
+def check_inputs(config: StudyConfig, study: str) -> None:
+    """Load the data and the model once and check the batch sizes against the data, so that a bad
+    --model, --task or batch fails before the study's folder is touched."""
+    from varstudy.data import encode, load_dataset
+    from varstudy.models import load_model
+
+    sizes = {"accuracy": [config.batch_size], "memory": list(config.batch_sizes),
+             "throughput": [config.batch_size] + ([] if config.memory_from
+                                                  else list(config.batch_sizes))}[study]
+    data = _train_data(config, sizes)
+    if study == "accuracy":
+        load_dataset(config.task, "validation", data_dir=config.data_dir)
+    _, tokenizer = load_model(config.model, num_labels=data.num_labels, device="cpu")
+    encode(data.subset(slice(0, 1)), tokenizer, config.max_length)
+    if config.memory_from and study == "throughput" and not Path(config.memory_from).is_file():
+        raise VarstudyError(f"memory_from file {config.memory_from} not found; valid choices: "
+                            "a memory.csv written by `study memory`, or none (measure again)")
+
+
+def _train_data(config: StudyConfig, sizes):
+    """The training split of ``config.task``; an error when a batch size exceeds it."""
+    from varstudy.data import load_dataset
+
+    data = load_dataset(config.task, "train", data_dir=config.data_dir)
+    if max(sizes) > len(data):
+        raise VarstudyError(f"batch size {max(sizes)} exceeds the {len(data)} training examples "
+                            f"of {config.task!r}; valid: batch sizes <= {len(data)}")
+    return data
 
 
 # Conversion scopes of the accuracy study: which nn.Linear modules are randomized.
@@ -253,10 +287,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _model_and_batches(config: StudyConfig, device: str, sizes):
-    from varstudy.data import encode, load_dataset
+    from varstudy.data import encode
     from varstudy.models import load_model
 
-    data = load_dataset(config.task, "train", data_dir=config.data_dir)
+    data = _train_data(config, sizes)
     model, tok = load_model(config.model, num_labels=data.num_labels, dropout=True, seed=0,
                             device=device)
     enc = encode(data.subset(slice(0, max(sizes))), tok, config.max_length)
@@ -465,27 +499,25 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as stop:
         return int(stop.code or 0)
-    try:
+    done = {}
+
+    def body() -> None:
         given = {f.name: getattr(args, f.name) for f in fields(StudyConfig)
                  if hasattr(args, f.name)}
         if "epochs" in given and "max_steps" not in given:
             given["max_steps"] = None
-        config = preset(args.preset, args.study, **given)
+        done["config"] = config = preset(args.preset, args.study, **given)
         check(config)
-        vio.check_writable(Path(config.out) / args.study)
-        start = time.perf_counter()
-        tables = {"accuracy": accuracy, "memory": memory, "throughput": throughput}[args.study](
-            config)
-    except VarstudyError as err:
-        if args.debug:
-            raise
-        print(f"error: {cli.one_line(err)}", file=sys.stderr)
-        return 2
-    except OSError as err:  # the file system (no space left, permissions), not a bug
-        if args.debug:
-            raise
-        print(f"error: {cli.one_line(err)}", file=sys.stderr)
-        return 2
+        folder = vio.check_writable(Path(config.out) / args.study)
+        check_inputs(config, args.study)  # before the folder changes
+        done["start"] = time.perf_counter()
+        with vio.output_lock(folder):  # NOTE [one run per folder] (varstudy.io)
+            done["tables"] = {"accuracy": accuracy, "memory": memory,
+                              "throughput": throughput}[args.study](config)
+    code = cli.guarded(body, debug=args.debug)  # Ctrl-C: status 130 and the --resume hint
+    if code:
+        return code
+    config, tables, start = done["config"], done["tables"], done["start"]
     first = tables[1] if isinstance(tables, tuple) else tables
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(first.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
