@@ -16,8 +16,21 @@ BENCHMARKS = {
 }
 
 
+USAGE = """usage: python -m varstudy.bench {layers,checkpoint,measure} [options]
+
+benchmarks:
+  layers      training-step time and saved bytes of randomized linear layers vs exact
+  checkpoint  long-sequence checkpointing: memory and time vs length and transfer/compute ratio
+  measure     cost of one variance decomposition vs a training step and naive Monte Carlo
+
+`python -m varstudy.bench NAME --help` lists the options of one benchmark."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
     if not argv or argv[0] not in BENCHMARKS:
         got = argv[0] if argv else "nothing"
         print(f"error: unknown benchmark {got!r}; valid choices: {', '.join(BENCHMARKS)}",

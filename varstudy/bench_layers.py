@@ -25,7 +25,6 @@ the memory columns are identical.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -39,6 +38,7 @@ from tqdm import tqdm
 
 from varstudy import cli
 from varstudy import io as vio
+from varstudy.errors import VarstudyError
 from varstudy.layers import RandomizedLinear, derandomize, randomize
 from varstudy.memory import saved_bytes
 from varstudy.models import load_model, resolve_device
@@ -114,11 +114,19 @@ def _memory_row(model, batch, linears, exact) -> dict:
     return row, rep
 
 
-def run(cfg: LayerBenchConfig, parts: Path | None = None) -> pd.DataFrame:
-    """The table; with ``parts`` (a folder), finished work is appended there and skipped."""
+def _load(cfg: LayerBenchConfig):
+    """The benchmark's model on its device (a bad --model fails here)."""
     torch.set_num_threads(cfg.threads)
+    model, _ = load_model(cfg.model, num_labels=2, dropout=False, seed=cfg.seed,
+                          device=_device(cfg.device))
+    return model
+
+
+def run(cfg: LayerBenchConfig, parts: Path | None = None, model=None) -> pd.DataFrame:
+    """The table; with ``parts`` (a folder), finished work is appended there and skipped.
+    ``model``: the one :func:`_load` returns (loaded here when None)."""
+    model = _load(cfg) if model is None else model
     device = _device(cfg.device)
-    model, _ = load_model(cfg.model, num_labels=2, dropout=False, seed=cfg.seed, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = {"input_ids": torch.randint(1000, 20000, (cfg.batch_size, cfg.seq_len), generator=gen),
              "labels": torch.randint(0, 2, (cfg.batch_size,), generator=gen)}
@@ -213,6 +221,12 @@ def _parse(argv) -> LayerBenchConfig:
         p.error(f"--ratios must be comma-separated numbers in (0, 1], got {a.ratios!r}")
     if not all(0 < r <= 1 for r in ratios):
         p.error(f"--ratios must lie in (0, 1], got {a.ratios!r}")
+    try:
+        cli.check_distinct("--families", families)
+        cli.check_distinct("--ratios", ratios)
+        vio.require_out(a.out)
+    except VarstudyError as err:
+        p.error(str(err))
     for name in ("batch_size", "seq_len", "repeats", "threads"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -231,18 +245,21 @@ def main(argv=None) -> int:
 def _main(cfg: LayerBenchConfig) -> int:
     out = vio.check_writable(cfg.out)
     parts = out / "layers.parts"
-    if cfg.resume and (parts / "config.json").is_file():
-        old = json.loads((parts / "config.json").read_text())
-        vio.refuse_changed(parts, old, asdict(cfg), ("out", "resume"))
-    else:
-        vio.remove(*parts.glob("*.csv"))
-        vio.atomic_write_json(parts / "config.json", asdict(cfg))
-    vio.remove(out / "layers.csv", out / "layers.json")
-    frame = run(cfg, parts)
-    vio.atomic_write_csv(out / "layers.csv", frame, float_format="%.4g")
-    vio.atomic_write_json(out / "layers.json", {"config": asdict(cfg),
-                                                "environment": _environment()})
-    shutil.rmtree(parts, ignore_errors=True)
+    resuming = cfg.resume and (parts / "config.json").is_file()
+    if resuming:
+        vio.refuse_changed(parts, vio.read_json(parts / "config.json"), asdict(cfg),
+                           ("out", "resume"))
+    model = _load(cfg)  # before the folder changes: a bad --model leaves it as it was
+    with vio.output_lock(out, ".layers.lock"):  # NOTE [one run per folder] (varstudy.io)
+        if not resuming:
+            vio.remove(*parts.glob("*.csv"))
+            vio.atomic_write_json(parts / "config.json", asdict(cfg))
+        vio.remove(out / "layers.csv", out / "layers.json")
+        frame = run(cfg, parts, model)
+        vio.atomic_write_csv(out / "layers.csv", frame, float_format="%.4g")
+        vio.atomic_write_json(out / "layers.json", {"config": asdict(cfg),
+                                                    "environment": _environment()})
+        shutil.rmtree(parts, ignore_errors=True)
     cols = ["family", "ratio", "step_time_ms", "time_ratio", "saved_ratio",
             "linear_saved_ratio", "linear_vs_predicted"]
     print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))

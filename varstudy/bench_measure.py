@@ -29,7 +29,6 @@ run's (as any two runs do); the naive-draw errors are identical (seeded per draw
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -78,12 +77,18 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench(cfg: BenchConfig, parts: Path | None = None) -> pd.DataFrame:
-    """Run the three measurements; return the tidy (quantity, value, unit) table."""
+def setup(cfg: BenchConfig):
+    """(measure config, model, encoded data, population): a bad model or data fails here."""
     mcfg = MeasureConfig(model=cfg.model, dataset=cfg.dataset, batch_size=cfg.batch_size,
                          max_length=cfg.max_length, mc_draws=0, seed=cfg.seed,
                          device=cfg.device, progress=False).resolved()
-    model, encoded, population = prepare(mcfg)
+    return (mcfg, *prepare(mcfg))
+
+
+def bench(cfg: BenchConfig, parts: Path | None = None, loaded=None) -> pd.DataFrame:
+    """Run the three measurements; return the tidy (quantity, value, unit) table.
+    ``loaded``: what :func:`setup` returns (loaded here when None)."""
+    mcfg, model, encoded, population = loaded or setup(cfg)
     names = select_layers(model)
     batch = {k: v[batch_indices(len(encoded["labels"]), mcfg, 0, 0)].to(mcfg.device)
              for k, v in encoded.items()}
@@ -186,21 +191,28 @@ def _main(cfg: BenchConfig) -> int:
     if cfg.naive_family not in SKETCHES or cfg.naive_draws < 2 or cfg.repeats < 1:
         raise VarstudyError(f"need naive_family in {', '.join(SKETCHES)}, naive_draws >= 2, "
                             "repeats >= 1")
+    if not (0 < cfg.naive_ratio <= 1 and 0 < cfg.half_width < math.inf and 0 < cfg.level < 1):
+        raise VarstudyError(f"naive_ratio {cfg.naive_ratio}, half_width {cfg.half_width} or "
+                            f"level {cfg.level} is out of range; valid: 0 < naive_ratio <= 1, "
+                            "half_width > 0, 0 < level < 1")
+    vio.require_out(cfg.out)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     out = vio.check_writable(cfg.out)
     parts, marker = out / "measure.parts.csv", out / "measure.parts.json"
-    if cfg.resume and marker.is_file():
-        vio.refuse_changed(marker, json.loads(marker.read_text()), asdict(cfg),
-                           ("out", "resume"))
-    else:
-        vio.remove(parts)
-        vio.atomic_write_json(marker, asdict(cfg))
-    vio.remove(out / "measure.csv", out / "measure.json")
-    result = bench(cfg, parts)
-    vio.atomic_write_csv(out / "measure.csv", result)
-    env = env_info(MeasureConfig(device=cfg.device).resolved().device)
-    vio.atomic_write_json(out / "measure.json", dict(config=asdict(cfg), env=env))
-    vio.remove(parts, marker)
+    resuming = cfg.resume and marker.is_file()
+    if resuming:
+        vio.refuse_changed(marker, vio.read_json(marker), asdict(cfg), ("out", "resume"))
+    loaded = setup(cfg)  # before the folder changes: a bad --model leaves it as it was
+    with vio.output_lock(out, ".measure.lock"):  # NOTE [one run per folder] (varstudy.io)
+        if not resuming:
+            vio.remove(parts)
+            vio.atomic_write_json(marker, asdict(cfg))
+        vio.remove(out / "measure.csv", out / "measure.json")
+        result = bench(cfg, parts, loaded)
+        vio.atomic_write_csv(out / "measure.csv", result)
+        env = env_info(MeasureConfig(device=cfg.device).resolved().device)
+        vio.atomic_write_json(out / "measure.json", dict(config=asdict(cfg), env=env))
+        vio.remove(parts, marker)
     print(result.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
