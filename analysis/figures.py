@@ -3,11 +3,15 @@ from the CSVs under ``results/`` on CPU.
 
     python -m analysis.figures [NAME|all] [--results DIR] [--out DIR] [--list]
 
-``all`` builds every figure whose results exist and skips the others with a message (exit 0);
-a figure asked for by name whose inputs are missing is an error (exit 1). Each entry point
-``<name>(results, out, **options) -> list[Path]`` loads its inputs (checking their columns),
-calls :mod:`analysis.tables` for the numbers and :mod:`analysis.plots` for the drawing, and
-writes the files; ``build_<name>(...)`` does the same from DataFrames and returns the Figure.
+``all`` builds every figure whose results exist and skips the others with a message (exit 0:
+results not produced yet are expected); a figure asked for by name whose inputs are missing is
+an error (exit 1). A figure whose inputs are present but bad (an empty CSV, a missing column, a
+non-numeric value) or whose files cannot be written (a read-only ``--out``) is skipped with one
+line ``error: <figure> skipped: ...``, the other figures are still built, and the command exits
+2. Each entry point ``<name>(results, out, **options) -> list[Path]`` loads its inputs (checking
+their columns), calls :mod:`analysis.tables` for the numbers and :mod:`analysis.plots` for the
+drawing, and writes the files; ``build_<name>(...)`` does the same from DataFrames and returns
+the Figure.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from varstudy import cli
 from varstudy.errors import VarstudyError
 
 from analysis import plots, tables
@@ -40,15 +45,39 @@ class MissingResultsError(VarstudyError):
     """A figure's input file is not in the results directory (yet)."""
 
 
+# Columns the figures read as text; every other required column must be numeric.
+TEXT_COLUMNS = {"layer", "layer_kind", "family", "task", "model", "metric", "strategy",
+                "workload", "device", "basis", "scope"}
+
+
 def load(results: Path, relpath: str, required: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Read ``results/relpath`` and check its columns; MissingResultsError when absent."""
+    """Read ``results/relpath`` and check its columns; MissingResultsError when absent,
+    VarstudyError when empty, unparsable, lacking a column or holding a non-number where a
+    number belongs."""
     path = Path(results) / relpath
     if not path.is_file():
         raise MissingResultsError(f"missing input {path} (not produced yet?)")
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise VarstudyError(f"{path} is not a readable CSV ({' '.join(str(err).split())}); "
+                            "valid choices: rerun the command that writes it") from None
     df = df.rename(columns={old: new for old, new in COLUMN_ALIASES.items()
                             if old in df and new not in df})
-    tables.require_columns(df, required, str(path))
+    try:
+        tables.require_columns(df, required, str(path))
+    except VarstudyError as err:
+        raise VarstudyError(f"{err}; valid choices: rerun the command that writes it") from None
+    if df.empty:
+        raise VarstudyError(f"{path} has a header but no rows; valid choices: rerun the command "
+                            "that writes it")
+    for col in required:
+        if col not in TEXT_COLUMNS and not pd.api.types.is_numeric_dtype(df[col]):
+            bad = pd.to_numeric(df[col], errors="coerce").isna() & df[col].notna()
+            row = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
+            raise VarstudyError(f"{path} column {col} holds a non-numeric value "
+                                f"{df[col].iloc[row]!r} (row {row + 2}); valid choices: numbers "
+                                "(rerun the command that writes it)")
     return df
 
 
@@ -59,7 +88,11 @@ def _config(results: Path, relpath: str) -> dict:
     path = Path(results) / relpath
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:  # the config only labels the figure
+        raise VarstudyError(f"{path} is not valid JSON ({err}); valid choices: rerun the "
+                            "command that writes it") from None
     return data.get("config", data) if isinstance(data, dict) else {}
 
 
@@ -421,10 +454,13 @@ FIGURE_ENTRIES: dict[str, FigureEntry] = {
 
 
 def build(names: list[str], results: Path = RESULTS, out: Path = FIGURES,
-          strict: bool = True) -> tuple[list[Path], dict[str, str]]:
+          strict: bool = True, errors: dict[str, str] | None = None
+          ) -> tuple[list[Path], dict[str, str]]:
     """Build the named figures; returns (written paths, {skipped name: reason}).
 
-    With ``strict`` a missing input raises MissingResultsError; otherwise the figure is skipped.
+    With ``strict`` a missing input raises MissingResultsError and a bad input or an unwritable
+    ``out`` raises VarstudyError / OSError; otherwise the figure is skipped (its reason in
+    ``skipped``, or for bad inputs and unwritable files in ``errors`` when that dict is given).
     """
     written, skipped = [], {}
     for name in names:
@@ -434,12 +470,19 @@ def build(names: list[str], results: Path = RESULTS, out: Path = FIGURES,
             if strict:
                 raise
             skipped[name] = str(err)
+        except (VarstudyError, OSError) as err:
+            if strict:
+                raise
+            why = err if isinstance(err, VarstudyError) else (
+                f"cannot write {getattr(err, 'filename', None) or out}: "
+                f"{err.strerror or err}; valid choices: a writable --out")
+            (skipped if errors is None else errors)[name] = " ".join(str(why).split())
     return written, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.figures", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(prog="python -m analysis.figures", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", default=["all"], metavar="NAME|all")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--out", type=Path, default=FIGURES, help="output directory")
@@ -453,15 +496,18 @@ def main(argv: list[str] | None = None) -> int:
     names = list(FIGURE_ENTRIES) if everything else args.names
     unknown = [n for n in names if n not in FIGURE_ENTRIES]
     if unknown:
-        print(f"unknown figure(s) {', '.join(unknown)}; valid: all, {', '.join(FIGURE_ENTRIES)}",
-              file=sys.stderr)
+        print(f"error: unknown figure(s) {', '.join(unknown)}; valid choices: all, "
+              f"{', '.join(FIGURE_ENTRIES)}", file=sys.stderr)
         return 2
-    written, skipped = build(names, args.results, args.out, strict=False)
+    errors: dict[str, str] = {}
+    written, skipped = build(names, args.results, args.out, strict=False, errors=errors)
     for path in written:
         print(f"wrote {path}")
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
-    return 1 if skipped and not everything else 0
+    for name, reason in errors.items():
+        print(f"error: {name} skipped: {reason}", file=sys.stderr)
+    return 2 if errors else 1 if skipped and not everything else 0
 
 
 if __name__ == "__main__":
