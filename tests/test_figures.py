@@ -305,3 +305,56 @@ def test_figures_all_from_committed_results(tmp_path: Path):
     for name in figures.FIGURE_ENTRIES:
         if name not in skipped:
             assert (out / f"{name}.png").is_file() and (out / f"{name}.pdf").is_file()
+
+
+def _memory_csv(text: str):
+    return lambda res: (res / "study" / "memory" / "memory.csv").write_text(text)
+
+
+def _non_numeric(res: Path) -> None:
+    memory = synthetic_memory().astype({"saved_mib": object})
+    memory.loc[3, "saved_mib"] = "abc"
+    memory.to_csv(res / "study" / "memory" / "memory.csv", index=False)
+
+
+BAD_FIGURE_INPUTS = [  # (how memory.csv is damaged, words of the one error line)
+    ("empty", _memory_csv(""), "is not a readable CSV"),
+    ("header only", _memory_csv("family,ratio,batch_size,saved_mib\n"), "no rows"),
+    ("no saved_mib", lambda res: synthetic_memory().drop(columns="saved_mib").to_csv(
+        res / "study" / "memory" / "memory.csv", index=False), "lacks required column(s) saved"),
+    ("non-numeric", _non_numeric, "non-numeric value 'abc' (row 5)"),
+]
+
+
+@pytest.mark.parametrize("damage, words", [c[1:] for c in BAD_FIGURE_INPUTS],
+                         ids=[c[0] for c in BAD_FIGURE_INPUTS])
+def test_a_bad_input_skips_its_figure_with_one_line(synthetic_results: Path, tmp_path: Path,
+                                                    capsys, damage, words):
+    damage(synthetic_results)
+    out = tmp_path / "figs"
+    assert figures.main(["all", "--results", str(synthetic_results), "--out", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: memory_vs_batch skipped: ")
+    assert words in errors[0] and "valid choices" in errors[0]
+    assert not (out / "memory_vs_batch.png").exists()
+    for name in ("variance_vs_ratio", "throughput_vs_ratio", "accuracy_vs_ratio", "layer_bench"):
+        assert (out / f"{name}.png").is_file(), name  # the others are still built
+
+
+def test_an_unwritable_out_skips_each_figure_with_one_line(synthetic_results: Path,
+                                                           tmp_path: Path, capsys, monkeypatch):
+    """A read-only --out (simulated: the tests may run as root, who may write anywhere)."""
+    import errno
+
+    def read_only(self, fname, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(fname))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", read_only)
+    names = ["variance_vs_ratio", "layer_bench"]
+    assert figures.main([*names, "--results", str(synthetic_results),
+                         "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(" skipped:")[0] for line in err] == [f"error: {n}" for n in names]
+    assert all("Permission denied" in line and "valid choices: a writable --out" in line
+               for line in err)

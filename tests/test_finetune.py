@@ -174,3 +174,13 @@ def test_no_test_split_no_test_scores():
 def replace_out(config):
     from dataclasses import replace
     return replace(config, out=None)
+
+
+def test_cli_name_names_the_run_folder(tmp_path, capsys):
+    """--name reaches the config (it once collided with preset()'s own parameter)."""
+    assert finetune.main(["--model", "tiny-bert", "--task", "synthetic", "--batch-size", "4",
+                          "--max-length", "16", "--max-steps", "1", "--name", "my-run",
+                          "--out", str(tmp_path), "--progress", "false"]) == 0
+    assert (tmp_path / "my-run" / "run.csv").is_file()
+    assert pd.read_csv(tmp_path / "my-run" / "run.csv").run.iloc[0] == "my-run"
+    assert finetune.preset("paper", name="x").name == "x"

@@ -2,12 +2,15 @@
 atomic writers, resume of over-training measurement, finetune and bench; determinism; seeds."""
 
 import errno
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -112,13 +115,227 @@ def test_resume_refuses_a_different_config(tmp_path, capsys):
     assert "ratios" in err and (tmp_path / "layers.csv").is_file()  # nothing was touched
 
 
-def test_incomplete_batch_is_dropped_from_a_chunk(tmp_path):
-    frame = pd.DataFrame({"batch": [0, 0, 1], "v": [1.0, 2.0, 3.0]})
+CHUNK_ARGS = ["--model", "tiny-bert", "--dataset", "synthetic", "--batch-size", "4",
+              "--max-length", "16", "--num-batches", "5", "--families", "gaussian,rows",
+              "--ratios", "0.25,0.5", "--mc-draws", "0", "--seed", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """A finished 5-batch measurement (its folder)."""
+    out = tmp_path_factory.mktemp("measured")
+    assert M.main(CHUNK_ARGS + ["--out", str(out)]) == 0
+    return out
+
+
+def test_incomplete_batch_is_dropped_from_a_chunk(tmp_path, measured):
+    lines = (measured / "chunks" / "step_000000.csv").read_text().splitlines(keepends=True)
+    per_batch = (14 + 1) * 2 * 2
     path = tmp_path / "step.csv"
-    vio.append_csv(path, frame)
-    cfg = M.MeasureConfig(families=("rows",), ratios=(0.5,))
-    whole = M.finished_rows(path, cfg, names=["a"], repair=True)  # 2 rows per batch
-    assert list(whole.batch) == [0, 0] and list(pd.read_csv(path).batch) == [0, 0]
+    path.write_text("".join(lines[:1 + per_batch + per_batch - 1]))  # batch 1 lacks a row
+    cfg = M.MeasureConfig(**{**_config_of(measured), "num_batches": 5})
+    names = json.loads((measured / "config.json").read_text())["layers_selected"]
+    whole = M.finished_rows(path, cfg, names, repair=True, step=0)
+    assert set(whole.batch) == {0} and path.read_text() == "".join(lines[:1 + per_batch])
+
+
+def _config_of(folder: Path) -> dict:
+    saved = json.loads((folder / "config.json").read_text())
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()
+            if k in M.MeasureConfig.__dataclass_fields__}
+
+
+def _damage(chunk: Path) -> None:
+    """Batch 0: a line cut in the middle; 1: a row with an empty family; 2: a value "xyz";
+    3: appended twice (two runs on one folder); 4: untouched."""
+    header, *rows = chunk.read_text().splitlines(keepends=True)
+    by_batch = {b: [r for r in rows if r.split(",")[1] == str(b)] for b in range(5)}
+    cut = by_batch[0][7]
+    by_batch[0][7] = cut[:len(cut) // 2] + "\n"
+    fields = by_batch[1][3].split(",")
+    fields[M.LAYER_COLUMNS.index("family")] = ""
+    by_batch[1][3] = ",".join(fields)
+    fields = by_batch[2][5].split(",")
+    fields[M.LAYER_COLUMNS.index("var_sketch")] = "xyz"
+    by_batch[2][5] = ",".join(fields)
+    by_batch[3] = by_batch[3] + by_batch[3]
+    chunk.write_text(header + "".join(r for b in range(5) for r in by_batch[b]))
+
+
+def test_resume_measures_again_every_batch_with_a_damaged_chunk_line(tmp_path, measured,
+                                                                      monkeypatch):
+    out = tmp_path / "damaged"
+    shutil.copytree(measured, out)
+    _damage(out / "chunks" / "step_000000.csv")
+    real, again = M.measure_batch, []
+    monkeypatch.setattr(M, "measure_batch", lambda *a: again.append(a[6]) or real(*a))
+    assert M.main(CHUNK_ARGS + ["--out", str(out), "--resume"]) == 0
+    assert sorted(again) == [0, 1, 2, 3]  # batch 4 was kept
+    for name in ("layers.csv", "summary.csv"):
+        assert (out / name).read_bytes() == (measured / name).read_bytes(), name
+
+
+# A rerun with a bad option never costs a finished result (issue 11, item 4) ---------------
+
+TINY_MEASURE = ["--model", "tiny-bert", "--dataset", "synthetic", "--batch-size", "4",
+                "--max-length", "16", "--num-batches", "1", "--families", "rows", "--ratios",
+                "0.5", "--mc-draws", "0", "--no-progress"]
+TINY_FINETUNE = ["--model", "tiny-bert", "--task", "synthetic", "--batch-size", "4",
+                 "--max-length", "16", "--max-steps", "2", "--eval-every", "2",
+                 "--eval-examples", "8", "--progress", "false"]
+TINY_STUDY = ["accuracy", "--model", "tiny-bert", "--task", "synthetic", "--families", "rows",
+              "--ratios", "0.5", "--seeds", "0", "--batch-size", "4", "--max-length", "16",
+              "--max-steps", "1", "--eval-examples", "8", "--progress", "false"]
+TINY_LAYERS = ["layers", "--model", "tiny-bert", "--batch-size", "2", "--seq-len", "8",
+               "--families", "rows", "--ratios", "0.5", "--repeats", "1"]
+TINY_BENCH_MEASURE = ["measure", "--model", "tiny-bert", "--dataset", "synthetic",
+                      "--max-length", "16", "--batch-size", "4", "--repeats", "1",
+                      "--naive-draws", "2"]
+COMMANDS = {  # name: (main, its arguments, the folder a run locks, relative to --out; lock file)
+    "measure": (lambda a: M.main(TINY_MEASURE + a), ".", ".lock"),
+    "finetune": (lambda a: _finetune_main(TINY_FINETUNE + a),
+                 "tiny-bert_synthetic_gaussian0.2_seed0", ".lock"),  # the derived run name
+    "study": (lambda a: _study_main(TINY_STUDY + a), "accuracy", ".lock"),
+    "bench-layers": (lambda a: _bench_main(TINY_LAYERS + a), ".", ".layers.lock"),
+    "bench-measure": (lambda a: _bench_main(TINY_BENCH_MEASURE + a), ".", ".measure.lock"),
+}
+
+
+def _finetune_main(argv):
+    from varstudy import finetune
+    return finetune.main(argv)
+
+
+def _study_main(argv):
+    from varstudy import study
+    return study.main(argv)
+
+
+def _bench_main(argv):
+    from varstudy import bench
+    try:
+        return bench.main(argv)
+    except SystemExit as stop:  # usage errors
+        return stop.code
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished output folder per command."""
+    root = tmp_path_factory.mktemp("finished")
+    for name, (main, _, _) in COMMANDS.items():
+        assert main(["--out", str(root / name)]) == 0, name
+    return root
+
+
+RERUNS = [  # (command, a bad option)
+    ("measure", ["--model", "nope"]),
+    ("measure", ["--batch-size", "1000"]),
+    ("measure", ["--layers", "nothing_matches"]),
+    ("measure", ["--mc-draws", "2", "--mc-layers", "nothing_matches"]),
+    ("finetune", ["--model", "nope", "--name", "tiny-bert_synthetic_gaussian0.2_seed0"]),
+    ("finetune", ["--batch-size", "100000"]),
+    ("finetune", ["--include", "nothing_matches"]),
+    ("study", ["--model", "nope"]),
+    ("study", ["--batch-size", "1000"]),
+    ("bench-layers", ["--model", "nope"]),
+    ("bench-measure", ["--model", "nope"]),
+    ("bench-measure", ["--batch-size", "1000"]),
+]
+
+
+@pytest.mark.parametrize("command, bad", RERUNS, ids=[f"{c} {' '.join(b)}" for c, b in RERUNS])
+def test_a_failed_rerun_leaves_the_finished_folder_as_it_was(command, bad, finished, tmp_path,
+                                                             capsys):
+    out = tmp_path / command
+    shutil.copytree(finished / command, out)
+    before = _hashes(out)
+    capsys.readouterr()
+    assert COMMANDS[command][0](bad + ["--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+    assert _hashes(out) == before  # every file, byte for byte; nothing added or removed
+
+
+def test_finetune_rerun_with_a_bad_model_keeps_the_named_run_folder(tmp_path):
+    from varstudy import finetune
+
+    cfg = _finetune_cfg(tmp_path, name="run", max_steps=2, checkpoint_every=None)
+    finetune.train(cfg)
+    before = _hashes(tmp_path / "run")
+    with pytest.raises(vio.VarstudyError, match="unknown model 'nope'"):
+        finetune.train(replace(cfg, model="nope"))
+    assert _hashes(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_second_run_on_a_folder_in_use_refuses_with_one_line(command, finished, tmp_path,
+                                                                capsys):
+    main, locked, lock_name = COMMANDS[command]
+    out = tmp_path / command
+    shutil.copytree(finished / command, out)
+    before = _hashes(out)
+    with vio.output_lock(out / locked, lock_name):  # as a run in progress holds it
+        capsys.readouterr()
+        assert main(["--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is in use by another run" in err
+    assert f"(pid {os.getpid()}); valid choices: wait for it, or another --out" in err
+    assert _hashes(out) == before
+    assert main(["--out", str(out)]) == 0  # the lock is released with its holder
+
+
+def test_the_lock_of_a_killed_run_is_free_again(tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from varstudy import io\n"
+         f"with io.output_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(600)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert M.main(TINY_MEASURE + ["--out", str(out)]) == 2
+        assert f"in use by another run (pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert M.main(TINY_MEASURE + ["--out", str(out)]) == 0  # the OS released the lock
+    assert not (out / ".lock").exists()  # a finished run removes its lock file
+
+
+def test_a_fresh_run_removes_only_its_own_files(tmp_path, monkeypatch):
+    """--out . (or any folder holding other files): a new run replaces its own result files
+    and leaves everything else alone."""
+    mine = {"notes.txt": "keep me\n", "data.csv": "a\n1\n", "chunks/keep.txt": "mine\n",
+            "state/keep.pt": "mine\n", "layers.csv": "stale\n"}
+    for rel, text in mine.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert M.main(TINY_MEASURE + ["--out", "."]) == 0
+    assert all((tmp_path / rel).read_text() == text for rel, text in mine.items()
+               if rel != "layers.csv")
+    assert (tmp_path / "layers.csv").read_text() != "stale\n"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_result_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        vio.atomic_write_csv(tmp_path / "table.csv", pd.DataFrame({"a": [1]}))
+        vio.atomic_write_json(tmp_path / "config.json", {"a": 1})
+        vio.atomic_torch_save(tmp_path / "checkpoint.pt", {"a": 1})
+        vio.append_csv(tmp_path / "chunk.csv", pd.DataFrame({"a": [1]}))
+        assert M.main(TINY_MEASURE + ["--out", str(tmp_path / "run")]) == 0
+    finally:
+        os.umask(previous)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= 4 + 4  # the above, and layers.csv, summary.csv, config.json, env.json
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == \
+        {p.name: oct(mode) for p in files}
 
 
 def test_atomic_write_keeps_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
