@@ -152,6 +152,7 @@ CASES_11 = [
     ("bench", ["layers", *BENCH_LAYERS, "--ratios", "0.5,0.5"], "0.5 more than once"),
     ("bench", ["layers", *BENCH_LAYERS, "--families", "rows,rows"], "'rows' more than once"),
     ("bench", ["layers", *BENCH_LAYERS, "--out", ""], "--out '' is empty"),
+    ("bench", ["layers", *BENCH_LAYERS, "--seq-len", "1000"], "--seq-len 1000 does not fit"),
     ("bench", ["measure", *BENCH_MEASURE, "--seed", "-1"], "0 <= seed < 2**63"),
     ("bench", ["measure", *BENCH_MEASURE, "--naive-ratio", "0"], "0 < naive_ratio <= 1"),
     ("bench", ["measure", *BENCH_MEASURE, "--out", ""], "--out '' is empty"),

@@ -244,6 +244,7 @@ RERUNS = [  # (command, a bad option)
     ("study", ["--model", "nope"]),
     ("study", ["--batch-size", "1000"]),
     ("bench-layers", ["--model", "nope"]),
+    ("bench-layers", ["--seq-len", "1000"]),
     ("bench-measure", ["--model", "nope"]),
     ("bench-measure", ["--batch-size", "1000"]),
 ]

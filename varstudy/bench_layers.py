@@ -115,10 +115,19 @@ def _memory_row(model, batch, linears, exact) -> dict:
 
 
 def _load(cfg: LayerBenchConfig):
-    """The benchmark's model on its device (a bad --model fails here)."""
+    """The benchmark's model on its device; a bad --model, or a --seq-len longer than the model
+    takes, fails here (one forward of a single sequence)."""
     torch.set_num_threads(cfg.threads)
-    model, _ = load_model(cfg.model, num_labels=2, dropout=False, seed=cfg.seed,
-                          device=_device(cfg.device))
+    device = _device(cfg.device)
+    model, _ = load_model(cfg.model, num_labels=2, dropout=False, seed=cfg.seed, device=device)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.full((1, cfg.seq_len), 1000, device=device))
+    except (RuntimeError, IndexError) as err:
+        limit = getattr(model.config, "max_position_embeddings", "?")
+        raise VarstudyError(f"--seq-len {cfg.seq_len} does not fit model {cfg.model!r} "
+                            f"({' '.join(str(err).split())[:120]}); valid: a length up to its "
+                            f"positions (max_position_embeddings {limit})") from None
     return model
 
 
