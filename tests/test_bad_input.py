@@ -331,7 +331,7 @@ def test_subprocess_has_no_traceback():
 
 
 def test_nan_in_activations_names_the_layer():
-    from varstudy.capture import capture
+    from varstudy.randomized.capture import capture
     from varstudy.models import load_model
 
     model, _ = load_model("tiny-bert", num_labels=2)
@@ -355,7 +355,7 @@ def test_nan_while_training_is_one_line(tmp_path, capsys):
 
 
 def test_opt_in_layer_check_names_the_layer(monkeypatch):
-    from varstudy import layers as L
+    from varstudy.randomized import layers as L
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     L.randomize(model, 0.5, "gaussian")

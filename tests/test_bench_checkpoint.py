@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from analysis.checkpoint import memory_time_vs_n, overhead_vs_n, overhead_vs_ratio
 from varstudy import bench
-from varstudy.bench_checkpoint import (COLUMNS, PRESETS, STRATEGIES, SUMMARY_COLUMNS, BenchConfig,
+from varstudy.bench.checkpoint import (COLUMNS, PRESETS, STRATEGIES, SUMMARY_COLUMNS, BenchConfig,
                                        _parse, estimated_peak_mib, summarize, tape_model)
 
 

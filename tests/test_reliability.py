@@ -397,7 +397,8 @@ BENCH_LAYERS = ["layers", "--model", "tiny-bert", "--batch-size", "2", "--seq-le
 
 
 def test_bench_layers_resume_skips_finished_configurations(tmp_path, monkeypatch):
-    from varstudy import bench, bench_layers as BL
+    from varstudy import bench
+    from varstudy.bench import layers as BL
 
     out = tmp_path / "cut"
     real_step, real_memory = BL._step, BL._memory_row
@@ -428,7 +429,8 @@ def test_bench_layers_resume_skips_finished_configurations(tmp_path, monkeypatch
 
 
 def test_bench_checkpoint_resume_skips_finished_rows(tmp_path, monkeypatch):
-    from varstudy import bench, bench_checkpoint as BC
+    from varstudy import bench
+    from varstudy.bench import checkpoint as BC
 
     out = tmp_path / "ckpt"
     argv = ["checkpoint", "--preset", "smoke", "--out", str(out)]
@@ -459,7 +461,8 @@ def test_bench_checkpoint_resume_skips_finished_rows(tmp_path, monkeypatch):
 
 
 def test_bench_measure_resume_keeps_finished_rounds(tmp_path, monkeypatch):
-    from varstudy import bench, bench_measure as BM
+    from varstudy import bench
+    from varstudy.bench import measure as BM
 
     argv = ["measure", "--model", "tiny-bert", "--dataset", "synthetic", "--max-length", "16",
             "--batch-size", "4", "--repeats", "2", "--naive-draws", "4", "--seed", "3",
@@ -503,7 +506,7 @@ def test_finetune_same_seed_same_tables_other_seed_differs(tmp_path):
 def test_different_seeds_give_different_sketches_same_seed_the_same():
     import torch
 
-    from varstudy.layers import randomize
+    from varstudy.randomized.layers import randomize
 
     def weight_grad(seed):
         torch.manual_seed(0)  # same weights and data; only the sketch seed varies

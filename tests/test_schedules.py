@@ -4,7 +4,7 @@ import functools
 
 import pytest
 
-from varstudy import schedules as sch
+from varstudy.checkpointing import schedules as sch
 from varstudy.errors import VarstudyError
 
 

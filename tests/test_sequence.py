@@ -6,10 +6,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from varstudy import schedules as sch
+from varstudy.checkpointing import schedules as sch
 from varstudy.errors import VarstudyError
-from varstudy.sequence import ScanStats, checkpointed_scan, checkpointed_sequential
-from varstudy.storage import MemoryMeter
+from varstudy.checkpointing.sequence import ScanStats, checkpointed_scan, checkpointed_sequential
+from varstudy.checkpointing.storage import MemoryMeter
 
 
 def _rnn(seed=0, h=5, d=3, p_drop=0.0):

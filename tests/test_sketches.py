@@ -15,7 +15,7 @@ from scipy.stats import norm
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from varstudy.errors import VarstudyError
-from varstudy.sketches import SKETCHES, entry_moments, fwht, get_sketch, moments, rows_for
+from varstudy.randomized.sketches import SKETCHES, entry_moments, fwht, get_sketch, moments, rows_for
 
 ALPHA = 1e-3      # family-wise false-alarm rate of each statistical test below
 DRAWS = 3000

@@ -20,9 +20,9 @@ import tracemalloc
 
 import torch
 
-from varstudy.layers import randomize
-from varstudy.sequence import checkpointed_scan
-from varstudy.workloads import tanh_rnn
+from varstudy.randomized.layers import randomize
+from varstudy.checkpointing.sequence import checkpointed_scan
+from varstudy.checkpointing.workloads import tanh_rnn
 
 STEPS, WARMUP = 1000, 100
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from varstudy.errors import VarstudyError
-from varstudy.sequence import checkpointed_scan
-from varstudy.storage import DiskTier, FastTier, HostTier, MemoryMeter, make_tier
+from varstudy.checkpointing.sequence import checkpointed_scan
+from varstudy.checkpointing.storage import DiskTier, FastTier, HostTier, MemoryMeter, make_tier
 
 
 def _state(seed):

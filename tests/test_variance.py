@@ -1,4 +1,4 @@
-"""Estimators of varstudy.variance against slow references, on (X, Y) captured from real models.
+"""Estimators of varstudy.randomized.variance against slow references, on (X, Y) captured from real models.
 
 Statistical tests state their family-wise false-alarm rate ALPHA (Bonferroni over the tests in
 one function, normal approximation of a mean of M i.i.d. draws, z = (mean − target)/SE) and use
@@ -14,13 +14,13 @@ import torch
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
-from varstudy import variance as V
-from varstudy.capture import capture, mean_loss, select_layers
+from varstudy.randomized import variance as V
+from varstudy.randomized.capture import capture, mean_loss, select_layers
 from varstudy.data import encode, load_dataset
 from varstudy.errors import VarstudyError
-from varstudy.layers import derandomize, randomize, reseed
+from varstudy.randomized.layers import derandomize, randomize, reseed
 from varstudy.models import load_model
-from varstudy.sketches import SKETCHES, rows_for
+from varstudy.randomized.sketches import SKETCHES, rows_for
 
 ALPHA = 1e-3
 MC_LAYERS = ("bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.2.intermediate.dense",

@@ -253,7 +253,7 @@ def plan_target(layers: Sequence[LayerStats], family: str, tau: float, *,
 def uniform(layers: Sequence[LayerStats], family: str, ratio: float, *,
             min_rows: int = 1, exact_units: Sequence[str] = ()) -> Plan:
     """One ρ for every layer (k = rows_for(n, ρ)), optionally with some units exact."""
-    from varstudy.sketches import rows_for
+    from varstudy.randomized.sketches import rows_for
 
     u = _units(layers, family, min_rows)
     k = np.array([rows_for(int(round(n)), ratio, min_rows) for n in u.n], dtype=float)
@@ -365,7 +365,7 @@ def _plan(layers, u: _Units, family: str, k: np.ndarray, exact: np.ndarray, meta
 
 def unit_name(layer: str) -> str:
     """Storage unit of a linear layer: Q, K and V of one attention block share ``<block>.qkv``
-    (they read one tensor, NOTE [shared sketches] in varstudy.layers); others are their own."""
+    (they read one tensor, NOTE [shared sketches] in varstudy.randomized.layers); others are their own."""
     from varstudy.models import layer_kind
 
     if layer_kind(layer) in ("query", "key", "value"):

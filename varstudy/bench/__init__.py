@@ -10,9 +10,9 @@ import importlib
 import sys
 
 BENCHMARKS = {
-    "layers": "varstudy.bench_layers",
-    "checkpoint": "varstudy.bench_checkpoint",
-    "measure": "varstudy.bench_measure",
+    "layers": "varstudy.bench.layers",
+    "checkpoint": "varstudy.bench.checkpoint",
+    "measure": "varstudy.bench.measure",
 }
 
 

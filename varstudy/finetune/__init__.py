@@ -33,7 +33,7 @@ and dropout, which reads torch's global RNG and therefore runs inside ``torch.ra
 seeded with ``seed`` (the caller's RNG state is restored afterwards).
 
 NOTE [memory]: ``saved_mib`` is the exact activation memory autograd holds for backward after the
-forward of the first training step (``varstudy.memory.saved_bytes``, parameters excluded);
+forward of the first training step (``varstudy.randomized.memory.saved_bytes``, parameters excluded);
 ``saved_linear_mib`` is the part attributed to linear modules. ``peak_cuda_mib`` is the
 in-process ``torch.cuda.max_memory_allocated`` over the whole run (NaN on CPU).
 """
@@ -57,7 +57,7 @@ from varstudy import distributed as dist
 from varstudy import models
 from varstudy import io as vio
 from varstudy.errors import VarstudyError
-from varstudy.sketches import SKETCHES
+from varstudy.randomized.sketches import SKETCHES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
@@ -72,7 +72,7 @@ class FinetuneConfig:
     model: str = "minilm"
     task: str = "rotten_tomatoes"
     data_dir: str | None = None
-    sketch: str = "gaussian"          # a family of varstudy.sketches.SKETCHES, or "exact"
+    sketch: str = "gaussian"          # a family of varstudy.randomized.sketches.SKETCHES, or "exact"
     ratio: float = 0.2                # ρ = k / n; ignored when exact
     include: str | None = None        # regex on nn.Linear names to convert (None: all)
     exclude: str | None = None        # regex on nn.Linear names to keep exact
@@ -206,7 +206,7 @@ def build(config: FinetuneConfig, ctx: dist.Context = dist.Context(),
     sketches (seed derived from the run's seed and the rank); one process keeps ``seed``.
     """
     from varstudy.data import available_splits, encode, load_dataset
-    from varstudy.layers import derive_seed, randomize
+    from varstudy.randomized.layers import derive_seed, randomize
     from varstudy.models import load_model
 
     device = device or resolve_device(config.device)
@@ -373,7 +373,7 @@ def _loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context
     from tqdm.auto import tqdm
 
     from varstudy.data import minibatches, pad_batches
-    from varstudy.memory import saved_bytes
+    from varstudy.randomized.memory import saved_bytes
 
     device = setup.device
     model = dist.data_parallel(ctx, setup.model)  # DistributedDataParallel under torchrun
@@ -481,7 +481,7 @@ def _saved_state(folder: Path, config: FinetuneConfig) -> dict | None:
 
 
 def _checkpoint(folder, config, setup, optimizer, scheduler, steps, evals, memory, elapsed):
-    from varstudy.layers import RandomizedLinear
+    from varstudy.randomized.layers import RandomizedLinear
 
     vio.atomic_torch_save(folder / CHECKPOINT, dict(
         config=asdict(config), model=setup.model.state_dict(), optimizer=optimizer.state_dict(),
@@ -497,8 +497,8 @@ def _restore(saved, setup, optimizer, scheduler):
     """State of a checkpoint (:func:`_saved_state`) -> (steps, evals, memory, elapsed)."""
     from collections import defaultdict
 
-    from varstudy.layers import RandomizedLinear
-    from varstudy.memory import SavedBytes
+    from varstudy.randomized.layers import RandomizedLinear
+    from varstudy.randomized.memory import SavedBytes
 
     setup.model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])

@@ -1,11 +1,11 @@
 """Measurement engine: ``python -m varstudy.measure``; API ``run(MeasureConfig()) -> DataFrame``.
 
 For each measured training step and each of ``num_batches`` random minibatches, it captures
-(X, Y) of every selected ``nn.Linear`` of the exact model (:mod:`varstudy.capture`), then per
+(X, Y) of every selected ``nn.Linear`` of the exact model (:mod:`varstudy.randomized.capture`), then per
 weight tensor and per (family, ratio): the sketch variance given the batch (closed form, and
 Monte Carlo on a chosen subset), the minibatch sampling variance (per-example Gram trick,
 finite-population correction with N = dataset size), their ratio, and the seed paper's numbers
-(:mod:`varstudy.variance`). Conventions: a sample is one example, loss = mean over the batch,
+(:mod:`varstudy.randomized.variance`). Conventions: a sample is one example, loss = mean over the batch,
 variance = E‖ĝ − Eĝ‖²_F of a weight tensor, model totals = sums over layers (ARCHITECTURE.md).
 
 NOTE [determinism / distribution]: minibatch b at training step t draws its B example indices
@@ -76,13 +76,13 @@ import torch
 from varstudy import cli
 from varstudy import distributed as dist
 from varstudy import io as vio
-from varstudy import variance as V
-from varstudy.capture import capture, mean_loss, select_layers
+from varstudy.randomized import variance as V
+from varstudy.randomized.capture import capture, mean_loss, select_layers
 from varstudy.data import DATASETS, encode, load_dataset
 from varstudy.errors import VarstudyError
-from varstudy.layers import derandomize, derive_seed, randomize
+from varstudy.randomized.layers import derandomize, derive_seed, randomize
 from varstudy.models import layer_index, layer_kind, load_model, resolve_device
-from varstudy.sketches import SKETCHES, get_sketch, rows_for
+from varstudy.randomized.sketches import SKETCHES, get_sketch, rows_for
 
 LAYER_COLUMNS = (
     "train_step", "batch", "layer", "layer_kind", "layer_index", "d_in", "d_out", "batch_size",

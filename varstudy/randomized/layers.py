@@ -8,7 +8,7 @@ exact and whose backward returns
 * dW = (SᵀY)ᵀ(SᵀX)  (unbiased: E[S Sᵀ] = I),
 
 with Y = ∂L/∂out flattened to n rows (all leading dims, padding tokens included) and S an n × k
-sketch from :mod:`varstudy.sketches`, k = clamp(round(ratio·n), min_rows, n).
+sketch from :mod:`varstudy.randomized.sketches`, k = clamp(round(ratio·n), min_rows, n).
 
 NOTE [fresh sketches, one seed]: every forward call draws a new S from the integer seed
 ``derive_seed(base_seed, layer_id, call_index)``; backward regenerates the same S from that seed on
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from varstudy.errors import VarstudyError
-from varstudy.sketches import Sketch, get_sketch, rows_for
+from varstudy.randomized.sketches import Sketch, get_sketch, rows_for
 
 _MASK64 = (1 << 64) - 1
 _CHECK_FINITE = False
@@ -194,7 +194,7 @@ class RandomizedLinear(nn.Linear):
 
     Args:
         ratio: compression ratio ρ = k / n in (0, 1].
-        sketch: a family name from ``varstudy.sketches.SKETCHES`` or a Sketch instance.
+        sketch: a family name from ``varstudy.randomized.sketches.SKETCHES`` or a Sketch instance.
         min_rows: k_min >= 1, the fewest sketch rows kept for any input.
         seed: base seed; ``layer_id`` separates layers that share it.
         cache: a SketchCache shared with sibling layers, or None to never share.

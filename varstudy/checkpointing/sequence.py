@@ -51,9 +51,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from varstudy import schedules as sch
+from varstudy.checkpointing import schedules as sch
 from varstudy.errors import VarstudyError
-from varstudy.storage import CudaOps, FastTier, MemoryMeter, device_ops, make_tier
+from varstudy.checkpointing.storage import CudaOps, FastTier, MemoryMeter, device_ops, make_tier
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Gradient-variance estimators on captured per-layer (X, Y): pure functions, float64 results.
 
-Inputs are what :mod:`varstudy.capture` records for one ``nn.Linear`` and one minibatch of B
+Inputs are what :mod:`varstudy.randomized.capture` records for one ``nn.Linear`` and one minibatch of B
 examples: X (B, L, d_in) the layer input, Y (B, L, d_out) = ∂(mean loss)/∂out; 2-D inputs
 (B, d) (pooler, classifier) are one row per example (L = 1). The minibatch weight gradient is
 g_B = YᵀX over all n = B·L token rows, and the per-example gradient is g_i = B·Y_iᵀX_i (Y is
@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from varstudy.errors import VarstudyError
-from varstudy.layers import derive_seed
-from varstudy.sketches import Sketch, get_sketch
+from varstudy.randomized.layers import derive_seed
+from varstudy.randomized.sketches import Sketch, get_sketch
 
 GRAM_CHUNK_BYTES = 64 * 2**20  # per-example Gram blocks are computed in chunks of this size
 
@@ -133,7 +133,7 @@ def moments(x: Tensor, y: Tensor, grad: Tensor | None = None) -> Moments:
     """Moments of the flattened rows X (n, d_in), Y (n, d_out), in float64.
 
     ``grad`` (d_out, d_in), the exact YᵀX when already known (e.g. from autograd in
-    :mod:`varstudy.capture`), saves the n·d_in·d_out product; a is then ‖grad‖² in float64.
+    :mod:`varstudy.randomized.capture`), saves the n·d_in·d_out product; a is then ‖grad‖² in float64.
     """
     xf, yf = flat_rows(x).double(), flat_rows(y).double()
     xn, yn = xf.square().sum(1), yf.square().sum(1)

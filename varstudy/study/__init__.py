@@ -5,7 +5,7 @@
   the best validation metric; final_mean, final_std of the last evaluation),
   ``steps.csv`` / ``evals.csv`` (all runs, tidy), ``config.json``.
 * ``memory``: bytes saved for backward by the forward of one training step, per (family, ρ) and
-  batch size (exact accounting, ``varstudy.memory.saved_bytes``), plus the CUDA peak of two whole
+  batch size (exact accounting, ``varstudy.randomized.memory.saved_bytes``), plus the CUDA peak of two whole
   training steps (weights, gradients, AdamW state, activations) in an isolated subprocess when on
   GPU -> ``memory.csv``.
 * ``throughput``: examples/s of full training steps (forward, backward, AdamW) at one batch size,
@@ -39,7 +39,7 @@ import torch
 from varstudy import cli, finetune
 from varstudy import io as vio
 from varstudy.errors import VarstudyError
-from varstudy.sketches import SKETCHES
+from varstudy.randomized.sketches import SKETCHES
 
 STUDIES = ("accuracy", "memory", "throughput")
 MIB = 2**20
@@ -304,7 +304,7 @@ def _model_and_batches(config: StudyConfig, device: str, sizes):
 
 def convert(model, family: str, ratio: float, seed: int = 0) -> None:
     """Make ``model``'s linears exact, then convert them all to (family, ratio) unless exact."""
-    from varstudy.layers import derandomize, randomize
+    from varstudy.randomized.layers import derandomize, randomize
 
     derandomize(model)
     if family != "exact":
@@ -313,7 +313,7 @@ def convert(model, family: str, ratio: float, seed: int = 0) -> None:
 
 def memory(config: StudyConfig, write: bool = True) -> pd.DataFrame:
     """Saved-for-backward MiB (and CUDA peak MiB on GPU) per (family, ratio, batch size)."""
-    from varstudy.memory import saved_bytes
+    from varstudy.randomized.memory import saved_bytes
     from varstudy.models import linear_names
 
     device = finetune.resolve_device(config.device)
@@ -341,7 +341,7 @@ def memory(config: StudyConfig, write: bool = True) -> pd.DataFrame:
 
 
 def _cuda_peak(config: StudyConfig, family: str, ratio: float, batch: int) -> float:
-    from varstudy.memory import cuda_peak_bytes
+    from varstudy.randomized.memory import cuda_peak_bytes
 
     return cuda_peak_bytes(peak_step, config.model, family, ratio, batch,
                            config.max_length) / MIB

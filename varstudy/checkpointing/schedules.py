@@ -1,7 +1,7 @@
 """Checkpointing schedules for reversing a chain of N steps: store-all, Revolve, multistage.
 
 A schedule is a flat list of :class:`Op` (``store``/``advance``/``reverse``/``load``/``end_forward``)
-on *local* step indices ``0..n-1`` of one chain; :mod:`varstudy.sequence` executes it.
+on *local* step indices ``0..n-1`` of one chain; :mod:`varstudy.checkpointing.sequence` executes it.
 
 * **Revolve** (binomial, Griewank & Walther 2000): the op list is translated from
   ``checkpoint_schedules.MultistageCheckpointSchedule(n, s, 0)`` (all snapshots in RAM = plain
@@ -12,7 +12,7 @@ on *local* step indices ``0..n-1`` of one chain; :mod:`varstudy.sequence` execut
 * **Multistage (asynchronous, two-level)**: the chain is cut into intervals of I steps; interval
   starts go to a slow tier asynchronously during the forward pass, and each interval is reversed with
   Revolve(I, s). checkpoint-schedules' ``TwoLevelCheckpointSchedule`` is the synchronous version of
-  this plan; asynchrony (prefetch, bounded write queue) lives in :mod:`varstudy.storage`, so here we
+  this plan; asynchrony (prefetch, bounded write queue) lives in :mod:`varstudy.checkpointing.storage`, so here we
   only need the interval arithmetic, written below.
 
 Cost model (ARCHITECTURE.md, "Asynchronous multistage checkpointing"), in units of one forward step:

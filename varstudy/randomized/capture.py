@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from varstudy.errors import VarstudyError
-from varstudy.layers import RandomizedLinear
+from varstudy.randomized.layers import RandomizedLinear
 
 
 @dataclass

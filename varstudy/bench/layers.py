@@ -7,7 +7,7 @@ tokens by default, dropout off) with each family and ratio, and measures in one 
   model's. Steps are interleaved across configurations (repeat r runs every configuration once)
   after one warm-up step each, so slow drifts of the machine hit every configuration alike.
 * ``saved_ratio``: bytes saved for backward by the whole step over the exact model's
-  (``varstudy.memory.saved_bytes``, parameters excluded, storages deduplicated);
+  (``varstudy.randomized.memory.saved_bytes``, parameters excluded, storages deduplicated);
 * ``linear_saved_ratio``: bytes saved by the linear layers over what the exact linears hold, and
   ``linear_vs_predicted``: bytes saved by the linear layers over the prediction
   Σ_distinct inputs k·d_in·itemsize (+ O(k) index state for rows-norm).
@@ -39,10 +39,10 @@ from tqdm import tqdm
 from varstudy import cli
 from varstudy import io as vio
 from varstudy.errors import VarstudyError
-from varstudy.layers import RandomizedLinear, derandomize, randomize
-from varstudy.memory import saved_bytes
+from varstudy.randomized.layers import RandomizedLinear, derandomize, randomize
+from varstudy.randomized.memory import saved_bytes
 from varstudy.models import load_model, resolve_device
-from varstudy.sketches import SKETCHES, rows_for
+from varstudy.randomized.sketches import SKETCHES, rows_for
 
 
 @dataclass(frozen=True)

@@ -69,11 +69,11 @@ from tqdm import tqdm
 
 from varstudy import cli
 from varstudy import io as vio
-from varstudy import schedules as sch
+from varstudy.checkpointing import schedules as sch
 from varstudy.errors import VarstudyError
-from varstudy.sequence import ScanStats, checkpointed_scan
-from varstudy.storage import MemoryMeter, make_tier
-from varstudy.workloads import WaveStepper, tanh_rnn
+from varstudy.checkpointing.sequence import ScanStats, checkpointed_scan
+from varstudy.checkpointing.storage import MemoryMeter, make_tier
+from varstudy.checkpointing.workloads import WaveStepper, tanh_rnn
 
 STRATEGIES = ("store_all", "torch_checkpoint", "revolve", "multistage_host", "multistage_disk")
 COLUMNS = ["workload", "strategy", "n_steps", "slots", "interval", "ratio", "time_s",

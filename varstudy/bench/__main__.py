@@ -1,0 +1,5 @@
+"""``python -m varstudy.bench``."""
+
+from varstudy.bench import main
+
+raise SystemExit(main())

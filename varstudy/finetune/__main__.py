@@ -1,0 +1,5 @@
+"""``python -m varstudy.finetune``."""
+
+from varstudy.finetune import main
+
+raise SystemExit(main())

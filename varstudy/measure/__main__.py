@@ -1,0 +1,5 @@
+"""``python -m varstudy.measure``."""
+
+from varstudy.measure import main
+
+raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""``python -m varstudy.study``."""
+
+from varstudy.study import main
+
+raise SystemExit(main())
