@@ -273,8 +273,9 @@ def test_ctrl_c_exits_130_with_the_resume_hint(command, target, tmp_path, monkey
     def interrupted(*_, **__):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr({"measure": M, "finetune": finetune, "study": study}[command], target,
-                        interrupted)
+    from varstudy.measure import runner
+    monkeypatch.setattr({"measure": runner, "finetune": finetune, "study": study}[command],
+                        target, interrupted)
     try:
         code = _main(command)(["--out", str(tmp_path / "out")])
     except KeyboardInterrupt:
@@ -312,8 +313,8 @@ def test_mc_layers_none_means_all_selected_layers_and_mc_draws_0_means_off(tmp_p
 
 
 def test_debug_shows_the_traceback():
-    with pytest.raises(VarstudyError, match="valid choices"):
-        M.main(MEASURE + ["--families", "nope", "--debug"])
+    with pytest.raises(VarstudyError, match=r"\(0, 1\]"):  # valid syntax, a bad value
+        M.main(MEASURE + ["--ratios", "1.5", "--debug"])
     with pytest.raises(VarstudyError, match="resume needs an output directory"):
         finetune.check(finetune.FinetuneConfig(resume=True, out=None))
     with pytest.raises(VarstudyError, match="conflicts"):

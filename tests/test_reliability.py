@@ -18,6 +18,7 @@ import pytest
 
 from varstudy import io as vio
 from varstudy import measure as M
+from varstudy.measure import runner as MR
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_ARGS = ["--model", "tiny-bert", "--dataset", "synthetic", "--batch-size", "4",
@@ -86,18 +87,18 @@ def test_resume_over_training_loads_checkpoint_not_replay(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real_batch(model, encoded, cfg, names, mc_names, step, b, population)
 
-    monkeypatch.setattr(M, "measure_batch", dying)
+    monkeypatch.setattr(MR, "measure_batch", dying)
     with pytest.raises(KeyboardInterrupt):
         M.run(M.MeasureConfig(**SMALL, out=out))
     saved = vio.load_checkpoint(Path(out) / "state" / "train.pt")
     assert saved["step"] == 2 and not (Path(out) / "layers.csv").exists()
 
     calls = []
-    monkeypatch.setattr(M, "measure_batch", real_batch)
-    monkeypatch.setattr(M, "train", lambda *a: calls.append(a[-2:]) or real_train(*a))
+    monkeypatch.setattr(MR, "measure_batch", real_batch)
+    monkeypatch.setattr(MR, "train", lambda *a: calls.append(a[-2:]) or real_train(*a))
     resumed = M.run(M.MeasureConfig(**SMALL, out=out, resume=True))
     assert calls == []  # model and optimizer state came from the checkpoint
-    monkeypatch.setattr(M, "train", real_train)
+    monkeypatch.setattr(MR, "train", real_train)
     fresh = M.run(M.MeasureConfig(**SMALL, out=str(tmp_path / "fresh")))
     pd.testing.assert_frame_equal(resumed, fresh, check_exact=True)
     assert sorted(resumed.train_step.unique()) == [0, 1, 2]
@@ -168,7 +169,7 @@ def test_resume_measures_again_every_batch_with_a_damaged_chunk_line(tmp_path, m
     shutil.copytree(measured, out)
     _damage(out / "chunks" / "step_000000.csv")
     real, again = M.measure_batch, []
-    monkeypatch.setattr(M, "measure_batch", lambda *a: again.append(a[6]) or real(*a))
+    monkeypatch.setattr(MR, "measure_batch", lambda *a: again.append(a[6]) or real(*a))
     assert M.main(CHUNK_ARGS + ["--out", str(out), "--resume"]) == 0
     assert sorted(again) == [0, 1, 2, 3]  # batch 4 was kept
     for name in ("layers.csv", "summary.csv"):

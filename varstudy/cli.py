@@ -120,16 +120,17 @@ def _split(hint) -> tuple[Any, bool]:
     return hint, False
 
 
-def _scalar(kind, choices, name: str) -> Callable[[str], Any]:
+def _scalar(kind, choices, in_list: bool = False) -> Callable[[str], Any]:
     def convert(text: str):
         try:
             value = kind(text.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"invalid {kind.__name__} value {text!r} for --{name}") from None
+                f"expected a comma list of {kind.__name__}, got {text!r}" if in_list
+                else f"invalid {kind.__name__} value {text!r}") from None
         if choices is not None and value not in choices:
             raise argparse.ArgumentTypeError(
-                f"invalid choice {text!r} for --{name}; valid choices: {', '.join(choices)}")
+                f"invalid choice {text!r}; valid choices: {', '.join(choices)}")
         return value
     return convert
 
@@ -141,7 +142,7 @@ def converter(hint, choices=None, name: str = "option") -> Callable[[str], Any]:
     if typing.get_origin(inner) is tuple:
         args = typing.get_args(inner)
         var = len(args) == 2 and args[1] is Ellipsis
-        item = _scalar(args[0], choices, name)
+        item = _scalar(args[0], choices, in_list=True)
 
         def convert_list(text: str):
             parts = [t for t in text.split(",") if t.strip()]
@@ -151,7 +152,7 @@ def converter(hint, choices=None, name: str = "option") -> Callable[[str], Any]:
             return tuple(item(t) for t in parts)
         base = convert_list
     else:
-        base = _scalar(inner, choices, name)
+        base = _scalar(inner, choices)
     if not optional:
         return base
 
@@ -195,7 +196,8 @@ def config_parser(cls, prog: str, description: str, *, presets: Sequence[str] = 
                   positional: tuple[str, Sequence[str]] | None = None) -> "Parser":
     """The parser of a command whose options are the fields of ``cls``, plus ``--config``,
     ``--preset`` (when ``presets``), ``--debug`` and an optional positional choice."""
-    parser = Parser(prog=prog, description=description)
+    usage = f"{prog}{' ' + positional[0].upper() if positional else ''} [options]"
+    parser = Parser(prog=prog, description=description, usage=usage)
     if positional is not None:
         name, choices = positional
         parser.add_argument(name, choices=list(choices), help=f"one of {', '.join(choices)}")

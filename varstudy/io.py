@@ -26,10 +26,12 @@ import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from varstudy.errors import VarstudyError
+
+if TYPE_CHECKING:  # pandas is imported where a table is read (io stays light for --help)
+    import pandas as pd
 
 
 def _write(fd: int, data: bytes) -> None:
@@ -202,6 +204,8 @@ def read_chunk(path) -> pd.DataFrame | None:
     whole = data[:end + 1]
     if whole.count(b"\n") < 2:
         return None
+    import pandas as pd
+
     return pd.read_csv(io.BytesIO(whole))
 
 
@@ -319,3 +323,21 @@ def refuse_changed(path, old: dict, new: dict, ignore=()) -> None:
         raise VarstudyError(f"--resume with a different config than the run in {path} "
                             f"({shown}); valid choices: the same options, or no --resume "
                             "(start over), or another --out")
+
+
+def env_info(device: str) -> dict:
+    """Versions, device, threads and cores of this run, for env.json (no hostname)."""
+    import platform
+
+    import numpy as np
+    import pandas as pd
+    import torch
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
+        (platform.processor() or platform.machine())
+    return dict(python=platform.python_version(), torch=torch.__version__,
+                transformers=transformers.__version__, numpy=np.__version__,
+                pandas=pd.__version__, platform=f"{platform.system()} {platform.machine()}",
+                device=device, device_name=name, torch_threads=torch.get_num_threads(),
+                cpu_count=os.cpu_count())

@@ -45,7 +45,8 @@ from varstudy import io as vio
 from varstudy.randomized.capture import mean_loss, select_layers
 from varstudy.errors import VarstudyError
 from varstudy.randomized.layers import derandomize, randomize, reseed
-from varstudy.measure import MeasureConfig, batch_indices, env_info, measure_batch, prepare
+from varstudy.io import env_info
+from varstudy.measure import MeasureConfig, batch_indices, measure_batch, prepare
 from varstudy.randomized.sketches import SKETCHES
 
 

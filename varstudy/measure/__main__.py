@@ -1,5 +1,5 @@
 """``python -m varstudy.measure``."""
 
-from varstudy.measure import main
+from varstudy.measure.command import main
 
 raise SystemExit(main())

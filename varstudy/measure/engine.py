@@ -1,0 +1,191 @@
+"""The engine: one minibatch of the exact model -> its layers.csv rows; ``measure_now``.
+
+Schema and conventions: :mod:`varstudy.measure` (package docstring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pandas as pd
+import torch
+
+from varstudy.data import pad_batches
+from varstudy.errors import VarstudyError
+from varstudy.measure.config import INT_COLUMNS, LAYER_COLUMNS, MeasureConfig
+from varstudy.models import layer_index, layer_kind
+from varstudy.randomized import variance as V
+from varstudy.names import SKETCH_NAMES
+from varstudy.randomized.capture import capture, select_layers
+from varstudy.randomized.layers import derive_seed
+from varstudy.randomized.sketches import rows_for
+
+
+def batch_indices(num_examples: int, cfg: MeasureConfig, step: int, b: int) -> torch.Tensor:
+    """The B example indices of batch ``b`` at step ``step`` (NOTE [determinism / distribution])."""
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, b, 0))
+    return torch.randperm(num_examples, generator=gen)[:cfg.batch_size]
+
+
+def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: float,
+               mc: bool, step: int, b: int) -> list[dict]:
+    """Rows of one layer of one batch: every (family, ratio). x (B, L, d_in) or (B, d_in)."""
+    m = V.moments(x, y, grad)
+    sampling = V.sampling_from_norms(V.per_example_sq_norms(x, y), m.a, population)
+    base = dict(train_step=step, batch=b, layer=name, layer_kind=layer_kind(name),
+                layer_index=layer_index(name), d_in=x.shape[-1], d_out=y.shape[-1],
+                batch_size=x.shape[0], n_rows=m.n, grad_sq_norm=m.a,
+                var_sampling=sampling.var_batch, _s=m.s, _a=m.a, _q=m.n * m.p - m.a)
+    rows = []
+    for ratio in cfg.ratios:
+        k = rows_for(m.n, ratio, cfg.min_rows)
+        paper = V.paper_quantities(m, k)
+        for fam in cfg.families:
+            var = V.closed_form(fam, m, k)
+            mc_mean = mc_se = math.nan
+            if mc and cfg.mc_draws > 0:
+                seed = derive_seed(cfg.seed, step, b, 1, pos, V.family_key(fam),
+                                   round(ratio * 1e6))
+                mc_mean, mc_se = V.mc_sketch_variance(fam, x, y, k, cfg.mc_draws, seed)
+            rows.append(dict(base, family=fam, ratio=ratio, k=k, var_sketch=var,
+                             var_sketch_mc=mc_mean, var_sketch_mc_se=mc_se,
+                             mc_draws=cfg.mc_draws if mc else 0, **paper,
+                             ratio_sketch_sampling=_div(var, sampling.var_batch)))
+    return rows
+
+
+def model_rows(rows: list[dict]) -> list[dict]:
+    """Model totals (sums over layers) per (family, ratio) of one batch's layer rows."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["family"], r["ratio"]), []).append(r)
+    out = []
+    for (fam, ratio), g in groups.items():
+        tot = {c: sum(r[c] for r in g) for c in
+               ("grad_sq_norm", "var_sampling", "var_sketch", "_s", "_a", "_q")}
+        drawn = all(r["mc_draws"] > 0 for r in g)
+        alpha = _div(tot["_a"], tot["_s"])
+        paper_ratio = _div(tot["_s"] - tot["_a"], tot["_q"])
+        out.append(dict(
+            train_step=g[0]["train_step"], batch=g[0]["batch"], layer="model",
+            layer_kind="model", layer_index=None, d_in=None, d_out=None,
+            batch_size=g[0]["batch_size"], n_rows=None, family=fam, ratio=ratio, k=None,
+            grad_sq_norm=tot["grad_sq_norm"], var_sampling=tot["var_sampling"],
+            var_sketch=tot["var_sketch"],
+            var_sketch_mc=sum(r["var_sketch_mc"] for r in g) if drawn else math.nan,
+            var_sketch_mc_se=(math.sqrt(sum(r["var_sketch_mc_se"] ** 2 for r in g)) if drawn
+                              else math.nan),
+            mc_draws=min(r["mc_draws"] for r in g), alpha=alpha, paper_ratio=paper_ratio,
+            paper_bound=_div(alpha + 1, alpha), paper_ratio_plotted=paper_ratio,
+            paper_bound_plotted=1 + alpha,
+            ratio_sketch_sampling=_div(tot["var_sketch"], tot["var_sampling"])))
+    return out
+
+
+def _div(a: float, b: float) -> float:
+    return float(a) / float(b) if b and not math.isnan(b) else math.nan
+
+
+def measure_batch(model, encoded: dict, cfg: MeasureConfig, names: list[str],
+                  mc_names: set[str], step: int, b: int, population: float) -> pd.DataFrame:
+    """Capture batch ``b`` of step ``step`` and return its layers.csv rows."""
+    idx = batch_indices(len(encoded["labels"]), cfg, step, b)
+    batch = next(iter(pad_batches(iter([{k: v[idx] for k, v in encoded.items()}]), cfg.padding)))
+    batch = {k: v.to(cfg.device) for k, v in batch.items()}
+    with _seeded_rng(cfg, derive_seed(cfg.seed, step, b, 3)):  # dropout, if kept
+        cap = capture(model, batch, names=names)
+    mc = {n for n in mc_names if b < cfg.mc_batches}
+    return rows_of(cap, cfg, names, mc, step, b, population)
+
+
+def rows_of(cap, cfg: MeasureConfig, names: list[str], mc_names: set[str], step: int, b: int,
+            population: float) -> pd.DataFrame:
+    """layers.csv rows of one captured minibatch: every selected layer, then the model totals."""
+    rows = []
+    for pos, name in enumerate(names):
+        x, y = cap.layers[name]
+        rows += layer_rows(cfg, name, pos, x, y, cap.grads[name], population, name in mc_names,
+                           step, b)
+    return typed(pd.DataFrame(rows + model_rows(rows)))
+
+
+def measure_now(model, batches, families=None, ratios=(0.05, 0.1, 0.2, 0.5), *,
+                population: float = math.inf, layers: str | None = None, min_rows: int = 1,
+                train_step: int = 0) -> pd.DataFrame:
+    """Decompose the gradient variance of ``model`` as it is now, on ``batches``.
+
+    For a plain PyTorch loop (and the Trainer callback, :mod:`varstudy.hf`): each batch (a dict of
+    tensors (B, ...) with ``labels``; moved to the model's device) is captured with the exact
+    gradients, dropout off, and turned into layers.csv rows (schema in :mod:`varstudy.measure`)
+    for every selected linear layer and (family, ratio), plus the "model" totals; ``batch`` is
+    the position in ``batches`` and ``train_step`` the given step. ``population`` is the N of the
+    finite-population correction (inf: none). A randomized model is measured through its exact
+    layers (NOTE [exact view]); the model's modules, mode, gradients and RNG states are as before.
+    """
+    cfg = MeasureConfig(families=tuple(families or SKETCH_NAMES), ratios=tuple(ratios),
+                        min_rows=min_rows, mc_draws=0, layers=layers, out="-")
+    device = next(model.parameters()).device
+    frames = []
+    with exact_view(model):
+        names = select_layers(model, layers)
+        for b, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            frames.append(rows_of(capture(model, batch, names=names), cfg, names, set(),
+                                  train_step, b, population))
+    if not frames:
+        raise VarstudyError("measure_now got no batches; valid choices: one or more minibatches "
+                            "(dicts of tensors with 'labels')")
+    return typed(pd.concat(frames, ignore_index=True))
+
+
+@contextlib.contextmanager
+def exact_view(model):
+    """NOTE [exact view]: within the block, ``model`` is exact and in eval mode (no dropout);
+    every RandomizedLinear is swapped for an nn.Linear sharing its parameters and put back
+    afterwards (same objects, call counters untouched), the train/eval flags are restored, and
+    the CPU and CUDA RNG states are forked, so the training run goes on as if never measured."""
+    from torch import nn
+
+    from varstudy.randomized.layers import RandomizedLinear, _swap
+
+    swapped = {n: m for n, m in model.named_modules() if isinstance(m, RandomizedLinear)}
+    modes = {m: m.training for m in model.modules()}
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            for name, module in swapped.items():
+                plain = nn.Linear.__new__(nn.Linear)
+                nn.Module.__init__(plain)
+                plain.in_features, plain.out_features = module.in_features, module.out_features
+                plain.weight, plain.bias = module.weight, module.bias
+                _swap(model, name, plain)
+            model.eval()
+            yield model
+        finally:
+            for name, module in swapped.items():
+                _swap(model, name, module)
+            for m, flag in modes.items():
+                m.training = flag
+
+
+def typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """layers.csv columns in schema order, integer columns as nullable Int64."""
+    frame = frame[list(LAYER_COLUMNS)].copy()
+    for c in INT_COLUMNS:
+        frame[c] = frame[c].astype("Int64")
+    return frame
+
+
+def _seeded_rng(cfg: MeasureConfig, seed: int):
+    """torch's global RNG (read by dropout only) forked and seeded; restored afterwards."""
+    if not cfg.dropout:
+        return contextlib.nullcontext()
+    cuda = [torch.device(cfg.device).index or 0] if cfg.device.startswith("cuda") else []
+
+    @contextlib.contextmanager
+    def forked():
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            yield
+    return forked()

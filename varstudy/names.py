@@ -1,0 +1,18 @@
+"""Names the commands accept, importable without torch, so that ``--help`` answers at once.
+
+Each tuple mirrors a registry that lives next to the code it names (tests/test_cli.py checks
+that they agree): sketch families (``randomized.sketches.SKETCHES``), datasets
+(``data.DATASETS``), registered models (``models.MODELS``), paddings, scopes, dtypes.
+"""
+
+SKETCH_NAMES = ("gaussian", "rademacher", "countsketch", "srht", "rows", "rows-wor", "rows-norm")
+GLUE_TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+DATASET_NAMES = ("rotten_tomatoes", "imdb", "synthetic",
+                 *(f"glue:{task}" for task in GLUE_TASK_NAMES))
+MODEL_NAMES = ("minilm", "mpnet-base", "tiny-bert", "tiny-roberta")
+PADDINGS = ("fixed", "dynamic")
+SCOPES = ("all", "encoder", "head")
+DTYPE_NAMES = ("float32", "float64", "bfloat16")
+MODEL_HELP = ("model: " + ", ".join(MODEL_NAMES)
+              + ", a local Hugging Face directory, or a hub id where the hub is reachable")
+DEVICE_HELP = "auto (cuda when present), cpu, cuda or cuda:N"
