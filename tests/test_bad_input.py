@@ -95,7 +95,7 @@ CASES = [  # (command, arguments, words the one line must hold)
     ("bench", ["layers", "--batch-size", "abc"], "invalid int value"),
     ("bench", ["layers", "--device", "cuda"], "CUDA is not available"),
     ("bench", ["measure", "--repeats", "abc"], "invalid int value"),
-    ("bench", ["measure", "--naive-family", "nope"], "naive_family in"),
+    ("bench", ["measure", "--naive-family", "nope"], "invalid choice 'nope'; valid choices"),
     ("bench", ["checkpoint", "--slots", "abc"], "invalid int value"),
 ]
 

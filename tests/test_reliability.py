@@ -399,7 +399,7 @@ BENCH_LAYERS = ["layers", "--model", "tiny-bert", "--batch-size", "2", "--seq-le
 
 def test_bench_layers_resume_skips_finished_configurations(tmp_path, monkeypatch):
     from varstudy import bench
-    from varstudy.bench import layers as BL
+    from varstudy.bench import layers_run as BL
 
     out = tmp_path / "cut"
     real_step, real_memory = BL._step, BL._memory_row
@@ -463,7 +463,7 @@ def test_bench_checkpoint_resume_skips_finished_rows(tmp_path, monkeypatch):
 
 def test_bench_measure_resume_keeps_finished_rounds(tmp_path, monkeypatch):
     from varstudy import bench
-    from varstudy.bench import measure as BM
+    from varstudy.bench import measure_run as BM
 
     argv = ["measure", "--model", "tiny-bert", "--dataset", "synthetic", "--max-length", "16",
             "--batch-size", "4", "--repeats", "2", "--naive-draws", "4", "--seed", "3",

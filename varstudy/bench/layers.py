@@ -24,253 +24,65 @@ the memory columns are identical.
 
 from __future__ import annotations
 
-import argparse
-import platform
-import shutil
-import statistics
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
-import pandas as pd
-import torch
-from tqdm import tqdm
+from dataclasses import dataclass
 
 from varstudy import cli
 from varstudy import io as vio
+from varstudy.cli import option
 from varstudy.errors import VarstudyError
-from varstudy.randomized.layers import RandomizedLinear, derandomize, randomize
-from varstudy.randomized.memory import saved_bytes
-from varstudy.models import load_model, resolve_device
-from varstudy.randomized.sketches import SKETCHES, rows_for
+from varstudy.names import DEVICE_HELP, MODEL_HELP, SKETCH_NAMES
+
+PROG = "python -m varstudy.bench layers"
 
 
 @dataclass(frozen=True)
 class LayerBenchConfig:
-    model: str = "minilm"
-    batch_size: int = 32
-    seq_len: int = 128
-    families: tuple[str, ...] = tuple(SKETCHES)
-    ratios: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5)
-    repeats: int = 3
-    threads: int = 2
-    device: str = "auto"
-    seed: int = 0
-    out: str = "results/bench"
-    resume: bool = False
+    """What the layer benchmark times (defaults: the committed run, about 10 min on 2 cores)."""
+
+    model: str = option("minilm", MODEL_HELP)
+    batch_size: int = option(32, "B, sequences per step")
+    seq_len: int = option(128, "tokens per sequence")
+    families: tuple[str, ...] = option(SKETCH_NAMES, "sketch families", choices=SKETCH_NAMES)
+    ratios: tuple[float, ...] = option((0.05, 0.1, 0.2, 0.5), "ratios rho = k/n in (0, 1]")
+    repeats: int = option(3, "timed steps per configuration (interleaved)")
+    num_threads: int | None = option(None, "CPU threads (none: torch's default, the "
+                                           "machine's cores)")
+    device: str = option("auto", DEVICE_HELP)
+    seed: int = option(0, "seed of the batch and the sketches")
+    out: str = option("results/bench", "output folder")
+    resume: bool = option(False, "skip the work kept in <out>/layers.parts")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "families", tuple(self.families))
+        object.__setattr__(self, "ratios", tuple(self.ratios))
+        unknown = [f for f in self.families if f not in SKETCH_NAMES]
+        if unknown or not self.families:
+            raise VarstudyError(f"unknown sketch {unknown[0] if unknown else '(none)'!r}; valid "
+                                f"choices: {', '.join(SKETCH_NAMES)}")
+        if not self.ratios or not all(0 < r <= 1 for r in self.ratios):
+            raise VarstudyError(f"--ratios must lie in (0, 1], got {self.ratios}")
+        cli.check_distinct("--families", self.families)
+        cli.check_distinct("--ratios", self.ratios)
+        cli.check_seed("seed", self.seed)
+        vio.require_out(self.out)
+        for name in ("batch_size", "seq_len", "repeats"):
+            if getattr(self, name) < 1:
+                raise VarstudyError(f"--{name.replace('_', '-')} must be >= 1, got "
+                                    f"{getattr(self, name)}")
 
 
-def _device(name: str) -> torch.device:
-    return torch.device(resolve_device(name))
+def parse(argv: list[str] | None = None) -> LayerBenchConfig:
+    parser = cli.config_parser(LayerBenchConfig, PROG, __doc__.split("\n")[0])
+    return cli.config_from(LayerBenchConfig, parser.parse_args(argv))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        cfg = parse(argv)
+        from varstudy.models import resolve_device
 
-
-def _configure(model, family: str, ratio: float, seed: int) -> None:
-    if family == "exact":
-        derandomize(model)
-    else:
-        randomize(model, ratio=ratio, sketch=family, seed=seed)
-
-
-def _step(model, batch) -> float:
-    """One forward + backward, seconds (synchronized on CUDA)."""
-    device = batch["input_ids"].device
-    _sync(device)
-    start = time.perf_counter()
-    model(**batch).loss.backward()
-    _sync(device)
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
-
-
-def _predicted_linear_bytes(model, n_tokens: int, batch_size: int) -> int:
-    """Σ over distinct linear inputs of k·d_in·itemsize: Q, K, V share one sketch."""
-    total = 0
-    for name, m in model.named_modules():
-        if isinstance(m, RandomizedLinear) and not name.endswith((".key", ".value")):
-            n = batch_size if ("pooler" in name or "classifier" in name) else n_tokens
-            k = rows_for(n, m.ratio, m.min_rows)
-            total += k * m.in_features * m.weight.element_size()
-            total += k * (8 + 4) if m.sketch.name == "rows-norm" else 0
-    return total
-
-
-def _memory_row(model, batch, linears, exact) -> dict:
-    loss, rep = saved_bytes(lambda: model(**batch).loss, model=model)
-    del loss
-    row = {"saved_mib": rep.total / 2**20, "linear_saved_mib": rep.for_modules(linears) / 2**20,
-           "saved_ratio": 1.0, "linear_saved_ratio": 1.0, "linear_vs_predicted": float("nan")}
-    if exact is not None:
-        freed = exact.saved_only_by(linears)
-        n = batch["input_ids"].numel()
-        row["saved_ratio"] = rep.total / exact.total
-        row["linear_saved_ratio"] = rep.for_modules(linears) / freed
-        row["linear_vs_predicted"] = rep.for_modules(linears) / _predicted_linear_bytes(
-            model, n, batch["input_ids"].shape[0])
-    return row, rep
-
-
-def _load(cfg: LayerBenchConfig):
-    """The benchmark's model on its device; a bad --model, or a --seq-len longer than the model
-    takes, fails here (one forward of a single sequence)."""
-    torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
-    model, _ = load_model(cfg.model, num_labels=2, dropout=False, seed=cfg.seed, device=device)
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.full((1, cfg.seq_len), 1000, device=device))
-    except (RuntimeError, IndexError) as err:
-        limit = getattr(model.config, "max_position_embeddings", "?")
-        raise VarstudyError(f"--seq-len {cfg.seq_len} does not fit model {cfg.model!r} "
-                            f"({' '.join(str(err).split())[:120]}); valid: a length up to its "
-                            f"positions (max_position_embeddings {limit})") from None
-    return model
-
-
-def run(cfg: LayerBenchConfig, parts: Path | None = None, model=None) -> pd.DataFrame:
-    """The table; with ``parts`` (a folder), finished work is appended there and skipped.
-    ``model``: the one :func:`_load` returns (loaded here when None)."""
-    model = _load(cfg) if model is None else model
-    device = _device(cfg.device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batch = {"input_ids": torch.randint(1000, 20000, (cfg.batch_size, cfg.seq_len), generator=gen),
-             "labels": torch.randint(0, 2, (cfg.batch_size,), generator=gen)}
-    batch = {k: v.to(device) for k, v in batch.items()}
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    configs = [("exact", 1.0)] + [(f, r) for f in cfg.families for r in cfg.ratios]
-
-    mem_path, time_path = (parts / "memory.csv", parts / "times.csv") if parts else (None,) * 2
-    rows = _done_rows(mem_path)
-    timed = _done_rows(time_path)
-    times = {c: [timed[c + (r,)]["seconds"] for r in range(cfg.repeats) if c + (r,) in timed]
-             for c in configs}
-    exact = None
-    for family, ratio in tqdm(configs, desc="memory + warm-up"):
-        _configure(model, family, ratio, cfg.seed)
-        if (family, ratio) not in rows or family == "exact":
-            row, rep = _memory_row(model, batch, linears, exact)
-            exact = rep if family == "exact" else exact
-            if (family, ratio) not in rows:
-                rows[family, ratio] = row
-                _append(mem_path, dict(family=family, ratio=ratio, **row))
-        if len(times[family, ratio]) < cfg.repeats:
-            _step(model, batch)  # warm-up
-    for r in tqdm(range(cfg.repeats), desc="interleaved steps"):
-        for family, ratio in configs:
-            if (family, ratio, r) in timed:
-                continue
-            _configure(model, family, ratio, cfg.seed)
-            times[family, ratio].append(_step(model, batch))
-            _append(time_path, dict(family=family, ratio=ratio, repeat=r,
-                                    seconds=times[family, ratio][-1]))
-    derandomize(model)
-
-    exact_ms = statistics.median(times["exact", 1.0]) * 1e3
-    table = []
-    for family, ratio in configs:
-        ms = statistics.median(times[family, ratio]) * 1e3
-        table.append({"family": family, "ratio": ratio, "step_time_ms": ms,
-                      "time_ratio": ms / exact_ms, **rows[family, ratio]})
-    frame = pd.DataFrame(table)
-    frame.insert(0, "device", torch.cuda.get_device_name(device) if device.type == "cuda"
-                 else f"cpu ({cfg.threads} threads)")
-    return frame
-
-
-def _done_rows(path: Path | None) -> dict:
-    """Rows of a parts file keyed by (family, ratio[, repeat]); {} when absent."""
-    frame = vio.read_chunk(path) if path is not None else None
-    if frame is None:
-        return {}
-    keys = [c for c in ("family", "ratio", "repeat") if c in frame.columns]
-    return {tuple(r[k] for k in keys): {c: r[c] for c in frame.columns if c not in keys}
-            for r in frame.to_dict("records")}
-
-
-def _append(path: Path | None, row: dict) -> None:
-    if path is not None:
-        vio.append_csv(path, pd.DataFrame([row]))
-
-
-def _environment() -> dict:
-    import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "machine": platform.machine(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def _parse(argv) -> LayerBenchConfig:
-    d = LayerBenchConfig()
-    p = cli.Parser(prog="python -m varstudy.bench layers", description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=d.model, help="model name or local HF directory")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--families", default=",".join(d.families),
-                   help=f"comma-separated; valid: {', '.join(SKETCHES)}")
-    p.add_argument("--ratios", default=",".join(map(str, d.ratios)))
-    p.add_argument("--repeats", type=int, default=d.repeats)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--resume", action="store_true", help="skip work kept in <out>/layers.parts")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    a = p.parse_args(argv)
-    families = tuple(f for f in a.families.split(",") if f)
-    unknown = [f for f in families if f not in SKETCHES]
-    if unknown:
-        p.error(f"unknown sketch {unknown[0]!r}; valid choices: {', '.join(SKETCHES)}")
-    try:
-        ratios = tuple(float(r) for r in a.ratios.split(","))
-    except ValueError:
-        p.error(f"--ratios must be comma-separated numbers in (0, 1], got {a.ratios!r}")
-    if not all(0 < r <= 1 for r in ratios):
-        p.error(f"--ratios must lie in (0, 1], got {a.ratios!r}")
-    try:
-        cli.check_distinct("--families", families)
-        cli.check_distinct("--ratios", ratios)
-        vio.require_out(a.out)
-    except VarstudyError as err:
-        p.error(str(err))
-    for name in ("batch_size", "seq_len", "repeats", "threads"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.device not in ("auto", "cpu") and not (a.device.startswith("cuda")
-                                                and torch.cuda.is_available()):
-        p.error(f"device {a.device!r} is unknown or CUDA is not available; valid choices: auto, "
-                "cpu" + (", cuda" if torch.cuda.is_available() else ""))
-    return LayerBenchConfig(a.model, a.batch_size, a.seq_len, families, ratios, a.repeats,
-                            a.threads, a.device, d.seed, a.out, a.resume)
-
-
-def main(argv=None) -> int:
-    return cli.guarded(lambda: _main(_parse(argv)), debug=cli.wants_debug(argv))
-
-
-def _main(cfg: LayerBenchConfig) -> int:
-    out = vio.check_writable(cfg.out)
-    parts = out / "layers.parts"
-    resuming = cfg.resume and (parts / "config.json").is_file()
-    if resuming:
-        vio.refuse_changed(parts, vio.read_json(parts / "config.json"), asdict(cfg),
-                           ("out", "resume"))
-    model = _load(cfg)  # before the folder changes: a bad --model leaves it as it was
-    with vio.output_lock(out, ".layers.lock"):  # NOTE [one run per folder] (varstudy.io)
-        if not resuming:
-            vio.remove(*parts.glob("*.csv"))
-            vio.atomic_write_json(parts / "config.json", asdict(cfg))
-        vio.remove(out / "layers.csv", out / "layers.json")
-        frame = run(cfg, parts, model)
-        vio.atomic_write_csv(out / "layers.csv", frame, float_format="%.4g")
-        vio.atomic_write_json(out / "layers.json", {"config": asdict(cfg),
-                                                    "environment": _environment()})
-        shutil.rmtree(parts, ignore_errors=True)
-    cols = ["family", "ratio", "step_time_ms", "time_ratio", "saved_ratio",
-            "linear_saved_ratio", "linear_vs_predicted"]
-    print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"wrote {out / 'layers.csv'}")
-    return 0
+        resolve_device(cfg.device)  # an absent CUDA device is one line
+        cli.set_threads(cfg.num_threads)
+        from varstudy.bench.layers_run import execute
+        return execute(cfg)
+    return cli.run_command(body, argv)
