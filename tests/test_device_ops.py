@@ -1,5 +1,6 @@
 """The host tier's CUDA path and the scan's device calls, run on CPU through a fake device-ops
-object (storage NOTE [device ops]): streams, events, non_blocking copies, synchronize, device RNG.
+object (NOTE [device ops] in varstudy.checkpointing.device): streams, events, non_blocking
+copies, synchronize, device RNG.
 
 The fake models asynchrony: a non_blocking copy is queued on the current stream and only happens
 (after ``copy_s`` seconds of "transfer") when an event recorded after it is synchronized, or at
@@ -15,8 +16,7 @@ import pytest
 import torch
 
 from varstudy.errors import VarstudyError
-from varstudy.checkpointing.sequence import ScanStats, checkpointed_scan
-from varstudy.checkpointing.storage import HostTier, MemoryMeter, state_bytes
+from varstudy.checkpointing import HostTier, MemoryMeter, ScanStats, checkpointed_scan, state_bytes
 
 
 class FakeStream:
@@ -48,7 +48,7 @@ class FakeEvent:
 
 
 class FakeCudaOps:
-    """Stands in for storage.CudaOps; ``log`` records the calls, ``gen`` is the device RNG."""
+    """Stands in for device.CudaOps; ``log`` records the calls, ``gen`` is the device RNG."""
 
     def __init__(self, copy_s: float = 0.0, fail_copy: int | None = None, seed: int = 0) -> None:
         self.copy_s, self.fail_copy, self.copies = copy_s, fail_copy, 0

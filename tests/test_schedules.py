@@ -76,7 +76,7 @@ def test_paper_cost_model_numbers():
 def test_intervals_and_errors():
     assert sch.intervals(7, 3) == [(0, 3), (3, 6), (6, 7)]
     assert sch.choose_interval(2e-3, 1e-3) == 1
-    with pytest.raises(VarstudyError, match="valid: store_all, revolve, multistage"):
+    with pytest.raises(VarstudyError, match="valid choices: store_all, revolve, multistage"):
         sch.model_cost_per_step("bogus", 10, 2)
     with pytest.raises(VarstudyError, match="s >= 1"):
         sch.revolve_ops(10, 0)

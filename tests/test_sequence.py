@@ -8,8 +8,8 @@ from torch import nn
 
 from varstudy.checkpointing import schedules as sch
 from varstudy.errors import VarstudyError
-from varstudy.checkpointing.sequence import ScanStats, checkpointed_scan, checkpointed_sequential
-from varstudy.checkpointing.storage import MemoryMeter
+from varstudy.checkpointing import (MemoryMeter, ScanStats, checkpointed_scan,
+                                    checkpointed_sequential)
 
 
 def _rnn(seed=0, h=5, d=3, p_drop=0.0):
@@ -145,9 +145,9 @@ def test_fast_peak_bytes_flat_in_n():
 
 def test_bad_config_lists_choices():
     step, _ = _rnn()
-    with pytest.raises(VarstudyError, match="valid: store_all, revolve, multistage"):
+    with pytest.raises(VarstudyError, match="valid choices: store_all, revolve, multistage"):
         checkpointed_scan(step, torch.zeros(1, 5), torch.zeros(3, 1, 3), strategy="bogus")
-    with pytest.raises(VarstudyError, match="valid: host, disk"):
+    with pytest.raises(VarstudyError, match="valid choices: host, disk"):
         xs = torch.zeros(3, 1, 3)
         checkpointed_scan(step, torch.zeros(1, 5, requires_grad=True), xs, tier="tape", interval=1)
 
@@ -220,3 +220,105 @@ def test_step_closing_over_another_scans_output(case, tmp_path):
     ref = grads(_plain_loop)
     kw = dict(CLOSURE_CASES[case], disk_dir=str(tmp_path), timeout_s=10)
     _assert_same(grads(lambda step, h, xs: checkpointed_scan(step, h, xs, **kw)), ref)
+
+
+@pytest.mark.parametrize("case", list(CLOSURE_CASES))
+def test_explicit_params_naming_the_leaf_of_a_non_leaf_match_plain_autograd(case, tmp_path):
+    """params=[w0, u] while the step uses wn = f(w0) made outside it (NOTE [parameters]): the
+    forward pass finds wn missing at step 0 and starts again with it; the gradients, the
+    forward values, the statistics and the caller's RNG stream are those of one clean pass."""
+    g = torch.Generator().manual_seed(8)
+    w0 = (0.5 * torch.randn(5, 5, generator=g)).requires_grad_()
+    u = torch.randn(3, 5, generator=g).requires_grad_()
+    xs = torch.randn(10, 2, 3, generator=g, requires_grad=True)
+    h0 = torch.randn(2, 5, generator=g, requires_grad=True)
+
+    def grads(run):
+        wn = torch.tanh(w0) * 0.3
+
+        def step(h, x):
+            new = torch.tanh(h @ wn + nn.functional.dropout(x, 0.3) @ u + 0.1 * (h @ w0))
+            return new, new.pow(2).sum(-1)
+
+        torch.manual_seed(11)
+        ys, hT = run(step)
+        weights = torch.linspace(0, 1, ys.numel()).view_as(ys)
+        loss = (ys * weights).sum() + hT.pow(2).sum() + wn.sum()
+        return torch.autograd.grad(loss, [w0, u, xs, h0]), loss.detach(), torch.get_rng_state()
+
+    ref, loss_ref, rng_ref = grads(lambda step: _plain_loop(step, h0, xs))
+    stats = ScanStats()
+    kw = dict(CLOSURE_CASES[case], disk_dir=str(tmp_path), timeout_s=10, params=[w0, u],
+              stats=stats)
+    got, loss, rng = grads(lambda step: checkpointed_scan(step, h0, xs, **kw))
+    assert torch.equal(loss, loss_ref)  # the same dropout masks: the RNG was rewound
+    assert torch.equal(rng, rng_ref)    # and the caller's stream continues as after plain
+    _assert_same(got, ref)
+    if case != "store_all":
+        assert stats.forward_steps == 10 and stats.retaped_steps == 10
+        assert stats.slow_writes == (3 if case.startswith("multistage") else 0)  # not 4
+
+
+class _Cell(nn.Module):
+    """A module whose weight is used through ``wn``, a non-leaf tensor set from outside."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w0 = nn.Parameter(0.5 * torch.randn(5, 5, generator=g))
+        self.u = nn.Parameter(torch.randn(3, 5, generator=g))
+        self.wn = None
+
+    def forward(self, h, x):
+        new = torch.tanh(h @ self.wn + x @ self.u)
+        return new, new.sum(-1)
+
+
+@pytest.mark.parametrize("kw", [dict(strategy="revolve", slots=2),
+                                dict(strategy="multistage", slots=2, interval=3),
+                                dict(strategy="multistage", slots=2)],
+                         ids=["revolve", "multistage", "multistage-measured"])
+def test_module_step_using_its_parameters_through_a_non_leaf(kw):
+    cell = _Cell(9)
+    g = torch.Generator().manual_seed(10)
+    xs = torch.randn(8, 2, 3, generator=g, requires_grad=True)
+    h0 = torch.randn(2, 5, generator=g)
+
+    def grads(run):
+        cell.wn = cell.w0 * 0.3  # made outside the step, before each scan
+        ys, hT = run(cell)
+        return torch.autograd.grad(ys.pow(2).sum() + hT.sum(), [cell.w0, cell.u, xs])
+
+    ref = grads(lambda step: _plain_loop(step, h0, xs))
+    _assert_same(grads(lambda step: checkpointed_scan(step, h0, xs, timeout_s=10, **kw)), ref)
+
+
+def test_sequential_module_using_a_non_leaf_after_the_first():
+    """checkpointed_sequential checks the first call of every module, not only the first one."""
+    torch.manual_seed(3)
+    layers = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(7)]
+    s0 = torch.tensor(0.7, requires_grad=True)
+
+    class Scaled(nn.Module):
+        def forward(self, h):
+            return h * scale
+
+    blocks = layers[:4] + [Scaled()] + layers[4:]
+    x = torch.randn(4, 6, requires_grad=True)
+    wrt = [x, s0] + [p for m in layers for p in m.parameters()]
+    scale = s0 * 2  # non-leaf, used by block 4 only
+    out = checkpointed_sequential(blocks, x, strategy="revolve", slots=3)
+    got = torch.autograd.grad(out.pow(2).sum() + scale, wrt)
+    scale = s0 * 2
+    ref = x
+    for m in blocks:
+        ref = m(ref)
+    _assert_same([out], [ref])
+    _assert_same(got, torch.autograd.grad(ref.pow(2).sum() + scale, wrt))
+
+
+def test_params_that_are_not_tensors_are_one_line():
+    step, _ = _rnn()
+    with pytest.raises(VarstudyError, match=r"params\[1\] is a list, not a tensor; valid choices"):
+        checkpointed_scan(step, torch.zeros(1, 5), torch.zeros(3, 1, 3),
+                          params=[torch.zeros(5, 5, requires_grad=True), [1.0]])

@@ -21,8 +21,7 @@ import tracemalloc
 import torch
 
 from varstudy.randomized.layers import randomize
-from varstudy.checkpointing.sequence import checkpointed_scan
-from varstudy.checkpointing.workloads import tanh_rnn
+from varstudy.checkpointing import checkpointed_scan, tanh_rnn
 
 STEPS, WARMUP = 1000, 100
 PAGE = os.sysconf("SC_PAGE_SIZE")

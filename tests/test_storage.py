@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from varstudy.errors import VarstudyError
-from varstudy.checkpointing.sequence import checkpointed_scan
-from varstudy.checkpointing.storage import DiskTier, FastTier, HostTier, MemoryMeter, make_tier
+from varstudy.checkpointing import (DiskTier, FastTier, HostTier, MemoryMeter, checkpointed_scan,
+                                    make_tier)
 
 
 def _state(seed):
@@ -44,7 +44,7 @@ def test_fast_tier_meter_counts_bytes():
 
 
 def test_unknown_tier_lists_choices():
-    with pytest.raises(VarstudyError, match="valid: host, disk"):
+    with pytest.raises(VarstudyError, match="valid choices: host, disk"):
         make_tier("tape", n_keys=1, template=_state(0))
 
 

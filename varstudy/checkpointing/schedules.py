@@ -1,7 +1,7 @@
 """Checkpointing schedules for reversing a chain of N steps: store-all, Revolve, multistage.
 
 A schedule is a flat list of :class:`Op` (``store``/``advance``/``reverse``/``load``/``end_forward``)
-on *local* step indices ``0..n-1`` of one chain; :mod:`varstudy.checkpointing.sequence` executes it.
+on *local* step indices ``0..n-1`` of one chain; :mod:`varstudy.checkpointing.replay` executes it.
 
 * **Revolve** (binomial, Griewank & Walther 2000): the op list is translated from
   ``checkpoint_schedules.MultistageCheckpointSchedule(n, s, 0)`` (all snapshots in RAM = plain
@@ -75,7 +75,8 @@ def revolve_advances(n: int, s: int) -> int:
 
 def _check_ns(n: int, s: int) -> None:
     if n < 1 or s < 1:
-        raise VarstudyError(f"schedule needs n >= 1 steps and s >= 1 slots; got n={n}, s={s}")
+        raise VarstudyError(f"schedule of n={n} steps with s={s} slots; valid choices: n >= 1 "
+                            "and s >= 1")
 
 
 @lru_cache(maxsize=256)
@@ -134,14 +135,14 @@ def split_forward(ops: tuple[Op, ...]) -> tuple[tuple[Op, ...], tuple[Op, ...]]:
 def choose_interval(step_time_s: float, transfer_time_s: float) -> int:
     """Slow-tier interval I = ceil(T_w / t_f), at least 1 (store as often as the link allows)."""
     if step_time_s <= 0:
-        raise VarstudyError(f"step time must be > 0 s; got {step_time_s}")
+        raise VarstudyError(f"step time {step_time_s} s is not positive; valid choices: > 0 s")
     return max(1, math.ceil(transfer_time_s / step_time_s - 1e-9))
 
 
 def intervals(n: int, interval: int) -> list[tuple[int, int]]:
     """[(start, stop), ...] covering 0..n-1 in chunks of ``interval`` steps (last may be short)."""
     if interval < 1:
-        raise VarstudyError(f"interval must be >= 1 step; got {interval}")
+        raise VarstudyError(f"interval {interval} is below 1 step; valid choices: >= 1")
     return [(a, min(a + interval, n)) for a in range(0, n, interval)]
 
 
@@ -164,4 +165,4 @@ def model_cost_per_step(strategy: str, n: int, slots: int, interval: int = 1,
         extra = sum(revolve_advances(b - a, slots) for a, b in chunks[:-1])
         extra += revolve_advances(last, slots) - (last - 1)
         return 1.0 + extra / n + reverse_cost
-    raise VarstudyError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    raise VarstudyError(f"unknown strategy {strategy!r}; valid choices: {', '.join(STRATEGIES)}")

@@ -1,7 +1,8 @@
 """Storage tiers for checkpointed states: fast (device), host (preallocated pool), disk (directory).
 
-A *state* is a tuple of tensors (model state + RNG state). Slow tiers (host, disk) write and read
-asynchronously: ``put`` returns at once, ``prefetch`` starts a read, ``get`` waits for it.
+A *state* is a tuple of tensors (model state + RNG state). Slow tiers (registry ``TIERS``: host,
+disk) write and read asynchronously: ``put`` returns at once, ``prefetch`` starts a read, ``get``
+waits for it.
 
 NOTE [async tiers]: one worker thread per tier does the transfers, on every device. The number of
 writes in flight is bounded by a semaphore (``max_pending``), so a slow link stalls the caller
@@ -10,15 +11,9 @@ has a timeout. A transfer that fails stores its exception in its future; the nex
 ``put``/``get``/``wait_writes``/``close`` in the caller raises it as :class:`VarstudyError`.
 ``close`` (also called on error) waits for the worker and removes every file the disk tier wrote.
 
-NOTE [device ops]: the host tier's CUDA path makes its device calls through a small ops object
-(:class:`CudaOps` by default; tests pass a fake so this path runs on CPU). ``put`` records a *ready*
-event on the caller's stream; the worker waits for it (the write clock starts there, so T_w is the
-transfer alone), issues non_blocking copies into the pinned pool on a side stream, records a *done*
-event and waits for it: the worker, never the caller, blocks on the GPU, the write time includes
-the copy, and an asynchronous CUDA error surfaces in the write's future like any other failure.
-Reads copy back on the side stream the same way; ``get`` marks the tensors as used by the caller's
-stream (``record_stream``) so the allocator does not reuse them early. The source of a write stays
-referenced (and counted by the meter) until its done event has completed.
+On CUDA (or with an ``ops`` object given) the host tier's transfers go through the device-ops seam
+(NOTE [device ops] in :mod:`varstudy.checkpointing.device`); byte counts go to a
+:class:`~varstudy.checkpointing.meter.MemoryMeter`.
 
 ``transfer_delay_s`` is an ARTIFICIAL THROTTLE: the worker sleeps that long per write and per read,
 modelling a link of known speed so the compute/transfer ratio can be swept on one machine.
@@ -32,79 +27,15 @@ import shutil
 import tempfile
 import threading
 import time
-import weakref
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
 
+from varstudy.checkpointing.device import device_ops
+from varstudy.checkpointing.meter import MemoryMeter, State, state_bytes
 from varstudy.errors import VarstudyError
 
-State = tuple[torch.Tensor, ...]
 TIERS = ("host", "disk")
-
-
-def state_bytes(state: State) -> int:
-    """Bytes of the tensors of a state (views counted by their own size)."""
-    return sum(t.numel() * t.element_size() for t in state)
-
-
-class MemoryMeter:
-    """Thread-safe counter of live fast-tier bytes and their peak.
-
-    Executors add the states they hold in device memory; :meth:`track_saved` also counts tensors
-    saved for backward by autograd (saved_tensors_hooks, deduplicated by (data_ptr, nbytes),
-    parameters excluded), recomputation in backward included when backward runs inside it.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.bytes_now = 0
-        self.peak_bytes = 0
-        self._live: dict[tuple[int, int], int] = {}
-
-    def add(self, nbytes: int) -> None:
-        with self._lock:
-            self.bytes_now += nbytes
-            self.peak_bytes = max(self.peak_bytes, self.bytes_now)
-
-    def sub(self, nbytes: int) -> None:
-        with self._lock:
-            self.bytes_now -= nbytes
-
-    def _release(self, key: tuple[int, int]) -> None:
-        with self._lock:
-            self._live[key] -= 1
-            if self._live[key] == 0:
-                del self._live[key]
-                self.bytes_now -= key[1]
-
-    def _pack(self, t: torch.Tensor):
-        if isinstance(t, torch.nn.Parameter) or t.device.type == "meta":
-            return t
-        key = (t.data_ptr(), t.numel() * t.element_size())
-        with self._lock:
-            self._live[key] = self._live.get(key, 0) + 1
-            if self._live[key] == 1:
-                self.bytes_now += key[1]
-                self.peak_bytes = max(self.peak_bytes, self.bytes_now)
-        holder = _Saved(t)
-        weakref.finalize(holder, self._release, key)
-        return holder
-
-    @contextmanager
-    def track_saved(self):
-        """Count autograd saved tensors as fast-tier bytes while the block runs."""
-        unpack = lambda h: h.t if isinstance(h, _Saved) else h  # noqa: E731
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, unpack):
-            yield self
-
-
-class _Saved:
-    __slots__ = ("t", "__weakref__")
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
 
 
 class FastTier:
@@ -140,54 +71,6 @@ class FastTier:
         return len(self._slots)
 
 
-class CudaOps:
-    """The CUDA calls of the host tier and of interval timing, for one device (NOTE [device ops])."""
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-
-    def stream(self):
-        return torch.cuda.Stream(self.device)
-
-    def current_stream(self):
-        return torch.cuda.current_stream(self.device)
-
-    def use_stream(self, stream):
-        return torch.cuda.stream(stream)
-
-    def event(self):
-        return torch.cuda.Event()
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self.device)
-
-    def pinned_empty(self, shape, dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
-
-    def copy_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(src, non_blocking=True)
-
-    def to(self, src: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return src.to(device, non_blocking=True, copy=True)
-
-    def record_stream(self, t: torch.Tensor, stream) -> None:
-        if t.is_cuda:
-            t.record_stream(stream)
-
-    def get_rng_state(self) -> torch.Tensor:
-        return torch.cuda.get_rng_state(self.device)
-
-    def set_rng_state(self, state: torch.Tensor) -> None:
-        torch.cuda.set_rng_state(state, self.device)
-
-
-def device_ops(device: torch.device, ops=None):
-    """``ops`` if given, else :class:`CudaOps` for a CUDA device, else None (plain CPU path)."""
-    if ops is not None:
-        return ops
-    return CudaOps(device) if torch.device(device).type == "cuda" else None
-
-
 class _AsyncTier:
     """Shared machinery: one worker thread, bounded writes, futures carrying errors."""
 
@@ -196,7 +79,7 @@ class _AsyncTier:
     def __init__(self, *, transfer_delay_s: float = 0.0, max_pending: int = 1,
                  timeout_s: float = 60.0, meter: MemoryMeter | None = None) -> None:
         if max_pending < 1:
-            raise VarstudyError(f"max_pending must be >= 1; got {max_pending}")
+            raise VarstudyError(f"max_pending {max_pending} is below 1; valid choices: >= 1")
         self.delay = float(transfer_delay_s)
         self.timeout_s = float(timeout_s)
         self.meter = meter or MemoryMeter()
@@ -399,7 +282,8 @@ class DiskTier(_AsyncTier):
         super().__init__(**kw)
         if root is not None and not os.path.isdir(root):
             self._pool.shutdown()
-            raise VarstudyError(f"disk tier root {root!r} is not a directory")
+            raise VarstudyError(f"disk tier root {root!r} is not a directory; valid choices: an "
+                                "existing directory, or None (the system's temporary one)")
         self.dir = tempfile.mkdtemp(prefix="varstudy-ckpt-", dir=root)
         self.write_fn = write_fn or torch.save
         self.devices: dict[int, list[torch.device]] = {}
@@ -433,4 +317,4 @@ def make_tier(name: str, *, n_keys: int, template: State, disk_dir: str | None =
         return HostTier(n_keys, template, ops=ops, **kw)
     if name == "disk":
         return DiskTier(disk_dir, write_fn=write_fn, **kw)
-    raise VarstudyError(f"unknown storage tier {name!r}; valid: {', '.join(TIERS)}")
+    raise VarstudyError(f"unknown storage tier {name!r}; valid choices: {', '.join(TIERS)}")

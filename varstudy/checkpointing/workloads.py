@@ -41,7 +41,9 @@ def load_imdb(n_reviews: int, seq_len: int, *, seed: int = 0) -> tuple[torch.Ten
     raw = [t.encode("utf-8") for t in df["text"]]
     keep = [i for i, b in enumerate(raw) if len(b) >= seq_len]
     if len(keep) < n_reviews:
-        raise VarstudyError(f"only {len(keep)} IMDB reviews have >= {seq_len} bytes; asked {n_reviews}")
+        raise VarstudyError(f"{n_reviews} IMDB reviews of >= {seq_len} bytes asked, only "
+                            f"{len(keep)} exist; valid choices: n_reviews <= {len(keep)} or a "
+                            "shorter seq_len")
     pick = np.random.default_rng(seed).choice(keep, size=n_reviews, replace=False)
     tokens = np.stack([np.frombuffer(raw[i][:seq_len], dtype=np.uint8) for i in pick])
     labels = df["label"].to_numpy()[pick]
@@ -57,7 +59,7 @@ class RNNClassifier(nn.Module):
     def __init__(self, cell: str = "gru", embed: int = 16, hidden: int = 64) -> None:
         super().__init__()
         if cell not in CELLS:
-            raise VarstudyError(f"unknown cell {cell!r}; valid: {', '.join(CELLS)}")
+            raise VarstudyError(f"unknown cell {cell!r}; valid choices: {', '.join(CELLS)}")
         self.kind, self.hidden = cell, hidden
         self.embed = nn.Embedding(256, embed)
         self.cell = CELLS[cell](embed, hidden)
