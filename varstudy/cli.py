@@ -104,11 +104,13 @@ def wants_debug(argv) -> bool:
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002 - argparse's name
-           choices: Sequence[str] | None = None, metavar: str | None = None):
+           choices: Sequence[str] | None = None, metavar: str | None = None,
+           flag: str | None = None):
     """A config field with its command-line documentation: a one-line ``help`` (plain text),
-    and the valid ``choices`` of a string (or of each element of a list)."""
+    the valid ``choices`` of a string (or of each element of a list), and its ``flag`` when it
+    is not ``--`` + the field name with dashes (``--from`` for a field ``source``)."""
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices,
-                                                            metavar=metavar))
+                                                            metavar=metavar, flag=flag))
 
 
 def _split(hint) -> tuple[Any, bool]:
@@ -174,7 +176,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls) -> None:
     out of the namespace (argparse.SUPPRESS), so a preset or --config can fill them."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         choices = meta.get("choices")
         default = f.default if f.default is not dataclasses.MISSING else None
         text = meta.get("help") or f.name.replace("_", " ")
@@ -184,11 +187,11 @@ def add_config_options(parser: argparse.ArgumentParser, cls) -> None:
             extra += f"; choices: {', '.join(choices)}"
         help_text = f"{text} ({extra})".replace("%", "%%")
         if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, dest=f.name,
                                 default=argparse.SUPPRESS, help=help_text)
             continue
-        parser.add_argument(flag, type=converter(hints[f.name], choices, f.name.replace("_", "-")),
-                            default=argparse.SUPPRESS, help=help_text,
+        parser.add_argument(flag, type=converter(hints[f.name], choices, flag[2:]),
+                            default=argparse.SUPPRESS, help=help_text, dest=f.name,
                             metavar=meta.get("metavar") or f.name.upper())
 
 
@@ -197,7 +200,7 @@ def config_parser(cls, prog: str, description: str, *, presets: Sequence[str] = 
     """The parser of a command whose options are the fields of ``cls``, plus ``--config``,
     ``--preset`` (when ``presets``), ``--debug`` and an optional positional choice."""
     usage = f"{prog}{' ' + positional[0].upper() if positional else ''} [options]"
-    parser = Parser(prog=prog, description=description, usage=usage)
+    parser = Parser(prog=prog, description=description.replace("``", ""), usage=usage)
     if positional is not None:
         name, choices = positional
         parser.add_argument(name, choices=list(choices), help=f"one of {', '.join(choices)}")
@@ -249,8 +252,12 @@ def config_from(cls, args: argparse.Namespace, presets: dict[str, dict] | None =
 
 
 def run_command(body: Callable[[], int | None], argv) -> int:
-    """:func:`guarded` with ``--debug`` read from the raw arguments."""
-    return guarded(body, debug=wants_debug(argv))
+    """:func:`guarded` with ``--debug`` read from the raw arguments; a usage error (2) or
+    ``--help`` (0) found while parsing is returned as the status, not raised."""
+    try:
+        return guarded(body, debug=wants_debug(argv))
+    except SystemExit as stop:
+        return int(stop.code or 0) if not isinstance(stop.code, str) else 2
 
 
 def set_threads(num_threads: int | None) -> int:

@@ -52,6 +52,10 @@ class MeasureConfig:
     families: tuple[str, ...] = option(SKETCH_NAMES, "sketch families to evaluate",
                                        choices=SKETCH_NAMES)
     ratios: tuple[float, ...] = option((0.05, 0.1, 0.2, 0.5), "ratios rho = k/n in (0, 1]")
+    plan: str | None = option(None, "a plan.json of python -m varstudy.plan: measure its family "
+                                    "with each layer's planned rows (exact layers: no sketch "
+                                    "variance); families and ratios become the plan's family "
+                                    "and nominal ratio")
     min_rows: int = option(1, "fewest sketch rows k of any layer")
     num_batches: int = option(16, "minibatches per measured step")
     layers: str | None = option(None, "regex on the linear modules' names (none: all)")
@@ -135,8 +139,14 @@ class MeasureConfig:
         from varstudy.models import resolve_device
 
         steps = self.measure_at or ((0,) if self.train_steps == 0 else (0, self.train_steps))
+        extra = {}
+        if self.plan is not None:
+            from varstudy.randomized.plan import load_plan
+
+            family, _, nominal = load_plan(self.plan)
+            extra = dict(families=(family,), ratios=(nominal or 1.0,))
         return replace(self, device=resolve_device(self.device),
-                       measure_at=tuple(sorted(set(steps))))
+                       measure_at=tuple(sorted(set(steps))), **extra)
 
 
 def _check(ok: bool, message: str) -> None:

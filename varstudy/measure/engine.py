@@ -6,6 +6,7 @@ Schema and conventions: :mod:`varstudy.measure` (package docstring).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import pandas as pd
@@ -38,13 +39,15 @@ def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: 
                 batch_size=x.shape[0], n_rows=m.n, grad_sq_norm=m.a,
                 var_sampling=sampling.var_batch, _s=m.s, _a=m.a, _q=m.n * m.p - m.a)
     rows = []
+    planned = planned_ratios(cfg.plan).get(name, "exact") if cfg.plan else None
     for ratio in cfg.ratios:
-        k = rows_for(m.n, ratio, cfg.min_rows)
+        k = rows_for(m.n, ratio if planned is None else planned if planned != "exact" else 1.0,
+                     cfg.min_rows)
         paper = V.paper_quantities(m, k)
         for fam in cfg.families:
-            var = V.closed_form(fam, m, k)
+            var = V.closed_form(fam, m, k) if planned != "exact" else 0.0
             mc_mean = mc_se = math.nan
-            if mc and cfg.mc_draws > 0:
+            if mc and cfg.mc_draws > 0 and planned != "exact":
                 seed = derive_seed(cfg.seed, step, b, 1, pos, V.family_key(fam),
                                    round(ratio * 1e6))
                 mc_mean, mc_se = V.mc_sketch_variance(fam, x, y, k, cfg.mc_draws, seed)
@@ -53,6 +56,15 @@ def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: 
                              mc_draws=cfg.mc_draws if mc else 0, **paper,
                              ratio_sketch_sampling=_div(var, sampling.var_batch)))
     return rows
+
+
+@functools.lru_cache(maxsize=4)
+def planned_ratios(plan: str) -> dict:
+    """{layer: ρ or "exact"} of a plan.json (NOTE [integer rows] in varstudy.randomized.plan:
+    at a minibatch of n rows a planned layer keeps k = rows_for(n, ρ) rows)."""
+    from varstudy.randomized.plan import load_plan
+
+    return load_plan(plan)[1]
 
 
 def model_rows(rows: list[dict]) -> list[dict]:

@@ -335,24 +335,43 @@ def _select(model: nn.Module, include: str | None, exclude: str | None) -> list[
 
 def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaussian", *,
               include: str | None = None, exclude: str | None = None, min_rows: int = 1,
-              seed: int = 0, share: bool = True) -> Conversion:
+              seed: int = 0, share: bool = True, plan=None) -> Conversion:
     """Convert the nn.Linear modules of ``model`` in place into RandomizedLinear.
 
     ``include``/``exclude`` are regexes searched in module names. Parameters are shared, not
     copied. Layers are numbered in module order for seed derivation. With ``share``, layers that
     read the same input tensor in one forward pass share one stored sketch (NOTE [shared
-    sketches]). Everything is validated before the first
-    module is replaced, so a failed conversion leaves the model unchanged.
+    sketches]). ``plan`` (a plan.json path or its dict, from ``python -m varstudy.plan``) gives
+    the family and each layer's own ratio instead of ``sketch``/``ratio``: its "exact" layers
+    and the linears it does not name stay nn.Linear (``include``/``exclude`` still apply).
+    Everything is validated before the first module is replaced, so a failed conversion leaves
+    the model unchanged.
     """
-    family, ratio, min_rows = get_sketch(sketch), check_ratio(ratio), check_min_rows(min_rows)
+    min_rows = check_min_rows(min_rows)
     names = _select(model, include, exclude)
+    per_layer = {}
+    if plan is not None:
+        from varstudy.randomized.plan import EXACT, load_plan
+
+        family_name, planned, _ = load_plan(plan)
+        unknown = sorted(set(planned) - set(_select(model, None, None)))
+        if unknown:
+            raise VarstudyError(f"plan names {len(unknown)} layer(s) the model lacks, e.g. "
+                                f"{unknown[0]!r}; valid choices: a plan made from a measure run "
+                                "of this model")
+        family = get_sketch(family_name)
+        per_layer = {n: check_ratio(planned[n]) for n in names if planned.get(n, EXACT) != EXACT}
+        names = [n for n in names if n in per_layer]
+    else:
+        family, ratio = get_sketch(sketch), check_ratio(ratio)
+        per_layer = dict.fromkeys(names, ratio)
     cache = SketchCache() if share else None
     new = {name: RandomizedLinear.from_linear(
-        model.get_submodule(name), ratio=ratio, sketch=family, min_rows=min_rows, seed=seed,
-        layer_id=i, cache=cache, name=name) for i, name in enumerate(names)}
+        model.get_submodule(name), ratio=per_layer[name], sketch=family, min_rows=min_rows,
+        seed=seed, layer_id=i, cache=cache, name=name) for i, name in enumerate(names)}
     for name, module in new.items():
         _swap(model, name, module)
-    return Conversion(tuple((n, m.in_features, m.out_features, family.name, ratio)
+    return Conversion(tuple((n, m.in_features, m.out_features, family.name, m.ratio)
                             for n, m in new.items()))
 
 

@@ -359,79 +359,40 @@ def _plan(layers, u: _Units, family: str, k: np.ndarray, exact: np.ndarray, meta
 
 
 # --------------------------------------------------------------------------------------------
-# Statistics from a measure run, and plans as JSON
+# Plans as written by ``python -m varstudy.plan``
 # --------------------------------------------------------------------------------------------
 
 
-def unit_name(layer: str) -> str:
-    """Storage unit of a linear layer: Q, K and V of one attention block share ``<block>.qkv``
-    (they read one tensor, NOTE [shared sketches] in varstudy.randomized.layers); others are their own."""
-    from varstudy.models import layer_kind
+def load_plan(source) -> tuple[str, dict[str, float | str], float | None]:
+    """(family, {layer: ρ or "exact"}, nominal ratio) of a plan: a plan.json path or its dict.
 
-    if layer_kind(layer) in ("query", "key", "value"):
-        return layer.rpartition(".")[0] + ".qkv"
-    return layer
-
-
-def stats_from_layers(layers, family: str, train_step: int | None = None) -> list[LayerStats]:
-    """:class:`LayerStats` per layer from a measure run's ``layers.csv`` (a DataFrame).
-
-    C_l comes from the closed-form sketch variance of every batch at the smallest measured ratio
-    (module docstring): C_l = mean_b var_b·k_b/n_b, or mean_b var_b·k_b/(n_b − k_b) for rows-wor;
-    v_l = mean_b var_sampling; n_l = mean_b n_rows. ``train_step``: default the first measured.
+    The nominal ratio is the uniform ρ that stores as many numbers (the plan's budget), or None.
     """
-    need = {"train_step", "layer", "family", "ratio", "k", "n_rows", "d_in", "var_sketch",
-            "var_sampling"}
-    missing = sorted(need - set(layers.columns))
-    if missing:
-        raise VarstudyError(f"layers table lacks column(s) {', '.join(missing)}; valid choices: "
-                            "a layers.csv written by python -m varstudy.measure")
-    if family not in set(layers.family):
-        raise VarstudyError(f"family {family!r} was not measured in this run; valid choices: "
-                            f"{', '.join(sorted(set(layers.family)))}")
-    step = layers.train_step.min() if train_step is None else train_step
-    rows = layers[(layers.family == family) & (layers.layer != "model")
-                  & (layers.train_step == step)]
-    if rows.empty:
-        raise VarstudyError(f"no rows at train step {train_step}; valid choices: "
-                            f"{', '.join(map(str, sorted(set(layers.train_step))))}")
-    out = []
-    for name, g in rows.groupby("layer", sort=False):
-        g = g[g.ratio == g.ratio.min()]
-        k, n, var = (g[c].to_numpy(dtype=float) for c in ("k", "n_rows", "var_sketch"))
-        if family == "rows-wor":
-            c = np.where(k < n, var * k / np.maximum(n - k, 1), 0.0)
-        else:
-            c = var * k / n
-        out.append(LayerStats(name, unit_name(name), int(g.d_in.iloc[0]), float(n.mean()),
-                              float(c.mean()), float(g.var_sampling.mean())))
-    return out
+    import json
+    from pathlib import Path
 
-
-def to_json(plan: Plan, layers: Sequence[LayerStats], **extra) -> dict:
-    """A plan as a JSON-ready dict: ``family``, ``layers`` {name: {ratio | "exact", k, unit,
-    n, d, var_sketch, var_sampling}}, totals and ``extra`` (provenance)."""
-    by = {s.name: s for s in layers}
-    return dict(
-        family=plan.family, **plan.meta, **extra,
-        total=dict(var_sketch=plan.total_var, relative=plan.relative(layers),
-                   stored_numbers=plan.total_stored,
-                   var_sampling=float(sum(s.v for s in layers))),
-        layers={name: dict(ratio=r, k=plan.k[name], unit=by[name].unit, n=by[name].n,
-                           d=by[name].d, var_sketch=plan.var[name], var_sampling=by[name].v)
-                for name, r in plan.ratios.items()})
-
-
-def ratios_from_json(data: dict) -> tuple[str, dict[str, float | str]]:
-    """(family, {layer: ρ or "exact"}) of a plan written by :func:`to_json`, validated."""
+    data = source
+    if not isinstance(source, dict):
+        try:
+            data = json.loads(Path(source).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise VarstudyError(f"plan {source} cannot be read as JSON ({' '.join(str(err).split())}"
+                                "); valid choices: a plan.json written by python -m "
+                                "varstudy.plan") from None
     if not isinstance(data, dict) or "family" not in data or "layers" not in data:
         raise VarstudyError("not a varstudy plan: expected keys 'family' and 'layers'; valid "
                             "choices: a plan.json written by python -m varstudy.plan")
+    from varstudy.names import SKETCH_NAMES
+    if data["family"] not in SKETCH_NAMES:
+        raise VarstudyError(f"plan family {data['family']!r} is unknown; valid choices: "
+                            f"{', '.join(SKETCH_NAMES)}")
     ratios = {}
     for name, entry in data["layers"].items():
         r = entry.get("ratio") if isinstance(entry, dict) else entry
-        if r != EXACT and not (isinstance(r, (int, float)) and 0 < r <= 1):
+        if r != EXACT and not (isinstance(r, (int, float)) and not isinstance(r, bool)
+                               and 0 < r <= 1):
             raise VarstudyError(f"plan layer {name!r} has ratio {r!r}; valid choices: a number "
                                 "in (0, 1] or 'exact'")
         ratios[name] = r
-    return data["family"], ratios
+    nominal = data.get("nominal_ratio")
+    return data["family"], ratios, (float(nominal) if nominal is not None else None)

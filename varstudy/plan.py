@@ -1,0 +1,222 @@
+"""``python -m varstudy.plan``: per-layer sketch sizes that spend the memory where the variance is.
+
+Reads a measure run (``results/measure/<run>/layers.csv``), estimates each linear layer's
+sketch-variance constant C_l for one family, its input width, rows and sampling variance, and
+solves (:mod:`varstudy.randomized.plan`) either
+
+* ``--budget RHO``: the fewest sketch variance within the bytes of uniform ratio RHO, for the
+  ``--objective absolute`` (total sketch variance, what plain SGD feels) or ``relative``
+  (Σ per-layer sketch/sampling ratio, closer to what Adam feels); or
+* ``--target-ratio TAU``: the fewest bytes with sketch variance ≤ TAU × sampling variance, for
+  the model total or, with ``--per-layer``, for every layer.
+
+Writes the plan (per layer: ratio ρ_l or "exact", rows k at the run's n, predicted variance) to
+``--out`` and prints predicted bytes and variance per layer kind against uniform ρ at the same
+bytes. Use a plan with ``randomize(model, plan="plan.json")``, ``python -m varstudy.finetune
+--plan plan.json`` or ``python -m varstudy.measure --plan plan.json``. A plan is stated as ρ per
+layer: at another batch shape a layer keeps k = round(ρ_l · n) rows (NOTE [integer rows]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from varstudy import cli
+from varstudy.cli import option
+from varstudy.errors import VarstudyError
+from varstudy.names import SKETCH_NAMES
+
+PROG = "python -m varstudy.plan"
+OBJECTIVES = ("absolute", "relative")
+DESCRIPTION = ("Per-layer sketch sizes that spend the memory where the variance is: from a measure "
+               "run, the fewest sketch variance within a byte budget, or the fewest bytes within "
+               "a variance target; writes plan.json and prints it against uniform ratios.")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Which measure run, family and problem a plan solves."""
+
+    source: str = option("results/measure/default", "measure run folder holding layers.csv",
+                         flag="--from", metavar="RUN")
+    family: str = option("rows", "sketch family of the plan", choices=SKETCH_NAMES)
+    budget: float | None = option(None, "byte budget as the uniform ratio rho that stores as "
+                                        "much (exclusive with --target-ratio)")
+    target_ratio: float | None = option(None, "sketch variance at most this times the "
+                                              "sampling variance (exclusive with --budget)")
+    per_layer: bool = option(False, "with --target-ratio: the bound holds for every layer, "
+                                    "not only for the model total")
+    objective: str = option("absolute", "with --budget: the variance to minimize",
+                            choices=OBJECTIVES)
+    train_step: int | None = option(None, "measured step whose statistics are used (none: the "
+                                          "first)")
+    min_rows: int = option(1, "fewest rows any sketched layer keeps")
+    out: str = option("plan.json", "where to write the plan")
+
+    def __post_init__(self) -> None:
+        if (self.budget is None) == (self.target_ratio is None):
+            raise VarstudyError("give exactly one of --budget RHO and --target-ratio TAU; valid "
+                                "choices: --budget 0.1, or --target-ratio 1")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise VarstudyError(f"--budget must be a ratio in (0, 1], got {self.budget}")
+        if self.target_ratio is not None and not self.target_ratio > 0:
+            raise VarstudyError(f"--target-ratio must be > 0, got {self.target_ratio}")
+        if self.per_layer and self.target_ratio is None:
+            raise VarstudyError("--per-layer applies to --target-ratio; valid choices: drop "
+                                "--per-layer, or use --target-ratio")
+
+
+def make_plan(cfg: PlanConfig):
+    """(plan, uniform plan at the same bytes, layer stats) for a config."""
+    import pandas as pd
+
+    from varstudy.randomized import plan as P
+
+    path = Path(cfg.source) / "layers.csv"
+    if not path.is_file():
+        raise VarstudyError(f"--from {cfg.source}: no layers.csv there; valid choices: the "
+                            "folder of a finished python -m varstudy.measure run")
+    layers = pd.read_csv(path)
+    stats = stats_from_layers(layers, cfg.family, cfg.train_step)
+    if cfg.budget is not None:
+        uniform = P.uniform(stats, cfg.family, cfg.budget, min_rows=cfg.min_rows)
+        plan = P.plan_budget(stats, cfg.family, uniform.total_stored, objective=cfg.objective,
+                             min_rows=cfg.min_rows)
+    else:
+        plan = P.plan_target(stats, cfg.family, cfg.target_ratio, per_layer=cfg.per_layer,
+                             min_rows=cfg.min_rows)
+        uniform = equal_bytes_uniform(stats, cfg.family, plan.total_stored, cfg.min_rows)
+    return plan, uniform, stats
+
+
+def equal_bytes_uniform(stats, family: str, stored: float, min_rows: int = 1):
+    """The uniform plan whose stored numbers come closest to ``stored`` (bisection on ρ)."""
+    from varstudy.randomized import plan as P
+
+    lo, hi = 1e-6, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if P.uniform(stats, family, mid, min_rows=min_rows).total_stored < stored:
+            lo = mid
+        else:
+            hi = mid
+    return P.uniform(stats, family, hi, min_rows=min_rows)
+
+
+def unit_name(layer: str) -> str:
+    """Storage unit of a linear layer: Q, K and V of one attention block share ``<block>.qkv``
+    (they read one tensor, NOTE [shared sketches] in varstudy.randomized.layers); others are their own."""
+    from varstudy.models import layer_kind
+
+    if layer_kind(layer) in ("query", "key", "value"):
+        return layer.rpartition(".")[0] + ".qkv"
+    return layer
+
+
+def stats_from_layers(layers, family: str, train_step: int | None = None) -> list:
+    """:class:`~varstudy.randomized.plan.LayerStats` per layer from a measure run's
+    ``layers.csv`` (a DataFrame).
+
+    C_l comes from the closed-form sketch variance of every batch at the smallest measured ratio
+    (module docstring): C_l = mean_b var_b·k_b/n_b, or mean_b var_b·k_b/(n_b − k_b) for rows-wor;
+    v_l = mean_b var_sampling; n_l = mean_b n_rows. ``train_step``: default the first measured.
+    """
+    import numpy as np
+
+    from varstudy.randomized.plan import LayerStats
+
+    need = {"train_step", "layer", "family", "ratio", "k", "n_rows", "d_in", "var_sketch",
+            "var_sampling"}
+    missing = sorted(need - set(layers.columns))
+    if missing:
+        raise VarstudyError(f"layers table lacks column(s) {', '.join(missing)}; valid choices: "
+                            "a layers.csv written by python -m varstudy.measure")
+    if family not in set(layers.family):
+        raise VarstudyError(f"family {family!r} was not measured in this run; valid choices: "
+                            f"{', '.join(sorted(set(layers.family)))}")
+    step = layers.train_step.min() if train_step is None else train_step
+    rows = layers[(layers.family == family) & (layers.layer != "model")
+                  & (layers.train_step == step)]
+    if rows.empty:
+        raise VarstudyError(f"no rows at train step {train_step}; valid choices: "
+                            f"{', '.join(map(str, sorted(set(layers.train_step))))}")
+    out = []
+    for name, g in rows.groupby("layer", sort=False):
+        g = g[g.ratio == g.ratio.min()]
+        k, n, var = (g[c].to_numpy(dtype=float) for c in ("k", "n_rows", "var_sketch"))
+        if family == "rows-wor":
+            c = np.where(k < n, var * k / np.maximum(n - k, 1), 0.0)
+        else:
+            c = var * k / n
+        out.append(LayerStats(name, unit_name(name), int(g.d_in.iloc[0]), float(n.mean()),
+                              float(c.mean()), float(g.var_sampling.mean())))
+    return out
+
+
+def to_json(plan, layers, **extra) -> dict:
+    """A plan as a JSON-ready dict: ``family``, ``layers`` {name: {ratio | "exact", k, unit,
+    n, d, var_sketch, var_sampling}}, totals and ``extra`` (provenance)."""
+    by = {s.name: s for s in layers}
+    return dict(
+        family=plan.family, **plan.meta, **extra,
+        total=dict(var_sketch=plan.total_var, relative=plan.relative(layers),
+                   stored_numbers=plan.total_stored,
+                   var_sampling=float(sum(s.v for s in layers))),
+        layers={name: dict(ratio=r, k=plan.k[name], unit=by[name].unit, n=by[name].n,
+                           d=by[name].d, var_sketch=plan.var[name], var_sampling=by[name].v)
+                for name, r in plan.ratios.items()})
+
+
+def report(plan, uniform, stats) -> str:
+    """One screen: per layer kind, stored MiB (float32) and sketch variance, planned vs uniform."""
+    import pandas as pd
+
+    from varstudy.models import layer_kind
+
+    rows = []
+    for s in stats:
+        rows.append(dict(kind=layer_kind(s.name), planned_mib=plan.stored[s.name] * 4 / 2**20,
+                         uniform_mib=uniform.stored[s.name] * 4 / 2**20,
+                         planned_var=plan.var[s.name], uniform_var=uniform.var[s.name],
+                         exact=plan.ratios[s.name] == "exact"))
+    table = pd.DataFrame(rows).groupby("kind", sort=False).agg(
+        layers=("exact", "size"), exact=("exact", "sum"), planned_mib=("planned_mib", "sum"),
+        uniform_mib=("uniform_mib", "sum"), planned_var=("planned_var", "sum"),
+        uniform_var=("uniform_var", "sum"))
+    table.loc["total"] = table.sum()
+    rel_p, rel_u = plan.relative(stats), uniform.relative(stats)
+    lines = [table.to_string(float_format=lambda v: f"{v:.4g}"),
+             f"total sketch variance: planned {plan.total_var:.4g}, uniform {uniform.total_var:.4g}"
+             f" (uniform/planned {uniform.total_var / max(plan.total_var, 1e-300):.3g}x); "
+             f"sum of per-layer ratios: planned {rel_p:.4g}, uniform {rel_u:.4g} "
+             f"(uniform/planned {rel_u / max(rel_p, 1e-300):.3g}x)"]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> PlanConfig:
+    parser = cli.config_parser(PlanConfig, PROG, DESCRIPTION)
+    return cli.config_from(PlanConfig, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> None:
+        cfg = parse(argv)
+        from varstudy import io as vio
+
+        plan, uniform, stats = make_plan(cfg)
+        data = to_json(plan, stats, source=cfg.source, nominal_ratio=uniform_ratio(uniform),
+                       config=asdict(cfg))
+        vio.atomic_write_json(cfg.out, data)
+        print(report(plan, uniform, stats))
+        print(f"wrote {cfg.out}")
+    return cli.run_command(body, argv)
+
+
+def uniform_ratio(uniform) -> float:
+    """The ρ of a uniform plan (``meta['ratio']``)."""
+    return float(uniform.meta["ratio"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
