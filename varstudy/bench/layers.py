@@ -45,6 +45,8 @@ class LayerBenchConfig:
     families: tuple[str, ...] = option(SKETCH_NAMES, "sketch families", choices=SKETCH_NAMES)
     ratios: tuple[float, ...] = option((0.05, 0.1, 0.2, 0.5), "ratios rho = k/n in (0, 1]")
     repeats: int = option(3, "timed steps per configuration (interleaved)")
+    autocast: str = option("none", "mixed precision of the timed steps (torch.autocast; "
+                                   "none: float32)", choices=("none", "bfloat16", "float16"))
     num_threads: int | None = option(None, "CPU threads (none: torch's default, the "
                                            "machine's cores)")
     device: str = option("auto", DEVICE_HELP)

@@ -38,31 +38,48 @@ def _configure(model, family: str, ratio: float, seed: int) -> None:
         randomize(model, ratio=ratio, sketch=family, seed=seed)
 
 
-def _step(model, batch) -> float:
+AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _autocast(device: torch.device, name: str):
+    """torch.autocast for ``name`` ("none": off) on ``device``'s type."""
+    import contextlib
+
+    if name == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST[name])
+
+
+def _step(model, batch, autocast: str = "none") -> float:
     """One forward + backward, seconds (synchronized on CUDA)."""
     device = batch["input_ids"].device
     _sync(device)
     start = time.perf_counter()
-    model(**batch).loss.backward()
+    with _autocast(device, autocast):
+        loss = model(**batch).loss
+    loss.backward()
     _sync(device)
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
 
-def _predicted_linear_bytes(model, n_tokens: int, batch_size: int) -> int:
-    """Σ over distinct linear inputs of k·d_in·itemsize: Q, K, V share one sketch."""
+def _predicted_linear_bytes(model, n_tokens: int, batch_size: int,
+                            itemsize: int | None = None) -> int:
+    """Σ over distinct linear inputs of k·d_in·itemsize: Q, K, V share one sketch (itemsize:
+    the autocast dtype's under autocast, else the weight's)."""
     total = 0
     for name, m in model.named_modules():
         if isinstance(m, RandomizedLinear) and not name.endswith((".key", ".value")):
             n = batch_size if ("pooler" in name or "classifier" in name) else n_tokens
             k = rows_for(n, m.ratio, m.min_rows)
-            total += k * m.in_features * m.weight.element_size()
+            total += k * m.in_features * (itemsize or m.weight.element_size())
             total += k * (8 + 4) if m.sketch.name == "rows-norm" else 0
     return total
 
 
-def _memory_row(model, batch, linears, exact) -> dict:
-    loss, rep = saved_bytes(lambda: model(**batch).loss, model=model)
+def _memory_row(model, batch, linears, exact, autocast: str = "none") -> dict:
+    with _autocast(batch["input_ids"].device, autocast):
+        loss, rep = saved_bytes(lambda: model(**batch).loss, model=model)
     del loss
     row = {"saved_mib": rep.total / 2**20, "linear_saved_mib": rep.for_modules(linears) / 2**20,
            "saved_ratio": 1.0, "linear_saved_ratio": 1.0, "linear_vs_predicted": float("nan")}
@@ -72,7 +89,8 @@ def _memory_row(model, batch, linears, exact) -> dict:
         row["saved_ratio"] = rep.total / exact.total
         row["linear_saved_ratio"] = rep.for_modules(linears) / freed
         row["linear_vs_predicted"] = rep.for_modules(linears) / _predicted_linear_bytes(
-            model, n, batch["input_ids"].shape[0])
+            model, n, batch["input_ids"].shape[0],
+            AUTOCAST[autocast].itemsize if autocast != "none" else None)
     return row, rep
 
 
@@ -113,19 +131,19 @@ def run(cfg: LayerBenchConfig, parts: Path | None = None, model=None) -> pd.Data
     for family, ratio in tqdm(configs, desc="memory + warm-up"):
         _configure(model, family, ratio, cfg.seed)
         if (family, ratio) not in rows or family == "exact":
-            row, rep = _memory_row(model, batch, linears, exact)
+            row, rep = _memory_row(model, batch, linears, exact, cfg.autocast)
             exact = rep if family == "exact" else exact
             if (family, ratio) not in rows:
                 rows[family, ratio] = row
                 _append(mem_path, dict(family=family, ratio=ratio, **row))
         if len(times[family, ratio]) < cfg.repeats:
-            _step(model, batch)  # warm-up
+            _step(model, batch, cfg.autocast)  # warm-up
     for r in tqdm(range(cfg.repeats), desc="interleaved steps"):
         for family, ratio in configs:
             if (family, ratio, r) in timed:
                 continue
             _configure(model, family, ratio, cfg.seed)
-            times[family, ratio].append(_step(model, batch))
+            times[family, ratio].append(_step(model, batch, cfg.autocast))
             _append(time_path, dict(family=family, ratio=ratio, repeat=r,
                                     seconds=times[family, ratio][-1]))
     derandomize(model)
