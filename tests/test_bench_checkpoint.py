@@ -1,7 +1,14 @@
-"""Tiny-budget smoke run of ``python -m varstudy.bench checkpoint`` and its plots."""
+"""Tiny-budget smoke run of ``python -m varstudy.bench checkpoint``, its plots and its command
+line (NOTE [one convention] in varstudy.cli; NOTE [resume] in varstudy.bench.checkpoint)."""
 
+import contextlib
+import hashlib
+import io
 import json
 import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -9,13 +16,27 @@ from matplotlib.figure import Figure
 
 from analysis.checkpoint import memory_time_vs_n, overhead_vs_n, overhead_vs_ratio
 from varstudy import bench
+from varstudy import io as vio
 from varstudy.bench.checkpoint import (COLUMNS, PRESETS, STRATEGIES, SUMMARY_COLUMNS, BenchConfig,
-                                       _parse, estimated_peak_mib, summarize, tape_model)
+                                       parse)
+from varstudy.bench.checkpoint_run import estimated_peak_mib, tape_model
+from varstudy.bench.checkpoint_tables import summarize
+
+SMOKE = ["checkpoint", "--preset", "smoke", "--no-progress"]
 
 
-def test_smoke_run_writes_results_and_plots(tmp_path, capsys):
-    out = str(tmp_path / "ckpt")
-    assert bench.main(["checkpoint", "--preset", "smoke", "--out", out]) == 0
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """(folder of one finished smoke run, what it printed)."""
+    out = tmp_path_factory.mktemp("finished") / "ckpt"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert bench.main(SMOKE + ["--out", str(out)]) == 0
+    return out, printed.getvalue()
+
+
+def test_smoke_run_writes_results_and_plots(finished):
+    out, printed = str(finished[0]), finished[1]
     vs_n = pd.read_csv(os.path.join(out, "vs_n.csv"))
     assert list(vs_n.columns) == COLUMNS
     assert set(vs_n["strategy"]) == set(STRATEGIES)
@@ -36,11 +57,14 @@ def test_smoke_run_writes_results_and_plots(tmp_path, capsys):
     wave = pd.read_csv(os.path.join(out, "wave.csv"))
     assert wave["grad_norm"].nunique() == 1  # every strategy gives the same gradient
     cfg = json.load(open(os.path.join(out, "config.json")))
-    assert cfg["config"]["ns"] == [20, 60] and cfg["t_f_ms"] > 0
+    assert cfg["ns"] == [20, 60] and cfg["num_threads"] is None  # smoke: torch's default
+    env = json.load(open(os.path.join(out, "env.json")))
+    assert env["t_f_ms"] > 0 and env["torch_threads"] >= 1 and env["resumed"] is False
+    assert sorted(os.listdir(out)) == ["config.json", "env.json", "summary.csv", "vs_n.csv",
+                                       "vs_ratio.csv", "wave.csv"]  # no parts, no lock file
     assert isinstance(memory_time_vs_n(vs_n), Figure)
     assert isinstance(overhead_vs_ratio(vs_ratio), Figure)
     assert isinstance(overhead_vs_n(vs_n), Figure)
-    printed = capsys.readouterr().out
     assert "t_f =" in printed and "overhead_vs_plain" in printed
 
 
@@ -52,8 +76,8 @@ def test_store_all_over_budget_is_skipped_and_recorded(tmp_path, capsys):
     assert estimated_peak_mib("store_all", 60, tape) > budget  # 60 steps: over budget
     assert estimated_peak_mib("torch_checkpoint", 60, tape) < budget  # sqrt(N) segments: fits
     out = str(tmp_path / "skip")
-    assert bench.main(["checkpoint", "--preset", "smoke", "--out", out, "--ratios", "2",
-                       "--store-all-max-mib", str(budget)]) == 0
+    assert bench.main(SMOKE + ["--out", out, "--ratios", "2",
+                               "--store-all-max-mib", str(budget)]) == 0
     vs_n = pd.read_csv(os.path.join(out, "vs_n.csv"))
     assert len(vs_n) == 2 * len(STRATEGIES)  # skipped rows are recorded, not dropped
     skipped = vs_n[vs_n["skipped"].notna()]
@@ -92,16 +116,159 @@ def test_summarize_targets():
 
 
 def test_cli_workload_size_and_presets():
-    cfg = _parse(["--preset", "paper", "--hidden", "64", "--batch", "8",
-                  "--store-all-max-mib", "9"])
+    cfg = parse(["--preset", "paper", "--hidden", "64", "--batch", "8",
+                 "--store-all-max-mib", "9"])
     assert (cfg.hidden, cfg.batch, cfg.store_all_max_mib, cfg.workload) == (64, 8, 9.0, "tanh_rnn")
-    assert _parse([]) == _parse(["--preset", "paper"])  # default = the committed configuration
-    paper = _parse(["--preset", "paper"])
+    assert parse([]) == parse(["--preset", "paper"])  # default = the committed configuration
+    paper = parse(["--preset", "paper"])
     assert (paper.ns, paper.slots, paper.ratio) == ((100, 300, 1000, 3000, 10000), 5, 5.0)
+    assert paper.num_threads == 1 and BenchConfig().num_threads is None  # committed: 1 thread
     with pytest.raises(SystemExit):
-        _parse(["--workload", "bogus"])
+        parse(["--workload", "bogus"])
 
 
 def test_cli_rejects_unknown_strategy():
     with pytest.raises(SystemExit):
-        _parse(["--strategies", "bogus"])
+        parse(["--strategies", "bogus"])
+
+
+def test_cli_comma_lists_none_flags_and_config_rerun(finished, tmp_path):
+    cfg = parse(["--ns", "10,30", "--strategies", "revolve,multistage_disk", "--ratios", "2,4",
+                 "--num-threads", "none", "--no-progress", "--resume"])
+    assert (cfg.ns, cfg.strategies, cfg.ratios) == ((10, 30), ("revolve", "multistage_disk"),
+                                                    (2.0, 4.0))
+    assert cfg.num_threads is None and not cfg.progress and cfg.resume
+    saved = finished[0] / "config.json"  # --config reruns a saved run; flags override it
+    assert parse(["--config", str(saved)]) == BenchConfig(**PRESETS["smoke"], progress=False,
+                                                          out=str(finished[0]))
+    assert parse(["--config", str(saved), "--hidden", "8"]).hidden == 8
+    # a config.json written before the one convention (the committed results/checkpoint/)
+    paper = asdict(parse(["--preset", "paper"]))
+    old = {k: v for k, v in paper.items() if k not in ("num_threads", "progress")}
+    legacy = tmp_path / "config.json"
+    legacy.write_text(json.dumps(dict(config=dict(old, threads=1), t_f_ms=0.5, wall_s=280)))
+    assert parse(["--config", str(legacy)]) == parse(["--preset", "paper"])
+    assert parse(["--config", str(legacy), "--num-threads", "2"]).num_threads == 2
+
+
+BAD = [  # (arguments, words the one line must hold)
+    (["--ns", "20,20"], "--ns lists 20 more than once"),
+    (["--strategies", "revolve,revolve"], "'revolve' more than once"),
+    (["--ratios", "1,1"], "--ratios lists 1.0 more than once"),
+    (["--strategies", ""], "--strategies is empty"),
+    (["--out", ""], "--out '' is empty"),
+    (["--ns", "0"], "--ns 0 is out of range"),
+    (["--slots", "0"], "--slots 0 is out of range"),
+    (["--ratio", "0"], "--ratio 0.0 is out of range"),
+    (["--ratios", "1,inf"], "--ratios inf is out of range"),
+    (["--num-threads", "0"], "--num-threads 0 is out of range"),
+    (["--seed", "-1"], "0 <= seed < 2**63"),
+    (["--config", "no/such/config.json"], "cannot be read as JSON"),
+]
+
+
+@pytest.mark.parametrize("argv, words", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_before_anything_is_written(argv, words, tmp_path, monkeypatch,
+                                                           capsys):
+    monkeypatch.chdir(tmp_path)  # an empty --out would be the current directory
+    out = ["--out", str(tmp_path / "out")] if "--out" not in argv else []
+    assert bench.main(SMOKE + argv + out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and words in err, err
+    assert "valid" in err
+    assert os.listdir(tmp_path) == []
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _damaged_calibration(out: Path) -> None:
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / "calibration.json").write_text('{"config": {"ns": [20')
+
+
+def _other_calibration(out: Path) -> None:
+    (out / "parts").mkdir(parents=True)
+    smoke = asdict(BenchConfig(**PRESETS["smoke"], progress=False, out=str(out)))
+    vio.atomic_write_json(out / "parts" / "calibration.json", dict(config=smoke, t_f=1e-4,
+                                                                   t_b=2e-4))
+
+
+def _damaged_rows(out: Path) -> None:
+    _other_calibration(out)
+    (out / "parts" / "vs_n.csv").write_text("n_steps,strategy\n20,revolve\n20,revolve,1,2\n")
+
+
+RERUNS = [  # (bad options, how the folder is prepared, words of the one line)
+    (["--slots", "0"], None, "--slots 0 is out of range"),
+    (["--ns", "20,20"], None, "more than once"),
+    (["--resume"], _damaged_calibration, "is not valid JSON"),
+    (["--resume", "--hidden", "8"], _other_calibration, "--resume with a different config"),
+    (["--resume"], _damaged_rows, "vs_n.csv is damaged"),
+]
+
+
+@pytest.mark.parametrize("bad, prepare, words", RERUNS, ids=[" ".join(b) for b, _, _ in RERUNS])
+def test_a_failed_rerun_leaves_the_finished_folder_as_it_was(bad, prepare, words, finished,
+                                                             tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    shutil.copytree(finished[0], out)
+    if prepare is not None:
+        prepare(out)
+    before = _hashes(out)
+    assert bench.main(SMOKE + bad + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "valid choices" in err, err
+    assert _hashes(out) == before  # every file, byte for byte; nothing added or removed
+
+
+def test_a_second_run_on_a_folder_in_use_refuses_with_one_line(finished, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    shutil.copytree(finished[0], out)
+    before = _hashes(out)
+    with vio.output_lock(out, ".checkpoint.lock"):  # as a run in progress holds it
+        assert bench.main(SMOKE + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is in use by another run" in err
+    assert f"(pid {os.getpid()}); valid choices: wait for it, or another --out" in err
+    assert _hashes(out) == before
+    with vio.output_lock(finished[0], ".checkpoint.lock"):  # the finished run let it go
+        pass
+
+
+def test_output_directory_that_is_a_file(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory\n")
+    assert bench.main(SMOKE + ["--out", str(blocker)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(blocker) in err and "valid choices" in err
+    assert blocker.read_text() == "not a directory\n"
+
+
+def test_resume_drops_kept_rows_that_are_not_jobs_or_repeat_one(tmp_path, monkeypatch):
+    """NOTE [resume]: a kept row of another N, or a second copy of a job's row, is dropped; the
+    first copy is kept as it is, with the kept calibration, and every other job runs once."""
+    from varstudy.bench import checkpoint_run as BC
+    from varstudy.bench.checkpoint_tables import row
+
+    out = tmp_path / "ckpt"
+    _other_calibration(out)  # t_f = 0.1 ms, t_b = 0.2 ms
+    first = row("tanh_rnn", "store_all", 20, 5, 5.0, dict(
+        time_s=0.123, main_cpu_s=0.1, fast_peak_bytes=1000, interval=0, recompute_steps=0,
+        stall_s=0.0), 1e-4, 2e-4, repeats=2)
+    rows = [first, dict(first, time_s=0.456), dict(first, n_steps=999)]
+    vio.append_csv(out / "parts" / "vs_n.csv", pd.DataFrame(rows, columns=COLUMNS))
+    real, calls = BC._timed, []
+    monkeypatch.setattr(BC, "_timed", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    assert bench.main(SMOKE + ["--resume", "--out", str(out)]) == 0
+    cfg = BenchConfig(**PRESETS["smoke"])
+    vs_n = pd.read_csv(out / "vs_n.csv")
+    assert list(zip(vs_n.n_steps, vs_n.strategy)) == [(n, s) for n in cfg.ns
+                                                       for s in cfg.strategies]
+    kept = vs_n[(vs_n.n_steps == 20) & (vs_n.strategy == "store_all")]
+    assert kept.time_s.tolist() == [0.123] and (vs_n.t_f_ms == 0.1).all()
+    assert sorted((n, s) for s, n in calls if n in cfg.ns) == \
+        sorted((n, s) for n in cfg.ns for s in cfg.strategies if (n, s) != (20, "store_all"))
+    assert json.loads((out / "env.json").read_text())["resumed"] is True

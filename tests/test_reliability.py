@@ -431,7 +431,8 @@ def test_bench_layers_resume_skips_finished_configurations(tmp_path, monkeypatch
 
 def test_bench_checkpoint_resume_skips_finished_rows(tmp_path, monkeypatch):
     from varstudy import bench
-    from varstudy.bench import checkpoint as BC
+    from varstudy.bench import checkpoint_run as BC
+    from varstudy.bench.checkpoint import PRESETS, BenchConfig
 
     out = tmp_path / "ckpt"
     argv = ["checkpoint", "--preset", "smoke", "--out", str(out)]
@@ -445,7 +446,7 @@ def test_bench_checkpoint_resume_skips_finished_rows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(BC, "_timed", dying)
     assert bench.main(argv) == 130
-    assert not (out / "config.json").exists()
+    assert not (out / "env.json").exists() and not (out / "vs_n.csv").exists()
     kept = pd.read_csv(out / "parts" / "vs_n.csv")
     assert len(kept) == 2
     calls.clear()
@@ -454,11 +455,12 @@ def test_bench_checkpoint_resume_skips_finished_rows(tmp_path, monkeypatch):
     done = {(int(n), s) for n, s in zip(kept.n_steps, kept.strategy)}
     assert not done & {(n, s) for s, n in calls}  # finished jobs were not run again
     vs_n = pd.read_csv(out / "vs_n.csv")
-    cfg = BC.BenchConfig(**BC.PRESETS["smoke"])
+    cfg = BenchConfig(**PRESETS["smoke"])
     assert [(n, s) for n, s in zip(vs_n.n_steps, vs_n.strategy)] == \
         [(n, s) for n in cfg.ns for s in cfg.strategies]
-    meta = json.loads((out / "config.json").read_text())
-    assert meta["config"]["seed"] == 0 and not (out / "parts").exists()
+    assert json.loads((out / "config.json").read_text())["seed"] == 0
+    assert json.loads((out / "env.json").read_text())["resumed"] is True
+    assert not (out / "parts").exists()
 
 
 def test_bench_measure_resume_keeps_finished_rounds(tmp_path, monkeypatch):
