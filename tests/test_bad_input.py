@@ -22,9 +22,9 @@ MEASURE = ["--model", "tiny-bert", "--dataset", "synthetic", "--batch-size", "4"
            "--mc-draws", "0", "--no-progress"]
 FINETUNE = ["--model", "tiny-bert", "--task", "synthetic", "--batch-size", "4", "--max-length",
             "16", "--max-steps", "2", "--eval-every", "2", "--eval-examples", "8",
-            "--progress", "false"]
+            "--no-progress"]
 STUDY = ["--model", "tiny-bert", "--task", "synthetic", "--families", "rows", "--ratios", "0.5",
-         "--batch-sizes", "2", "--max-length", "16", "--progress", "false"]
+         "--batch-sizes", "2", "--max-length", "16", "--no-progress"]
 FINAL = {"measure": ["layers.csv", "summary.csv", "env.json"], "finetune": ["run.csv"],
          "study": ["memory/memory.csv"], "bench": ["layers.csv", "measure.csv", "config.json"]}
 
@@ -72,7 +72,7 @@ CASES = [  # (command, arguments, words the one line must hold)
     ("measure", ["--train-steps", "2", "--measure-at", "0,5"], "train_steps=2"),
     ("measure", ["--train-sketch", "gaussian"], "train_steps 0"),
     ("finetune", ["--model", "nope"], "valid choices"),
-    ("finetune", ["--task", "mnist"], "valid datasets"),
+    ("finetune", ["--task", "mnist"], "invalid choice 'mnist'; valid choices: rotten_tomatoes"),
     ("finetune", ["--sketch", "nope"], "valid choices"),
     ("finetune", ["--include", "nothing_matches"], "valid names"),
     ("finetune", ["--ratio", "0"], "(0, 1]"),
@@ -124,7 +124,7 @@ CASES_11 = [
     ("measure", ["--resume", "--out", "@measure_config_not_json"], "is not valid JSON"),
     ("finetune", ["--seed", "-1"], "0 <= seed < 2**63"),
     ("finetune", ["--seed", str(2**70)], "0 <= seed < 2**63"),
-    ("finetune", ["--betas", "1.5", "0.9"], "betas (1.5, 0.9)"),
+    ("finetune", ["--betas", "1.5,0.9"], "betas (1.5, 0.9)"),
     ("finetune", ["--eps", "-1"], "eps must be > 0"),
     ("finetune", ["--epochs", "inf"], "epochs must be > 0 and finite"),
     ("finetune", ["--lr", "nan"], "lr must be > 0 and finite"),
@@ -136,9 +136,9 @@ CASES_11 = [
     ("finetune", ["--model", "@model_without_type"], "has no model_type"),
     ("finetune", ["--task", "rotten_tomatoes", "--data-dir", "@movies_without_source"],
      "column(s) source"),
-    ("finetune", ["--name", "run", "--resume", "true", "--out", "@finetune_config_not_json"],
+    ("finetune", ["--name", "run", "--resume", "--out", "@finetune_config_not_json"],
      "is not valid JSON"),
-    ("finetune", ["--name", "run", "--resume", "true", "--out", "@finetune_truncated_checkpoint"],
+    ("finetune", ["--name", "run", "--resume", "--out", "@finetune_truncated_checkpoint"],
      "is unreadable"),
     ("study", ["--seeds", "0,-1"], "0 <= seeds < 2**63"),
     ("study", ["--ratios", "0.5,0.5"], "0.5 more than once"),
@@ -148,7 +148,7 @@ CASES_11 = [
     ("study", ["--epochs", "inf"], "epochs must be > 0 and finite"),
     ("study", ["--batch-sizes", "2,1000"], "exceeds the 400 training examples"),
     ("study", ["--model", "nope"], "unknown model 'nope'"),
-    ("study", ["--out", ""], "--out (none) is empty"),
+    ("study", ["--out", ""], "--out '' is empty"),
     ("bench", ["layers", *BENCH_LAYERS, "--ratios", "0.5,0.5"], "0.5 more than once"),
     ("bench", ["layers", *BENCH_LAYERS, "--families", "rows,rows"], "'rows' more than once"),
     ("bench", ["layers", *BENCH_LAYERS, "--out", ""], "--out '' is empty"),
@@ -273,8 +273,10 @@ def test_ctrl_c_exits_130_with_the_resume_hint(command, target, tmp_path, monkey
     def interrupted(*_, **__):
         raise KeyboardInterrupt
 
+    from varstudy.finetune import training
     from varstudy.measure import runner
-    monkeypatch.setattr({"measure": runner, "finetune": finetune, "study": study}[command],
+    from varstudy.study import memory_study
+    monkeypatch.setattr({"measure": runner, "finetune": training, "study": memory_study}[command],
                         target, interrupted)
     try:
         code = _main(command)(["--out", str(tmp_path / "out")])

@@ -52,7 +52,7 @@ def test_ddp_finetune_two_ranks_loss_falls(tmp_path):
           "-m", "varstudy.finetune", "--model", "tiny-bert", "--task", "synthetic",
           "--sketch", "rows", "--ratio", "0.5", "--batch-size", "8", "--max-length", "16",
           "--max-steps", "60", "--lr", "3e-3", "--warmup", "0.1", "--eval-every", "60",
-          "--progress", "false", "--out", str(tmp_path / "ft")], tmp_path)
+          "--no-progress", "--out", str(tmp_path / "ft")], tmp_path)
     (run_dir,) = (tmp_path / "ft").iterdir()
     steps = pd.read_csv(run_dir / "steps.csv")
     import json

@@ -126,12 +126,12 @@ def test_lr_schedule_warms_up_then_decays():
     (["--device", "tpu"], "valid choices: auto, cpu, cuda"),
     (["--dtype", "int8"], "valid choices: float32"),
     (["--ratio", "1.5"], "ratio must be in (0, 1]"),
-    (["--preset", "huge"], "valid choices: cpu, paper"),
-    (["--task", "nope", "--model", "tiny-bert"], "valid datasets"),
+    (["--preset", "huge"], "invalid choice: 'huge' (choose from 'cpu', 'paper')"),
+    (["--task", "nope", "--model", "tiny-bert"], "valid choices: rotten_tomatoes, imdb"),
     (["--batch-size", "many"], "invalid int value"),
 ])
 def test_cli_bad_values_one_line_exit_2(capsys, argv, needle):
-    assert finetune.main(argv + ["--out", "none", "--progress", "false"]) == 2
+    assert finetune.main(argv + ["--out", "none", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
 
@@ -141,13 +141,15 @@ def test_cli_none_clears_a_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert finetune.main(["--model", "tiny-bert", "--task", "synthetic", "--batch-size", "4",
                           "--max-length", "16", "--max-steps", "1", "--out", "none",
-                          "--progress", "false"]) == 0
+                          "--no-progress"]) == 0
     assert not (tmp_path / "results").exists()
 
 
 def test_cli_debug_raises():
-    with pytest.raises(VarstudyError):
-        finetune.main(["--sketch", "fourier", "--debug"])
+    """--debug re-raises a bad value (a bad choice, like --sketch fourier, is a usage error that
+    the parser answers with one line whatever --debug says)."""
+    with pytest.raises(VarstudyError, match=r"ratio must be in \(0, 1\]"):
+        finetune.main(["--ratio", "1.5", "--debug"])
 
 
 def test_test_split_is_scored_at_each_new_best_validation_step():
@@ -180,7 +182,98 @@ def test_cli_name_names_the_run_folder(tmp_path, capsys):
     """--name reaches the config (it once collided with preset()'s own parameter)."""
     assert finetune.main(["--model", "tiny-bert", "--task", "synthetic", "--batch-size", "4",
                           "--max-length", "16", "--max-steps", "1", "--name", "my-run",
-                          "--out", str(tmp_path), "--progress", "false"]) == 0
+                          "--out", str(tmp_path), "--no-progress"]) == 0
     assert (tmp_path / "my-run" / "run.csv").is_file()
     assert pd.read_csv(tmp_path / "my-run" / "run.csv").run.iloc[0] == "my-run"
     assert finetune.preset("paper", name="x").name == "x"
+
+
+# The command-line convention (NOTE [one convention] in varstudy.cli) -------------------------
+
+
+def test_cli_flags_lists_none_and_the_epochs_rule():
+    config = finetune.parse(["--no-dropout", "--resume", "--betas", "0.8,0.9", "--out", "none",
+                             "--eval-every", "none", "--no-test"])
+    assert (config.dropout, config.resume, config.test) == (False, True, False)
+    assert config.betas == (0.8, 0.9) and config.out is None and config.eval_every is None
+    assert config.num_threads is None and config.plan is None  # torch's default; no plan
+    assert finetune.parse([]) == FinetuneConfig()
+    alone = finetune.parse(["--epochs", "2"])
+    assert (alone.epochs, alone.max_steps) == (2.0, None)  # --epochs alone clears max_steps
+    both = finetune.parse(["--epochs", "2", "--max-steps", "7"])
+    assert (both.epochs, both.max_steps) == (2.0, 7)
+    paper = finetune.parse(["--preset", "paper", "--lr", "3e-5"])
+    assert paper == finetune.preset("paper", lr=3e-5) and paper.max_steps is None
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--resume", "true"], "unrecognized arguments: true"),  # booleans are flags now
+    (["--betas", "0.9"], "--betas takes 2 comma-separated values"),
+    (["--num-threads", "0"], "num_threads must be > 0"),
+    (["--plan", "plan.json"], "plans are not supported yet"),
+])
+def test_cli_convention_errors_are_one_line(capsys, argv, needle):
+    assert finetune.main(argv + ["--out", "none"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_config_reruns_a_saved_run_and_options_override_it(tmp_path):
+    config = FinetuneConfig(task="synthetic", sketch="rows", ratio=0.5, out=str(tmp_path),
+                            **{**TINY, "max_steps": 1, "num_threads": None})
+    finetune.train(config)
+    saved = tmp_path / finetune.run_name(config) / "config.json"
+    assert json.loads(saved.read_text())["threads"] >= 1  # the count in effect is recorded
+    again = finetune.parse(["--config", str(saved)])
+    assert again == FinetuneConfig(**{**config.__dict__, "device": "cpu"})  # device resolved
+    changed = finetune.parse(["--preset", "paper", "--config", str(saved), "--seed", "4"])
+    assert changed.seed == 4 and changed.model == "tiny-bert" and changed.max_steps == 1
+
+
+def test_threads_set_for_the_run_then_restored_or_left_alone():
+    import torch
+
+    before = torch.get_num_threads()
+    config = FinetuneConfig(task="synthetic", sketch="exact", out=None,
+                            **{**TINY, "max_steps": 1, "num_threads": 1})
+    result = finetune.train(config)
+    assert torch.get_num_threads() == before
+    assert result.run.num_threads.iloc[0] == 1 and result.config["threads"] == 1
+    assert result.config["num_threads"] == 1
+    default = finetune.train(FinetuneConfig(**{**config.__dict__, "num_threads": None}))
+    assert torch.get_num_threads() == before
+    assert default.run.num_threads.iloc[0] == before and default.config["num_threads"] is None
+
+
+def test_run_table_keeps_its_columns():
+    """run.csv is the study's runs.csv row: new options (plan) and config.json extras (threads)
+    stay out of it, so a resumed study's tables keep their columns."""
+    config = FinetuneConfig(task="synthetic", sketch="rows", ratio=0.5, out=None,
+                            **{**TINY, "max_steps": 1})
+    run = finetune.run(config)
+    assert list(run.columns) == RUN_COLUMNS
+
+
+RUN_COLUMNS = [
+    "model", "task", "data_dir", "sketch", "ratio", "include", "exclude", "min_rows", "seed",
+    "batch_size", "max_length", "padding", "lr", "epochs", "max_steps", "warmup", "weight_decay",
+    "eps", "eval_every", "eval_examples", "test", "device", "dtype", "dropout", "out", "name",
+    "num_threads", "run", "total_steps", "steps_per_epoch", "warmup_steps", "n_train", "n_eval",
+    "n_test", "torch", "n_converted", "metric", "best_value", "best_step", "final_value",
+    "test_at_best", "final_loss", "train_time_s", "examples_per_s", "saved_mib",
+    "saved_linear_mib", "peak_cuda_mib"]
+
+
+def test_help_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "varstudy.finetune",
+                           "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--resume, --no-resume" in proc.stdout
+    assert "--betas B1,B2" in proc.stdout and "(default: 0.9,0.98)" in proc.stdout
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "varstudy.finetune.config" in imported
+    heavy = [m for m in imported if m.split(".")[0] in ("torch", "transformers", "pandas")]
+    assert not heavy

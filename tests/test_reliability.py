@@ -183,10 +183,10 @@ TINY_MEASURE = ["--model", "tiny-bert", "--dataset", "synthetic", "--batch-size"
                 "0.5", "--mc-draws", "0", "--no-progress"]
 TINY_FINETUNE = ["--model", "tiny-bert", "--task", "synthetic", "--batch-size", "4",
                  "--max-length", "16", "--max-steps", "2", "--eval-every", "2",
-                 "--eval-examples", "8", "--progress", "false"]
+                 "--eval-examples", "8", "--no-progress"]
 TINY_STUDY = ["accuracy", "--model", "tiny-bert", "--task", "synthetic", "--families", "rows",
               "--ratios", "0.5", "--seeds", "0", "--batch-size", "4", "--max-length", "16",
-              "--max-steps", "1", "--eval-examples", "8", "--progress", "false"]
+              "--max-steps", "1", "--eval-examples", "8", "--no-progress"]
 TINY_LAYERS = ["layers", "--model", "tiny-bert", "--batch-size", "2", "--seq-len", "8",
                "--families", "rows", "--ratios", "0.5", "--repeats", "1"]
 TINY_BENCH_MEASURE = ["measure", "--model", "tiny-bert", "--dataset", "synthetic",
@@ -363,10 +363,11 @@ def _finetune_cfg(out, **kw):
 
 def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
     from varstudy import finetune
+    from varstudy.finetune import training
 
     cfg = _finetune_cfg(tmp_path / "cut")
     folder = tmp_path / "cut" / finetune.run_name(cfg)
-    real_sync, calls = finetune._sync, []
+    real_sync, calls = training.synchronize, []
 
     def dying(device):
         calls.append(device)
@@ -374,10 +375,10 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_sync(device)
 
-    monkeypatch.setattr(finetune, "_sync", dying)
+    monkeypatch.setattr(training, "synchronize", dying)
     with pytest.raises(KeyboardInterrupt):
         finetune.train(cfg)
-    monkeypatch.setattr(finetune, "_sync", real_sync)
+    monkeypatch.setattr(training, "synchronize", real_sync)
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt"]  # nothing looks done
     assert len(vio.load_checkpoint(folder / "checkpoint.pt")["steps"]) == 4
 
@@ -536,6 +537,6 @@ def test_every_command_records_its_seeds(tmp_path):
     assert json.loads((tmp_path / "m" / "config.json").read_text())["seed"] == 7
     assert study.main(["memory", "--model", "tiny-bert", "--task", "synthetic", "--families",
                        "rows", "--ratios", "0.5", "--batch-sizes", "2", "--max-length", "16",
-                       "--seeds", "3,4", "--progress", "false", "--out", str(tmp_path)]) == 0
+                       "--seeds", "3,4", "--no-progress", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "memory" / "config.json").read_text())["seeds"] == [3, 4]
     # finetune: test_finetune_same_seed...; bench layers/checkpoint/measure: the resume tests.

@@ -28,6 +28,8 @@ def test_accuracy_one_row_per_config_and_seed(tmp_path):
     folder = tmp_path / "accuracy"
     on_disk = pd.read_csv(folder / "runs.csv")
     assert len(on_disk) == 6 and list(on_disk.columns[:6]) == study.KEYS + ["scope", "seed"]
+    for name, columns in TABLE_COLUMNS.items():  # the format a resumed study continues
+        assert list(pd.read_csv(folder / f"{name}.csv").columns) == columns, name
     assert set(on_disk.scope) == {"none", "all"}
     metrics = set(pd.read_csv(folder / "evals.csv").metric)
     assert {"accuracy", "eval_loss", "test_accuracy", "test_eval_loss"} == metrics
@@ -35,6 +37,23 @@ def test_accuracy_one_row_per_config_and_seed(tmp_path):
     saved = json.loads((folder / "config.json").read_text())
     assert saved["study"] == "accuracy" and saved["families"] == ["gaussian", "rows"]
     assert saved["max_steps"] == 2 and saved["seeds"] == [0, 1]
+
+
+FRONT = ["task", "model", "family", "ratio", "scope", "seed"]
+TABLE_COLUMNS = {
+    "runs": FRONT + [
+        "data_dir", "include", "exclude", "min_rows", "batch_size", "max_length", "padding", "lr",
+        "epochs", "max_steps", "warmup", "weight_decay", "eps", "eval_every", "eval_examples",
+        "test", "device", "dtype", "dropout", "out", "name", "num_threads", "run", "total_steps",
+        "steps_per_epoch", "warmup_steps", "n_train", "n_eval", "n_test", "torch", "n_converted",
+        "metric", "best_value", "best_step", "final_value", "test_at_best", "final_loss",
+        "train_time_s", "examples_per_s", "saved_mib", "saved_linear_mib", "peak_cuda_mib"],
+    "steps": FRONT + ["step", "loss", "lr", "time_s"],
+    "evals": FRONT + ["step", "metric", "value"],
+    "summary": ["task", "model", "family", "ratio", "scope", "metric", "mean", "std",
+                "final_mean", "final_std", "test_mean", "test_std", "n", "saved_mib",
+                "train_time_s"],
+}
 
 
 def test_accuracy_resume_skips_done_runs(tmp_path):
@@ -100,10 +119,10 @@ def test_throughput_tables(tmp_path, memory_table):
 
 @pytest.mark.parametrize("argv,needle", [
     (["memory", "--families", "gaussian,fft"], "valid choices: gaussian"),
-    (["speed"], "valid choices: accuracy, memory, throughput"),
-    (["memory", "--preset", "tpu"], "valid choices: cpu, gpu"),
+    (["speed"], "(choose from 'accuracy', 'memory', 'throughput')"),
+    (["memory", "--preset", "tpu"], "(choose from 'cpu', 'gpu')"),
     (["memory", "--ratios", "0.5,2"], "ratios must be in (0, 1]"),
-    (["memory", "--batch-sizes", "4,x"], "invalid list"),
+    (["memory", "--batch-sizes", "4,x"], "expected a comma list of int, got 'x'"),
 ])
 def test_cli_bad_values(capsys, argv, needle):
     assert study.main(argv) == 2
@@ -126,3 +145,52 @@ def test_accuracy_scopes_convert_all_or_encoder_only(tmp_path):
 def test_accuracy_rejects_an_unknown_scope(tmp_path):
     with pytest.raises(study.VarstudyError, match="unknown scope.*valid choices: all, encoder"):
         study.check(StudyConfig(out=str(tmp_path), **{**TINY, "scopes": ("head",)}))
+
+
+def test_cli_study_preset_config_and_flags(tmp_path):
+    name, config = study.parse(["accuracy"])
+    assert name == "accuracy" and config == study.preset("cpu", "accuracy")
+    assert config.max_steps == 200 and config.num_threads is None
+    _, memory = study.parse(["memory", "--preset", "gpu", "--batch-sizes", "2,4"])
+    assert memory.model == "roberta-base" and memory.batch_sizes == (2, 4)
+    _, alone = study.parse(["accuracy", "--epochs", "1"])
+    assert (alone.epochs, alone.max_steps) == (1.0, None)  # --epochs alone clears max_steps
+    _, flags = study.parse(["accuracy", "--resume", "--no-progress", "--families", "",
+                            "--eval-examples", "none", "--num-threads", "1"])
+    assert flags.resume and not flags.progress and flags.families == ()
+    assert flags.eval_examples is None and flags.num_threads == 1
+    config = StudyConfig(out=str(tmp_path), **{**TINY, "seeds": (0,), "families": ("rows",)})
+    study.accuracy(config)
+    saved = tmp_path / "accuracy" / "config.json"
+    assert json.loads(saved.read_text())["threads"] >= 1
+    _, again = study.parse(["accuracy", "--config", str(saved)])
+    assert again == config
+    _, more = study.parse(["accuracy", "--config", str(saved), "--resume", "--seeds", "0,1"])
+    assert more.resume and more.seeds == (0, 1) and more.families == ("rows",)
+
+
+def test_cli_resume_continues_the_folder(tmp_path, capsys):
+    argv = ["accuracy", "--model", "tiny-bert", "--task", "synthetic", "--families", "rows",
+            "--ratios", "0.5", "--scopes", "all", "--batch-size", "8", "--max-length", "16",
+            "--max-steps", "1", "--eval-examples", "8", "--no-progress", "--out", str(tmp_path)]
+    assert study.main(argv + ["--seeds", "0"]) == 0
+    runs = pd.read_csv(tmp_path / "accuracy" / "runs.csv")
+    assert study.main(argv + ["--seeds", "0,1", "--resume"]) == 0
+    resumed = pd.read_csv(tmp_path / "accuracy" / "runs.csv")
+    assert len(runs) == 2 and len(resumed) == 4 and set(resumed.seed) == {0, 1}
+    pd.testing.assert_frame_equal(resumed.iloc[:2], runs)  # finished runs kept as they were
+
+
+def test_help_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "varstudy.study",
+                           "accuracy", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--seeds SEEDS" in proc.stdout
+    assert "--resume, --no-resume" in proc.stdout and "--preset {cpu,gpu}" in proc.stdout
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "varstudy.study.config" in imported
+    heavy = [m for m in imported if m.split(".")[0] in ("torch", "transformers", "pandas")]
+    assert not heavy

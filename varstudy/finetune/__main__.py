@@ -1,5 +1,5 @@
 """``python -m varstudy.finetune``."""
 
-from varstudy.finetune import main
+from varstudy.finetune.command import main
 
 raise SystemExit(main())

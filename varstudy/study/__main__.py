@@ -1,5 +1,5 @@
 """``python -m varstudy.study``."""
 
-from varstudy.study import main
+from varstudy.study.command import main
 
 raise SystemExit(main())

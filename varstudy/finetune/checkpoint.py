@@ -1,0 +1,84 @@
+"""Resume checkpoints and the run folder's preparation (NOTE [durable results / resume] in
+:mod:`varstudy.finetune`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from varstudy import io as vio
+from varstudy.finetune.config import FinetuneConfig
+from varstudy.finetune.tables import FinetuneResult
+
+CHECKPOINT = "checkpoint.pt"
+NOT_COMPARED = ("progress", "resume", "checkpoint_every", "out")  # a resume may change these
+FINAL = ("run.csv", "steps.csv", "evals.csv", "config.json")
+
+
+def finished_run(folder: Path, config: FinetuneConfig) -> FinetuneResult | None:
+    """With ``resume``, the tables of a run that already finished in ``folder`` (else None)."""
+    if config.resume and not (folder / CHECKPOINT).is_file() and (folder / "run.csv").is_file():
+        done = vio.read_json(folder / "config.json")
+        vio.refuse_changed(folder, {k: done.get(k) for k in asdict(config)}, asdict(config),
+                           NOT_COMPARED + ("device",))
+        return FinetuneResult(*(pd.read_csv(folder / f"{n}.csv") for n in
+                                ("run", "steps", "evals")), done)
+    return None
+
+
+def clear_folder(folder: Path, config: FinetuneConfig) -> None:
+    """Delete what a new run replaces (only the run's own files; a resumed run keeps its
+    checkpoint)."""
+    vio.remove(*(folder / n for n in FINAL))  # run.csv first: a partial run never looks done
+    if not config.resume:
+        vio.remove(folder / CHECKPOINT)
+
+
+def saved_state(folder: Path, config: FinetuneConfig) -> dict | None:
+    """The checkpoint to resume from (None when there is none), made with this config."""
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return None
+    saved = vio.load_checkpoint(path)
+    vio.refuse_changed(path, saved.get("config", {}), asdict(config), NOT_COMPARED)
+    return saved
+
+
+def save(folder: Path, config: FinetuneConfig, setup, optimizer, scheduler, steps, evals,
+         memory, elapsed: float) -> None:
+    """Write ``<folder>/checkpoint.pt`` atomically: model, AdamW, scheduler, RNG states,
+    randomized-layer call counters, the rows so far, the saved-bytes report."""
+    from varstudy.randomized.layers import RandomizedLinear
+
+    vio.atomic_torch_save(folder / CHECKPOINT, dict(
+        config=asdict(config), model=setup.model.state_dict(), optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(), rng_cpu=torch.get_rng_state(),
+        rng_cuda=torch.cuda.get_rng_state_all() if setup.device.startswith("cuda") else None,
+        calls={n: m.calls for n, m in setup.model.named_modules()
+               if isinstance(m, RandomizedLinear)},
+        steps=steps, evals=evals, elapsed=elapsed,
+        memory=dict(total=memory.total, by_module=dict(memory.by_module))))
+
+
+def restore(saved: dict, setup, optimizer, scheduler):
+    """State of a checkpoint (:func:`saved_state`) -> (steps, evals, memory, elapsed)."""
+    from collections import defaultdict
+
+    from varstudy.randomized.layers import RandomizedLinear
+    from varstudy.randomized.memory import SavedBytes
+
+    setup.model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng_cpu"])
+    if saved["rng_cuda"] is not None and setup.device.startswith("cuda"):
+        torch.cuda.set_rng_state_all(saved["rng_cuda"])
+    for name, module in setup.model.named_modules():
+        if isinstance(module, RandomizedLinear):
+            module.calls = saved["calls"][name]
+    memory = SavedBytes(total=saved["memory"]["total"],
+                        by_module=defaultdict(int, saved["memory"]["by_module"]))
+    return list(saved["steps"]), list(saved["evals"]), memory, saved["elapsed"]

@@ -1,0 +1,91 @@
+"""``study accuracy``: fine-tune every (family, ratio, scope) for every seed (NOTE [accuracy
+tables / resume] in :mod:`varstudy.study`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from varstudy import io as vio
+from varstudy.study.config import (KEYS, RUN_KEYS, StudyConfig, accuracy_grid, finetune_config,
+                                   write_config)
+
+
+def accuracy(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fine-tune every (family, ratio, scope) for every seed; returns (runs, summary).
+
+    Runs are paired by seed: a seed fixes the new head's initialisation, the minibatch order and
+    the dropout draws (NOTE [randomness] in varstudy.finetune), whatever the configuration.
+    """
+    from tqdm.auto import tqdm
+
+    from varstudy.finetune.training import train
+
+    folder = Path(config.out) / "accuracy"
+    write_config(config, "accuracy", folder)
+    tables = load_partial(folder) if config.resume else {"runs": [], "steps": [], "evals": []}
+    done = {tuple(r) for r in pd.concat(tables["runs"] or [pd.DataFrame(
+        columns=RUN_KEYS)])[RUN_KEYS].itertuples(index=False)}
+    jobs = [(f, r, sc, s) for s in config.seeds for f, r, sc in accuracy_grid(config)
+            if (f, r, sc, s) not in done]
+    for family, ratio, scope, seed in tqdm(jobs, desc="accuracy", disable=not config.progress):
+        result = train(finetune_config(config, family, ratio, seed, scope))
+        tag = dict(task=config.task, model=config.model, family=family, ratio=ratio,
+                   scope=scope, seed=seed)
+        tables["runs"].append(result.run.drop(columns=["sketch"]).assign(**tag))
+        tables["steps"].append(result.steps.assign(**tag))
+        tables["evals"].append(result.evals.assign(**tag))
+        save_tables(tables, folder)
+    runs = pd.concat(tables["runs"], ignore_index=True)
+    # A resumed study may have added ratios or families: record what the tables hold.
+    write_config(config, "accuracy", folder, in_tables=sorted(
+        {(f, float(r), sc) for f, r, sc in zip(runs.family, runs.ratio, runs.scope)}),
+        seeds_in_tables=sorted({int(s) for s in runs.seed}))
+    return runs, summarize(runs)
+
+
+def load_partial(folder: Path) -> dict[str, list[pd.DataFrame]]:
+    """Tables of finished runs; steps/evals rows of a run missing from runs.csv (written last,
+    so a crash in between leaves such rows) are dropped, as that run is redone."""
+    tables = {name: [pd.read_csv(folder / f"{name}.csv")] if (folder / f"{name}.csv").is_file()
+              else [] for name in ("runs", "steps", "evals")}
+    if not tables["runs"]:
+        return {"runs": [], "steps": [], "evals": []}
+    for frames in tables.values():  # tables written before scopes existed converted all linears
+        for t in frames:
+            if "scope" not in t.columns:
+                t.insert(4, "scope", np.where(t.family == "exact", "none", "all"))
+    done = tables["runs"][0][RUN_KEYS].drop_duplicates()
+    for name in ("steps", "evals"):
+        tables[name] = [t.merge(done, on=RUN_KEYS) for t in tables[name]]
+    return tables
+
+
+def save_tables(tables: dict, folder: Path) -> pd.DataFrame:
+    """Rewrite the tidy tables after every run, so an interrupted study keeps its rows."""
+    front = KEYS + ["scope", "seed"]
+    for name in ("steps", "evals"):
+        frame = pd.concat(tables[name], ignore_index=True)
+        vio.atomic_write_csv(folder / f"{name}.csv",
+                             frame[front + [c for c in frame.columns if c not in front]])
+    runs = pd.concat(tables["runs"], ignore_index=True)
+    runs = runs[front + [c for c in runs.columns if c not in front]]
+    vio.atomic_write_csv(folder / "summary.csv", summarize(runs))
+    vio.atomic_write_csv(folder / "runs.csv", runs)  # last: a run counts once it is here
+    return runs
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration, over seeds: ``mean``, ``std`` (ddof 1) and ``n`` of the best validation
+    metric (the paper's "best epoch"), the same for the final metric, mean saved MiB and time."""
+    if "test_at_best" not in runs.columns:  # tables made before test evaluation existed
+        runs = runs.assign(test_at_best=np.nan)
+    grouped = runs.groupby(KEYS + ["scope", "metric"], sort=False)
+    out = grouped.agg(mean=("best_value", "mean"), std=("best_value", "std"),
+                      final_mean=("final_value", "mean"), final_std=("final_value", "std"),
+                      test_mean=("test_at_best", "mean"), test_std=("test_at_best", "std"),
+                      n=("seed", "nunique"), saved_mib=("saved_mib", "mean"),
+                      train_time_s=("train_time_s", "mean")).reset_index()
+    return out

