@@ -1,0 +1,118 @@
+"""Variance figures: what the measurement engine reports (results/measure/...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis import plots, tables
+from analysis.results import FIGURES, RESULTS, MissingResultsError, load, outer_labels, save
+from analysis.style import new_figure, order_kinds
+
+MEASURE_DEFAULT = "measure/default"
+MEASURE_TRAINING = "measure/over_training"
+SUMMARY_COLUMNS = ("train_step", "layer", "layer_kind", "layer_index", "family", "ratio",
+                   "var_sketch_mean", "var_sampling_mean", "ratio_mean", "ratio_ci_low",
+                   "ratio_ci_high")
+
+
+def build_variance_ratio_over_training(layers: pd.DataFrame, summary: pd.DataFrame, *,
+                                       layer_kind: str = "ffn_in", layer_index: int | None = None,
+                                       family: str = "gaussian", ratio: float = 0.5) -> Figure:
+    """Left: the paper's ratio and bounds for one layer; right: sketch / sampling ratio with CI."""
+    layer = tables.pick_layer(summary, layer_kind, layer_index)
+    ratio = tables.nearest(summary["ratio"], ratio)
+    paper = tables.paper_view(layers, layer, family, ratio)
+    view = tables.ratio_view(summary, layer, ratio)
+    label = tables.layer_label(layer_kind, summary.loc[summary["layer"] == layer,
+                                                       "layer_index"].iloc[0])
+    fig, ax = new_figure(1, 2, panel=(5.0, 3.6))
+    plots.plot_paper_ratio(paper, ax=ax[0, 0], family=family,
+                           title=f"as in the paper: {family}, one batch per step")
+    plots.plot_ratio_over_training(view, ax=ax[0, 1],
+                                   title="corrected: per-example sampling, mean ± 95% CI")
+    fig.suptitle(f"Variance ratio over training, layer {label}, ρ = {100 * ratio:g}%")
+    return fig
+
+
+def variance_ratio_over_training(results: Path = RESULTS, out: Path = FIGURES,
+                                 **options) -> list[Path]:
+    """Figure: variance ratio over training, the paper's way and the corrected way."""
+    layers = load(results, f"{MEASURE_TRAINING}/layers.csv",
+                  ("train_step", "batch", "layer", "family", "ratio", "alpha",
+                   *tables.PAPER_COLUMNS))
+    summary = load(results, f"{MEASURE_TRAINING}/summary.csv", SUMMARY_COLUMNS)
+    return save(build_variance_ratio_over_training(layers, summary, **options), out,
+                "variance_ratio_over_training")
+
+
+def build_variance_vs_ratio(summary: pd.DataFrame, train_step: int | None = None) -> Figure:
+    """Facets by layer kind: sketch variance per family and sampling variance vs ρ."""
+    kv = tables.kind_variance(summary, train_step)
+    kinds = order_kinds(kv["layer_kind"].unique())
+    ncols = min(3, len(kinds))
+    nrows = -(-len(kinds) // ncols)
+    fig, axes = new_figure(nrows, ncols, panel=(3.6, 3.0), sharex=True)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(kinds):
+            ax.set_visible(False)
+            continue
+        d = kv[kv["layer_kind"] == kinds[i]]
+        plots.plot_variance_vs_ratio(d, ax=ax, legend=False,
+                                     title=f"{kinds[i]} (mean of {d['n_layers'].max()} layers)")
+    outer_labels(axes)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(5, len(labels)),
+               fontsize="small", frameon=False)
+    fig.suptitle("Sketch vs minibatch-sampling variance of the weight gradient")
+    return fig
+
+
+def variance_vs_ratio(results: Path = RESULTS, out: Path = FIGURES, **options) -> list[Path]:
+    """Figure: sketch and sampling variance vs ρ, facets by layer kind."""
+    summary = load(results, f"{MEASURE_DEFAULT}/summary.csv", SUMMARY_COLUMNS)
+    return save(build_variance_vs_ratio(summary, **options), out, "variance_vs_ratio")
+
+
+def build_ratio_heatmap(summary: pd.DataFrame, ratio: float = 0.1,
+                        train_step: int | None = None) -> Figure:
+    """Per-layer × family heat map of Var[sketch] / Var[sampling] at one ρ."""
+    ratio = tables.nearest(summary["ratio"], ratio)
+    wide = tables.heatmap_matrix(summary, ratio, "ratio_mean", train_step)
+    fig, ax = new_figure(1, 1, panel=(2.0 + 0.25 * wide.shape[0], 1.6 + 0.3 * wide.shape[1]))
+    plots.plot_ratio_heatmap(wide, ax=ax[0, 0],
+                             title=f"Sketch / sampling variance per layer, ρ = {100 * ratio:g}%")
+    return fig
+
+
+def ratio_heatmap(results: Path = RESULTS, out: Path = FIGURES, **options) -> list[Path]:
+    """Figure: heat map of the sketch / sampling variance ratio per layer and family."""
+    summary = load(results, f"{MEASURE_DEFAULT}/summary.csv", SUMMARY_COLUMNS)
+    return save(build_ratio_heatmap(summary, **options), out, "ratio_heatmap")
+
+
+def closed_form_vs_mc(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
+    """Figure: closed-form sketch variance against its Monte Carlo estimate, every layer."""
+    layers = load(results, f"{MEASURE_DEFAULT}/layers.csv",
+                  ("layer", "family", "ratio", "var_sketch", "var_sketch_mc",
+                   "var_sketch_mc_se", "mc_draws"))
+    d = layers[(layers["layer"] != tables.MODEL_ROW) & (layers["mc_draws"] > 0)
+               & layers["var_sketch_mc"].notna()]
+    if d.empty:
+        raise MissingResultsError(f"{MEASURE_DEFAULT}/layers.csv has no Monte Carlo rows")
+    where = ", ".join(sorted({tables.layer_label(k, i) for k, i in
+                              zip(d["layer_kind"], d["layer_index"])})) \
+        if {"layer_kind", "layer_index"} <= set(d.columns) else f"{d['layer'].nunique()} layers"
+    n_batches = d.groupby(["train_step", "batch"]).ngroups if "batch" in d else 1
+    fig, ax = new_figure(1, 1, panel=(6.0, 4.0))
+    plots.plot_closed_vs_mc(d, ax=ax[0, 0], legend=False,
+                            title=f"{where}, {n_batches} batch{'es' if n_batches > 1 else ''}, "
+                                  f"{int(d['mc_draws'].max())} draws per point")
+    fig.legend(*ax[0, 0].get_legend_handles_labels(), loc="outside right center",
+               fontsize="x-small", frameon=False)
+    fig.suptitle("Closed-form sketch variance checked by Monte Carlo")
+    return save(fig, out, "closed_form_vs_mc")
+
+
