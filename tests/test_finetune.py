@@ -126,7 +126,7 @@ def test_lr_schedule_warms_up_then_decays():
     (["--device", "tpu"], "valid choices: auto, cpu, cuda"),
     (["--dtype", "int8"], "valid choices: float32"),
     (["--ratio", "1.5"], "ratio must be in (0, 1]"),
-    (["--preset", "huge"], "invalid choice: 'huge' (choose from 'cpu', 'paper')"),
+    (["--preset", "huge"], "invalid choice 'huge'; valid choices: cpu, paper"),
     (["--task", "nope", "--model", "tiny-bert"], "valid choices: rotten_tomatoes, imdb"),
     (["--batch-size", "many"], "invalid int value"),
 ])

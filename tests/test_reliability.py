@@ -406,11 +406,11 @@ def test_bench_layers_resume_skips_finished_configurations(tmp_path, monkeypatch
     real_step, real_memory = BL._step, BL._memory_row
     steps = []
 
-    def dying(model, batch):
+    def dying(model, batch, *rest):
         steps.append(1)
         if len(steps) == 6:  # warm-ups (3), then repeat 0 of exact and gaussian, then die
             raise KeyboardInterrupt
-        return real_step(model, batch)
+        return real_step(model, batch, *rest)
 
     monkeypatch.setattr(BL, "_step", dying)
     assert bench.main(BENCH_LAYERS + ["--out", str(out)]) == 130

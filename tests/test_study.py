@@ -119,8 +119,8 @@ def test_throughput_tables(tmp_path, memory_table):
 
 @pytest.mark.parametrize("argv,needle", [
     (["memory", "--families", "gaussian,fft"], "valid choices: gaussian"),
-    (["speed"], "(choose from 'accuracy', 'memory', 'throughput')"),
-    (["memory", "--preset", "tpu"], "(choose from 'cpu', 'gpu')"),
+    (["speed"], "invalid choice 'speed'; valid choices: accuracy, memory, throughput"),
+    (["memory", "--preset", "tpu"], "invalid choice 'tpu'; valid choices: cpu, gpu"),
     (["memory", "--ratios", "0.5,2"], "ratios must be in (0, 1]"),
     (["memory", "--batch-sizes", "4,x"], "expected a comma list of int, got 'x'"),
 ])

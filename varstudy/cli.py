@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import types
 import typing
@@ -44,6 +45,10 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors and exit status 2."""
 
     def error(self, message: str):
+        # argparse says "invalid choice: 'x' (choose from 'a', 'b')"; the house style lists them
+        message = re.sub(r"invalid choice: (.*?) \(choose from (.*)\)",
+                         lambda m: f"invalid choice {m.group(1)}; valid choices: "
+                                   f"{m.group(2).replace(chr(39), '')}", message)
         print(f"error: {one_line(message)}", file=sys.stderr)
         raise SystemExit(2)
 

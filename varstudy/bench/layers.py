@@ -47,7 +47,7 @@ class LayerBenchConfig:
     repeats: int = option(3, "timed steps per configuration (interleaved)")
     autocast: str = option("none", "mixed precision of the timed steps (torch.autocast; "
                                    "none: float32)", choices=("none", "bfloat16", "float16"))
-    num_threads: int | None = option(None, "CPU threads (none: torch's default, the "
+    num_threads: int | None = option(None, "CPU threads (none: PyTorch's default, the "
                                            "machine's cores)")
     device: str = option("auto", DEVICE_HELP)
     seed: int = option(0, "seed of the batch and the sketches")

@@ -56,7 +56,7 @@ class BenchConfig:
     naive_draws: int = option(20, "naive Monte Carlo draws (>= 2)")
     half_width: float = option(0.10, "target relative CI half-width of the naive Monte Carlo")
     level: float = option(0.95, "confidence level of that CI")
-    num_threads: int | None = option(None, "CPU threads (none: torch's default, the "
+    num_threads: int | None = option(None, "CPU threads (none: PyTorch's default, the "
                                            "machine's cores)")
     device: str = option("auto", DEVICE_HELP)
     seed: int = option(0, "seed of the minibatch and the draws")

@@ -80,7 +80,7 @@ class MeasureConfig:
     device: str = option("auto", DEVICE_HELP)
     dtype: str = option("float32", "parameter dtype", choices=DTYPE_NAMES)
     dropout: bool = option(False, "keep the model's dropout (off: deterministic gradients)")
-    num_threads: int | None = option(None, "CPU threads (none: torch's default, the machine's "
+    num_threads: int | None = option(None, "CPU threads (none: PyTorch's default, the machine's "
                                            "cores)")
     out: str = option("results/measure/default", "output folder")
     progress: bool = option(True, "progress bars")
