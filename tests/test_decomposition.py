@@ -39,17 +39,28 @@ classifier inputs are nearly collinear across examples), so a studentized mean h
 left tail: when the rare large draws are missing, the mean and its SE both come out low. The
 thresholds are therefore read off null distributions simulated with numpy sketches (not
 varstudy's code) on the same captured X, Y, with the same C × R design and statistics
-(``_null_statistics``; reproduced by ``pytest -m slow``). Simulated rates (replications):
+(``_null_statistics``; ``pytest -m slow tests/test_decomposition.py`` reproduces the table,
+~45 minutes on 2 busy cores):
 
-=====================  =========  ==============  ========  ===========================
-pair                   Z, T_CRIT  P(|z| > 4.03)   max |z|   P(pair fails at Z, T_CRIT)
-=====================  =========  ==============  ========  ===========================
-SIM_TABLE
-=====================  =========  ==============  ========  ===========================
+==================  ======  ============  ================  =======  ========  ===========
+pair                Z       replications  P(max|z| > 4.03)  max |z|  max bias  P(fails)
+==================  ======  ============  ================  =======  ========  ===========
+encoder, gaussian   5       2,000         0                 3.23     4.6       0
+encoder, rows       6       50,000        3.6e-4            5.58     19.5      0
+pooler, gaussian    6       100,000       1.2e-3            6.41     22.6      3e-5
+pooler, rows        5       100,000       1.4e-4            5.12     20.3      2e-5
+classifier, gauss.  6       100,000       1.2e-3            6.03     18.7      1e-5
+classifier, rows    5       100,000       8e-5              4.58     19.0      0
+==================  ======  ============  ================  =======  ========  ===========
+
+(T_CRIT = 20 for every pair; under normality P(max |z| > 4.03) ≤ 1.1e-4.) The simulated
+rate of a pair failing is ≤ 3e-5 everywhere it is resolved, ≤ 1e-4 summed over the pairs;
+the gaussian encoder pair (n = 56, k = 28) is close to normal, but its simulation (0.2 s per
+replication) is too slow to resolve rates below ~1e-3, so its Z = 5 rests on that closeness.
 
 Power (the same data; expected |z| of a 20 % error in the sketch variance is
 0.2·var_sketch/SE): gaussian encoder ≈ 13 (pooler, classifier ≈ 3: per layer, only errors
-above ~50 % are detectable there), rows ≈ 6 (encoder) to 7 (pooler, classifier).
+above ~50 % are detectable there), rows ≈ 6 (encoder, Z = 6) to 7 (pooler, classifier, Z = 5).
 ``test_brute_force_comparison_has_power`` checks that engines with no FPC, with the
 (1 − (B−1)/(N−1)) FPC applied to σ̂² (high by N/(N−1)), or with either family's sketch variance
 20 % high or low fail. Seeds are fixed, so every test here is deterministic.
@@ -219,8 +230,9 @@ def test_brute_force_comparison_has_power(engine, stats):
     fpc = 1 - B / N
     no_fpc = {k: v / fpc for k, v in sa.items()}
     cochran_pop = {k: v / fpc * (1 - (B - 1) / (N - 1)) for k, v in sa.items()}
-    assert any(m.startswith("total") for m in _failures(stats, sk, no_fpc))
-    assert _failures(stats, sk, cochran_pop)
+    assert any(m.startswith("total") for m in _failures(stats, sk, no_fpc))  # Monte Carlo sees it
+    # 8/7 on a part that is ~20 % of var_total moves it ~3 %: only the exact identity sees that
+    assert any(m.startswith("sampling") for m in _failures(stats, sk, cochran_pop))
     for fam in FAMILIES:
         for factor in (0.8, 1.2):
             wrong = {k: v * factor if k[1] == fam else v for k, v in sk.items()}
