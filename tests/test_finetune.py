@@ -210,7 +210,7 @@ def test_cli_flags_lists_none_and_the_epochs_rule():
     (["--resume", "true"], "unrecognized arguments: true"),  # booleans are flags now
     (["--betas", "0.9"], "--betas takes 2 comma-separated values"),
     (["--num-threads", "0"], "num_threads must be > 0"),
-    (["--plan", "plan.json"], "plans are not supported yet"),
+    (["--plan", "missing-plan.json"], "cannot be read as JSON"),
 ])
 def test_cli_convention_errors_are_one_line(capsys, argv, needle):
     assert finetune.main(argv + ["--out", "none"]) == 2

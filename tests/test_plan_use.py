@@ -140,3 +140,32 @@ def test_randomize_refuses_a_plan_for_another_model(planned):
         randomize(model, plan=bad)
     with pytest.raises(VarstudyError, match="valid choices: a number in"):
         randomize(model, plan=dict(plans["budget"], layers={"classifier": {"ratio": 3}}))
+
+
+def test_finetune_and_study_train_a_plan(planned, tmp_path):
+    """A plan is one more configuration of the accuracy study, paired by seed with exact."""
+    from varstudy import study
+    from varstudy.study import StudyConfig
+
+    root, plans = planned
+    config = StudyConfig(model="tiny-bert", task="synthetic", families=(), ratios=(0.5,),
+                         seeds=(0,), batch_size=4, max_length=16, max_steps=2,
+                         eval_examples=8, plans=(str(root / "budget.json"),),
+                         out=str(tmp_path), progress=False)
+    runs, _ = study.accuracy(config)
+    row = runs[runs.scope == "plan:budget"].iloc[0]
+    sketched = sum(e["ratio"] != "exact" for e in plans["budget"]["layers"].values())
+    assert row.family == "rows" and row.ratio == 0.25 and row.n_converted == sketched
+    assert set(runs.scope) == {"none", "plan:budget"}
+
+
+def test_finetune_refuses_a_plan_with_exact_or_a_bad_file(planned, tmp_path, capsys):
+    from varstudy import finetune
+
+    root, _ = planned
+    base = ["--model", "tiny-bert", "--task", "synthetic", "--max-steps", "1", "--out", "none"]
+    assert finetune.main(base + ["--sketch", "exact", "--plan", str(root / "budget.json")]) == 2
+    assert "conflicts with --sketch exact" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{")
+    assert finetune.main(base + ["--plan", str(tmp_path / "bad.json")]) == 2
+    assert "cannot be read as JSON" in capsys.readouterr().err

@@ -117,8 +117,11 @@ def check(config: FinetuneConfig) -> None:
         raise VarstudyError("resume needs an output directory: the checkpoint lives in "
                             "<out>/<name>; valid choices: --out DIR, or no --resume")
     if config.plan is not None:
-        raise VarstudyError(f"--plan {config.plan}: plans are not supported yet; valid choices: "
-                            "--plan none, with --ratio/--include/--exclude")
+        if config.sketch == "exact":
+            raise VarstudyError(f"--plan {config.plan} conflicts with --sketch exact; valid "
+                                "choices: drop --plan, or drop --sketch exact")
+        from varstudy.randomized.plan import load_plan
+        load_plan(config.plan)  # one-line errors for a missing or malformed plan
 
 
 def _check_numbers(config: FinetuneConfig) -> None:
@@ -146,5 +149,7 @@ def run_name(config: FinetuneConfig) -> str:
     if config.name:
         return config.name
     sketch = "exact" if config.sketch == "exact" else f"{config.sketch}{config.ratio:g}"
+    if config.plan is not None:
+        sketch = f"plan-{Path(config.plan).stem}"
     raw = f"{Path(config.model).name}_{config.task}_{sketch}_seed{config.seed}"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", raw)

@@ -69,7 +69,7 @@ def build(config: FinetuneConfig, ctx: dist.Context = dist.Context(),
         sketch_seed = derive_seed(config.seed, ctx.rank) if ctx.active else config.seed
         converted = randomize(model, config.ratio, config.sketch, include=config.include,
                               exclude=config.exclude, min_rows=config.min_rows,
-                              seed=sketch_seed).names
+                              seed=sketch_seed, plan=config.plan).names
     train_ds = _shard(train_ds, config, ctx)
     per_epoch = len(train_ds) // config.batch_size
     total = config.max_steps or max(1, math.ceil(config.epochs * per_epoch))
@@ -176,6 +176,12 @@ def train(config: FinetuneConfig) -> FinetuneResult:
     been loaded, and while this run holds its lock (NOTE [one run per folder] in varstudy.io).
     """
     check(config)
+    if config.plan is not None:  # the plan's family and nominal ratio label the run
+        from dataclasses import replace
+
+        from varstudy.randomized.plan import load_plan
+        family, _, nominal = load_plan(config.plan)
+        config = replace(config, sketch=family, ratio=nominal or config.ratio)
     ctx, device = dist.setup(resolve_device(config.device))
     folder = Path(config.out) / run_name(config) if config.out else None
     writer = folder is not None and ctx.is_main

@@ -42,6 +42,9 @@ class StudyConfig:
     scopes: tuple[str, ...] = option(("all",), "accuracy: linears converted, all or the encoder's "
                                                "only (pooler and classifier exact)",
                                      choices=tuple(CONVERSION_SCOPES))
+    plans: tuple[str, ...] = option((), "accuracy: plan.json files of python -m varstudy.plan, "
+                                        "each fine-tuned as one more configuration (its family "
+                                        "and nominal ratio, scope plan:<file stem>)")
     seeds: tuple[int, ...] = option((0, 1, 2), "accuracy: seeds; runs are paired by seed")
     batch_size: int = option(16, "B of the accuracy runs and the throughput timing")
     batch_sizes: tuple[int, ...] = option((4, 8, 16, 32), "memory and the max-batch fit: batch "
@@ -131,6 +134,8 @@ def check(config: StudyConfig) -> None:
     for seed in config.seeds:
         cli.check_seed("seeds", seed)
     vio.require_out(config.out)
+    cli.check_distinct("plans (file stems)", [Path(p).stem for p in config.plans])
+    accuracy_grid(config)  # every plan loads (one-line errors)
     check_finetune(finetune_config(config, "exact", 1.0, config.seeds[0]))
 
 
@@ -140,17 +145,30 @@ def grid(config: StudyConfig) -> list[tuple[str, float]]:
 
 
 def accuracy_grid(config: StudyConfig) -> list[tuple[str, float, str]]:
-    """(family, ratio, scope) triples: exact first (scope "none"), then every scope."""
+    """(family, ratio, scope) triples: exact first (scope "none"), then every scope, then one
+    per plan (its family and nominal ratio, scope "plan:<file stem>")."""
+    from varstudy.randomized.plan import load_plan
+
+    planned = []
+    for path in config.plans:
+        family, _, nominal = load_plan(path)
+        planned.append((family, float(nominal or 1.0), PLAN_SCOPE + Path(path).stem))
     return [("exact", 1.0, "none")] + [(f, r, scope) for scope in config.scopes
-                                       for f, r in grid(config)[1:]]
+                                       for f, r in grid(config)[1:]] + planned
+
+
+PLAN_SCOPE = "plan:"
 
 
 def finetune_config(config: StudyConfig, family: str, ratio: float, seed: int,
                     scope: str = "all") -> FinetuneConfig:
     """The fine-tuning run of one accuracy configuration (no folder of its own)."""
+    plan = None
+    if scope.startswith(PLAN_SCOPE):
+        plan = next(p for p in config.plans if Path(p).stem == scope[len(PLAN_SCOPE):])
     return FinetuneConfig(
         model=config.model, task=config.task, data_dir=config.data_dir, sketch=family,
-        ratio=ratio, exclude=CONVERSION_SCOPES.get(scope), seed=seed,
+        ratio=ratio, exclude=CONVERSION_SCOPES.get(scope), seed=seed, plan=plan,
         batch_size=config.batch_size, max_length=config.max_length, padding=config.padding,
         lr=config.lr, max_steps=config.max_steps, epochs=config.epochs,
         eval_every=config.eval_every, eval_examples=config.eval_examples, device=config.device,
