@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from matplotlib.figure import Figure
 
 from analysis.checkpoint import memory_time_vs_n, overhead_vs_n, overhead_vs_ratio
@@ -19,7 +20,9 @@ from varstudy import bench
 from varstudy import io as vio
 from varstudy.bench.checkpoint import (COLUMNS, PRESETS, STRATEGIES, SUMMARY_COLUMNS, BenchConfig,
                                        parse)
-from varstudy.bench.checkpoint_run import estimated_peak_mib, tape_model
+from varstudy.bench.checkpoint_run import device_of, estimated_peak_mib, setup, tape_model
+from varstudy.checkpointing.workloads import tanh_rnn
+from varstudy.errors import VarstudyError
 from varstudy.bench.checkpoint_tables import summarize
 
 SMOKE = ["checkpoint", "--preset", "smoke", "--no-progress"]
@@ -164,7 +167,9 @@ BAD = [  # (arguments, words the one line must hold)
     (["--num-threads", "0"], "--num-threads 0 is out of range"),
     (["--seed", "-1"], "0 <= seed < 2**63"),
     (["--config", "no/such/config.json"], "cannot be read as JSON"),
-]
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cuda:x"], "unknown device 'cuda:x'"),
+] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("argv, words", BAD, ids=[" ".join(a) for a, _ in BAD])
@@ -272,3 +277,47 @@ def test_resume_drops_kept_rows_that_are_not_jobs_or_repeat_one(tmp_path, monkey
     assert sorted((n, s) for s, n in calls if n in cfg.ns) == \
         sorted((n, s) for n in cfg.ns for s in cfg.strategies if (n, s) != (20, "store_all"))
     assert json.loads((out / "env.json").read_text())["resumed"] is True
+
+
+def test_device_defaults_to_cpu_and_cpu_draws_are_unchanged(finished):
+    """--device cpu (the default) keeps the committed CPU runs: same config, the same draws as
+    before the option existed (weights, h0 and inputs from one CPU generator, in this order)."""
+    assert BenchConfig().device == "cpu" and parse([]).device == "cpu"
+    assert parse(["--preset", "paper"]) == parse(["--preset", "paper", "--device", "cpu"])
+    cfg = BenchConfig(**PRESETS["smoke"])
+    step, h0, xs = setup(cfg, 7)
+    g = torch.Generator().manual_seed(cfg.seed)
+    assert torch.equal(h0, torch.randn(cfg.batch, cfg.hidden, generator=g)) and h0.requires_grad
+    assert torch.equal(xs, torch.randn(7, cfg.batch, cfg.inputs, generator=g))
+    _, params = tanh_rnn(cfg.hidden, cfg.inputs, seed=cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    w = torch.randn(cfg.hidden, cfg.hidden, generator=g) / cfg.hidden ** 0.5
+    u = torch.randn(cfg.inputs, cfg.hidden, generator=g) / cfg.inputs ** 0.5
+    assert torch.equal(params[0], w) and torch.equal(params[1], u) and not params[2].any()
+    assert {p.device.type for p in params} | {h0.device.type, xs.device.type} == {"cpu"}
+    assert device_of("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    out = finished[0]
+    assert json.load(open(out / "config.json"))["device"] == "cpu"
+    assert json.load(open(out / "env.json"))["device"] == "cpu"
+
+
+def test_device_index_beyond_the_machine_is_one_line():
+    with pytest.raises(VarstudyError, match="valid choices") as err:
+        device_of("cuda:99")
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_smoke_run_on_cuda_device(tmp_path):
+    """On a GPU: the smoke run with the step on CUDA (pinned host tier); every strategy of the
+    wave gives the same gradient up to float32 recomputation."""
+    out = tmp_path / "cuda"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench.main(SMOKE + ["--device", "cuda", "--out", str(out)]) == 0
+    env = json.load(open(out / "env.json"))
+    assert env["device"].startswith("cuda") and env["t_f_ms"] > 0
+    vs_n = pd.read_csv(out / "vs_n.csv")
+    assert (vs_n["time_s"] > 0).all() and (vs_n["fast_peak_bytes"] > 0).all()
+    wave = pd.read_csv(out / "wave.csv")
+    assert (wave["grad_norm"] - wave["grad_norm"].iloc[0]).abs().max() <= \
+        1e-5 * wave["grad_norm"].abs().max()

@@ -12,6 +12,13 @@ Step (``WORKLOADS``, ``--workload``): a tanh RNN cell, h' = tanh(h W + x U + b),
 compute/transfer ratio can be swept. Fast-tier bytes = autograd saved tensors (re-tapes
 included) + checkpoint states held in device memory, counted by ``MemoryMeter``.
 
+Device (``--device``, default cpu, so the committed CPU results rerun as they were): the step's
+weights, h0 and inputs (drawn on the CPU from ``--seed``, then moved, so every device scans the
+same numbers) and the wave stepper live there. On CUDA every timed region (calibration, each run,
+each wave strategy) is bracketed by ``torch.cuda.synchronize(device)``, the host tier is a pinned
+pool filled on a side stream (NOTE [device ops] in :mod:`varstudy.checkpointing.device`), the
+disk tier copies through host memory, and the fast-tier bytes are device memory.
+
 Presets (``--preset``; the first is the default): ``paper`` (the committed results,
 results/checkpoint/): batch 128, hidden 512 on one CPU thread, so one step costs t_f ~ 0.47 ms
 and t_b ~ 2.0 ms (parameter gradients included) and per-step Python/thread overhead (~0.05 ms) is
@@ -61,6 +68,7 @@ summary.csv, the printed report).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from varstudy import cli
@@ -88,6 +96,7 @@ SUMMARY_COLUMNS = ["strategy", "n_min", "n_max", "overhead_at_n_min", "overhead_
                    "not_slower_than_revolve", "slower_than_revolve_at", "fast_peak_mib_min",
                    "fast_peak_mib_max", "skipped_at"]
 NOT_COMPARED = ("out", "resume", "progress")  # a resumed run may change these
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,10 @@ class BenchConfig:
                                            "cores; the paper, quick and long presets use 1; "
                                            "the count in effect goes to env.json)")
     seed: int = option(0, "seed of the step's weights, states and inputs")
+    device: str = option("cpu", "where the step's weights, states and inputs live: cpu, cuda, "
+                                "cuda:N or auto (cuda when present); on CUDA every timed region "
+                                "is synchronized and the host tier is a pinned pool (NOTE "
+                                "[device ops])", metavar="DEVICE")
     out: str = option("results/checkpoint", "output folder")
     progress: bool = option(True, "progress bars")
     resume: bool = option(False, "run only the jobs missing from <out>/parts (NOTE [resume])")
@@ -151,6 +164,9 @@ class BenchConfig:
         if self.num_threads is not None:
             _integer("num_threads", self.num_threads, 1, "or none")
         cli.check_seed("seed", self.seed)
+        _check(isinstance(self.device, str) and re.fullmatch(DEVICE_PATTERN, self.device)
+               is not None, f"unknown device {self.device!r}; valid choices: cpu, cuda, cuda:N, "
+                            "auto")
         vio.require_out(self.out)
 
 
@@ -211,6 +227,9 @@ def _legacy_config(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg = parse(argv)
+        from varstudy.models import resolve_device
+
+        resolve_device(cfg.device)  # an absent CUDA device is one line
         cli.set_threads(cfg.num_threads)
         from varstudy.bench.checkpoint_run import run
         from varstudy.bench.checkpoint_tables import report

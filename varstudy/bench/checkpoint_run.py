@@ -29,26 +29,51 @@ from varstudy.checkpointing.sequence import ScanStats, checkpointed_scan
 from varstudy.checkpointing.storage import TIERS, make_tier
 from varstudy.checkpointing.workloads import WaveStepper, tanh_rnn
 from varstudy.errors import VarstudyError
+from varstudy.models import resolve_device
 
-WORKLOADS = {"tanh_rnn": lambda cfg: tanh_rnn(cfg.hidden, cfg.inputs, seed=cfg.seed)}
+WORKLOADS = {"tanh_rnn": lambda cfg: tanh_rnn(cfg.hidden, cfg.inputs, seed=cfg.seed,
+                                               device=device_of(cfg.device))}
 FINAL = ("vs_n.csv", "vs_ratio.csv", "wave.csv", "summary.csv", "env.json")
+
+
+def device_of(name: str) -> torch.device:
+    """The torch device of ``--device`` ("auto": cuda when present); an absent CUDA device or
+    an index beyond the machine's devices is one line."""
+    device = torch.device(resolve_device(name))
+    if device.type == "cuda" and device.index is not None and \
+            device.index >= torch.cuda.device_count():
+        raise VarstudyError(f"device {name!r} does not exist: this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s); valid choices: cpu, "
+                            f"cuda, cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA; a no-op on the CPU), before and after a timed
+    region, so the clock measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def calibrate(step, h0, x, params=(), reps: int = 200) -> tuple[float, float]:
     """(t_f, t_b) in seconds: median untaped step; median re-tape + adjoint of one step w.r.t. the
     state and ``params`` (what every reverse step of a checkpointed scan computes)."""
-    params = list(params)
+    params, device = list(params), h0.device
     fwd, bwd = [], []
     with torch.no_grad():
         for _ in range(reps):
+            sync(device)
             t0 = time.perf_counter()
             step(h0, x)
+            sync(device)
             fwd.append(time.perf_counter() - t0)
     for _ in range(reps // 2):
+        sync(device)
         t0 = time.perf_counter()
         h = h0.detach().requires_grad_()
         new, y = step(h, x)
         torch.autograd.grad([new, y], [h] + params, [torch.ones_like(new), torch.ones_like(y)])
+        sync(device)
         bwd.append(time.perf_counter() - t0)
     return statistics.median(fwd[reps // 4:]), statistics.median(bwd)
 
@@ -88,6 +113,7 @@ def run_once(name: str, step, h0, xs, *, slots: int, interval: int, delay_s: flo
     meter, stats = MemoryMeter(), ScanStats()
     kw = dict(meter=meter, stats=stats, preserve_rng=False, timeout_s=60)
     gc.collect()  # the previous run's graph and pools are freed outside the timed region
+    sync(h0.device)
     t0, c0 = time.perf_counter(), time.thread_time()
     with meter.track_saved():
         if name == "torch_checkpoint":
@@ -102,17 +128,19 @@ def run_once(name: str, step, h0, xs, *, slots: int, interval: int, delay_s: flo
             raise VarstudyError(f"unknown strategy {name!r}; valid choices: "
                                 f"{', '.join(STRATEGIES)}")
         (ys.sum() + hT.sum()).backward()
+        sync(h0.device)
     return dict(time_s=time.perf_counter() - t0, main_cpu_s=time.thread_time() - c0,
                 fast_peak_bytes=meter.peak_bytes, interval=stats.interval,
                 recompute_steps=stats.recompute_steps, stall_s=stats.stall_s)
 
 
 def setup(cfg: BenchConfig, n: int):
-    """(step, h0 (batch, hidden) requiring grad, xs (n, batch, inputs)) from ``cfg.seed``."""
-    g = torch.Generator().manual_seed(cfg.seed)
+    """(step, h0 (batch, hidden) requiring grad, xs (n, batch, inputs)) from ``cfg.seed``, on
+    ``cfg.device`` (drawn on the CPU, then moved: the same numbers on every device)."""
+    g, device = torch.Generator().manual_seed(cfg.seed), device_of(cfg.device)
     step, _ = WORKLOADS[cfg.workload](cfg)
-    h0 = torch.randn(cfg.batch, cfg.hidden, generator=g).requires_grad_()
-    xs = torch.randn(n, cfg.batch, cfg.inputs, generator=g)
+    h0 = torch.randn(cfg.batch, cfg.hidden, generator=g).to(device).requires_grad_()
+    xs = torch.randn(n, cfg.batch, cfg.inputs, generator=g).to(device)
     return step, h0, xs
 
 
@@ -221,8 +249,9 @@ def sweep_ratio(cfg: BenchConfig, t_f: float, t_b: float,
 
 def wave_memory(cfg: BenchConfig, parts: Parts | None = None) -> pd.DataFrame:
     """2-D wave stepper: store-all's tape exceeds the stated budget; Revolve/multistage fit."""
-    wave = WaveStepper(cfg.wave_grid, seed=cfg.seed)
-    src = WaveStepper.source(cfg.wave_n)
+    device = device_of(cfg.device)
+    wave = WaveStepper(cfg.wave_grid, seed=cfg.seed).to(device)
+    src = WaveStepper.source(cfg.wave_n).to(device)
     parts = parts or Parts(None, cfg)
     rows, done = parts.kept("wave")
     for name in tqdm([s for s in WAVE_STRATEGIES if (s,) not in done], desc="wave", leave=False,
@@ -230,12 +259,14 @@ def wave_memory(cfg: BenchConfig, parts: Parts | None = None) -> pd.DataFrame:
         meter, stats = MemoryMeter(), ScanStats()
         strategy = "multistage" if name == "multistage_host" else name
         wave.zero_grad()
+        sync(device)
         t0 = time.perf_counter()
         with meter.track_saved():
             ys, _ = checkpointed_scan(wave.step, wave.initial_state(), src, strategy=strategy,
                                       slots=cfg.slots, interval=max(2, cfg.wave_n // 50),
                                       meter=meter, stats=stats)
             ys.pow(2).mean().backward()
+        sync(device)
         rows.append(dict(workload="wave2d", strategy=name, n_steps=cfg.wave_n, grid=cfg.wave_grid,
                          time_s=time.perf_counter() - t0, fast_peak_mib=meter.peak_bytes / 2**20,
                          budget_mib=cfg.budget_mib,
@@ -298,7 +329,10 @@ def run(cfg: BenchConfig):
         wave = wave_memory(cfg, parts)
         t3 = time.perf_counter()
         summary = tables.summarize(vs_n)
+        device = device_of(cfg.device)
         env = dict(torch=torch.__version__, python=platform.python_version(),
+                   device=str(device), device_name=torch.cuda.get_device_name(device)
+                   if device.type == "cuda" else platform.processor() or platform.machine(),
                    machine=platform.machine(), cpu_count=os.cpu_count(),
                    torch_threads=torch.get_num_threads(), t_f_ms=1e3 * t_f, t_b_ms=1e3 * t_b,
                    resumed=resumed, wall_s=t3 - t0, wall_vs_n_s=t1 - t0,

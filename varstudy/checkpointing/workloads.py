@@ -106,7 +106,8 @@ class WaveStepper(nn.Module):
         return (u, u_next), u_next[self.grid // 4]
 
     def initial_state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.zeros(self.grid, self.grid)
+        """(u_prev, u), zeros (H, W) on the device of the velocity field."""
+        z = torch.zeros(self.grid, self.grid, device=self.c.device)
         return (z, z.clone())
 
     @staticmethod
@@ -117,12 +118,15 @@ class WaveStepper(nn.Module):
         return (1 - 2 * a) * torch.exp(-a)
 
 
-def tanh_rnn(hidden: int, inputs: int, *, seed: int = 0):
-    """A cheap step for the N sweep: h' = tanh(h W + x U + b); y = mean(h'). Returns (step, params)."""
+def tanh_rnn(hidden: int, inputs: int, *, seed: int = 0, device: str | torch.device = "cpu"):
+    """A cheap step for the N sweep: h' = tanh(h W + x U + b) with h (B, hidden), x (B, inputs);
+    y = mean(h') (B,). Returns (step, params [W (hidden, hidden), U (inputs, hidden), b
+    (hidden,)]). The weights are drawn on the CPU from ``seed`` and moved to ``device``, so every
+    device scans the same step."""
     g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(hidden, hidden, generator=g) / hidden ** 0.5).requires_grad_()
-    u = (torch.randn(inputs, hidden, generator=g) / inputs ** 0.5).requires_grad_()
-    b = torch.zeros(hidden, requires_grad=True)
+    w = (torch.randn(hidden, hidden, generator=g) / hidden ** 0.5).to(device).requires_grad_()
+    u = (torch.randn(inputs, hidden, generator=g) / inputs ** 0.5).to(device).requires_grad_()
+    b = torch.zeros(hidden, device=device, requires_grad=True)
 
     def step(h, x):
         h = torch.tanh(torch.addmm(b, h, w) + x @ u)
