@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m varstudy.bench {layers,checkpoint,measure} [options]``.
+"""Benchmarks: ``python -m varstudy.bench {layers,checkpoint,measure,gpu} [options]``.
 
 Each benchmark lives in its own module with a ``main(argv)``; this file only dispatches.
 Results are written under ``results/bench/`` and summarized on stdout.
@@ -13,15 +13,18 @@ BENCHMARKS = {
     "layers": "varstudy.bench.layers",
     "checkpoint": "varstudy.bench.checkpoint",
     "measure": "varstudy.bench.measure",
+    "gpu": "varstudy.bench.gpu",
 }
 
 
-USAGE = """usage: python -m varstudy.bench {layers,checkpoint,measure} [options]
+USAGE = """usage: python -m varstudy.bench {layers,checkpoint,measure,gpu} [options]
 
 benchmarks:
   layers      training-step time and saved bytes of randomized linear layers vs exact
   checkpoint  long-sequence checkpointing: memory and time vs length and transfer/compute ratio
   measure     cost of one variance decomposition vs a training step and naive Monte Carlo
+  gpu         the GPU check: CUDA tests, measure vs CPU, layers (fp32/bf16/fp16), CUDA peak,
+              checkpoint with the pinned host tier; --device cpu --quick is the CPU dry run
 
 `python -m varstudy.bench NAME --help` lists the options of one benchmark."""
 
