@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from varstudy.data import (
-    SPLITS, available_splits, encode, list_datasets, load_dataset, minibatches, pad_batches,
-    sequential_batches, trim_padding,
-)
+from varstudy.data import SPLITS, available_splits, list_datasets, load_dataset
+
+from varstudy.batching import encode, minibatches, pad_batches, sequential_batches, trim_padding
 from varstudy.errors import VarstudyError
 
 

@@ -8,7 +8,9 @@ pytest.importorskip("accelerate")  # transformers' Trainer needs it
 
 from transformers import Trainer, TrainingArguments, default_data_collator  # noqa: E402
 
-from varstudy.data import encode, load_dataset  # noqa: E402
+from varstudy.data import load_dataset  # noqa: E402
+
+from varstudy.batching import encode
 from varstudy.errors import VarstudyError  # noqa: E402
 from varstudy.hf import VarianceCallback, log_values  # noqa: E402
 from varstudy.measure import measure_now  # noqa: E402

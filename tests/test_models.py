@@ -8,9 +8,8 @@ from torch import nn
 
 import varstudy.models as models
 from varstudy.errors import VarstudyError
-from varstudy.models import (
-    LAYER_KINDS, layer_index, layer_kind, linear_names, list_models, load_model,
-)
+from varstudy.models import list_models, load_model
+from varstudy.roles import LAYER_KINDS, layer_index, layer_kind, linear_names
 
 
 def _batch(tokenizer, pair=False):

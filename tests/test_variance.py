@@ -16,7 +16,8 @@ from scipy.stats import t as student_t
 
 from varstudy.randomized import variance as V
 from varstudy.randomized.capture import capture, mean_loss, select_layers
-from varstudy.data import encode, load_dataset
+from varstudy.data import load_dataset
+from varstudy.batching import encode
 from varstudy.errors import VarstudyError
 from varstudy.randomized.layers import derandomize, randomize, reseed
 from varstudy.models import load_model

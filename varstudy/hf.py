@@ -163,7 +163,7 @@ def log_values(rows) -> dict[str, float]:
     """Logged numbers of one measurement (per-batch rows of measure_now): per (family, ratio)
     the sketch/sampling ratio of every scope and layer kind, and each scope's sampling
     variance, all means over the held batches."""
-    from varstudy.models import layer_scope
+    from varstudy.roles import layer_scope
 
     layers = rows[rows.layer != "model"].assign(scope=lambda d: d.layer.map(layer_scope))
     out: dict[str, float] = {}

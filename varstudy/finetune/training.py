@@ -47,7 +47,8 @@ def build(config: FinetuneConfig, ctx: dist.Context = dist.Context(),
     Under torchrun each rank trains on its own shard (examples rank::world) and draws its own
     sketches (seed derived from the run's seed and the rank); one process keeps ``seed``.
     """
-    from varstudy.data import available_splits, encode, load_dataset
+    from varstudy.data import available_splits, load_dataset
+    from varstudy.batching import encode
     from varstudy.models import load_model
     from varstudy.randomized.layers import derive_seed, randomize
 
@@ -130,7 +131,7 @@ def to_device(batch: dict, device: str) -> dict:
 def evaluate(model: nn.Module, encoded: dict, task: str, device: str,
              batch_size: int = 64, padding: str = "fixed") -> dict[str, float]:
     """The task's metrics (GLUE definitions) and the mean loss on ``encoded``; restores train mode."""
-    from varstudy.data import pad_batches, sequential_batches
+    from varstudy.batching import pad_batches, sequential_batches
     from varstudy.metrics import compute_metrics
 
     was_training = model.training
@@ -222,7 +223,7 @@ def loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context(
     returns (steps rows, evals rows, the saved-bytes report of the first step)."""
     from tqdm.auto import tqdm
 
-    from varstudy.data import minibatches, pad_batches
+    from varstudy.batching import minibatches, pad_batches
     from varstudy.randomized.memory import saved_bytes
 
     device = setup.device

@@ -40,7 +40,7 @@ time), ``chunks/``, ``state/`` (training checkpoint). Schema (variances in squar
 
 layers.csv, one row per (train_step, batch, layer, family, ratio):
   train_step (optimizer updates done), batch (index b), layer (module name, or "model" for the
-  sum over layers), layer_kind (models.layer_kind; "model"), layer_index (encoder layer; NaN),
+  sum over layers), layer_kind (roles.layer_kind; "model"), layer_index (encoder layer; NaN),
   d_in, d_out, batch_size (B), n_rows (token rows n the sketch sees: B·L, or B for pooler and
   classifier; with ``padding="dynamic"`` L is the minibatch's longest example), family, ratio (ρ), k (sketch rows), grad_sq_norm (‖g_B‖²), var_sampling
   (Var[g_B] estimate, FPC), var_sketch (closed form E‖Ĝ−G‖² given the batch), var_sketch_mc,
@@ -59,7 +59,7 @@ scopes.csv, one row per (train_step, family, ratio, scope in encoder, head, all)
   n_layers, n_batches, var_sketch_{mean,ci_low,ci_high} and var_sampling_{...} (per-batch sums
   over the scope's layers), ratio_{mean,ci_low,ci_high} (per-batch Σ sketch / Σ sampling: the
   absolute view), layer_ratio_{min,q1,median,q3,max} (over the scope's layers of each layer's
-  var_sketch_mean / var_sampling_mean: the relative view). NOTE [scopes] in varstudy.models.
+  var_sketch_mean / var_sampling_mean: the relative view). NOTE [scopes] in varstudy.roles.
 
 Modules: ``config`` (MeasureConfig, schema; light), ``engine`` (one minibatch -> rows,
 ``measure_now``), ``chunks`` (what a finished batch is), ``runner`` (``run``), ``tables``

@@ -12,10 +12,10 @@ import math
 import pandas as pd
 import torch
 
-from varstudy.data import pad_batches
+from varstudy.batching import pad_batches
 from varstudy.errors import VarstudyError
 from varstudy.measure.config import INT_COLUMNS, LAYER_COLUMNS, MeasureConfig
-from varstudy.models import layer_index, layer_kind
+from varstudy.roles import layer_index, layer_kind
 from varstudy.randomized import variance as V
 from varstudy.names import SKETCH_NAMES
 from varstudy.randomized.capture import capture, select_layers

@@ -16,7 +16,8 @@ import torch
 
 from varstudy import distributed as dist
 from varstudy import io as vio
-from varstudy.data import encode, load_dataset, pad_batches
+from varstudy.data import load_dataset
+from varstudy.batching import encode, pad_batches
 from varstudy.errors import VarstudyError
 from varstudy.measure.chunks import finished_rows
 from varstudy.measure.config import (LAYER_COLUMNS, NOT_COMPARED, TRAIN_BATCH, MeasureConfig)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from varstudy.measure.config import SCOPE_COLUMNS, SUMMARY_COLUMNS
-from varstudy.models import layer_scope
+from varstudy.roles import layer_scope
 from varstudy.randomized import variance as V
 
 
@@ -36,7 +36,7 @@ def summarize(layers: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
 def scope_summary(layers: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     """scopes.csv from layers.csv: totals per scope and the spread of per-layer ratios.
 
-    NOTE [scopes] (varstudy.models): a model total is dominated by the layers with the largest
+    NOTE [scopes] (varstudy.roles): a model total is dominated by the layers with the largest
     gradients, so per (train_step, family, ratio) and scope ("encoder", "head", "all"):
     the per-batch sums of var_sketch and var_sampling over the scope's layers (means, t-CIs),
     their ratio (the absolute view, what plain SGD feels; mean and t-CI over batches), and the

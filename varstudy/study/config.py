@@ -20,7 +20,7 @@ RUN_KEYS = ["family", "ratio", "scope", "seed"]  # one accuracy run
 
 # Conversion scopes of the accuracy study: which nn.Linear modules are randomized (the regex
 # excludes). "encoder" keeps the pooler and the classifier exact (NOTE [scopes] in
-# varstudy.models).
+# varstudy.roles).
 CONVERSION_SCOPES = {
     "all": None,
     "encoder": r"(^|\.)(pooler\.dense|classifier|pre_classifier|score)(\.|$)",

@@ -12,7 +12,8 @@ from varstudy.study.config import StudyConfig
 def check_inputs(config: StudyConfig, study: str) -> None:
     """Load the data and the model once and check the batch sizes against the data, so that a bad
     --model, --task or batch fails before the study's folder is touched."""
-    from varstudy.data import encode, load_dataset
+    from varstudy.data import load_dataset
+    from varstudy.batching import encode
     from varstudy.models import load_model
 
     sizes = {"accuracy": [config.batch_size], "memory": list(config.batch_sizes),
@@ -42,7 +43,7 @@ def train_data(config: StudyConfig, sizes):
 def model_and_batches(config: StudyConfig, device: str, sizes):
     """The model (dropout on, head seeded 0) and, per batch size b, the first b training
     examples on ``device``."""
-    from varstudy.data import encode
+    from varstudy.batching import encode
     from varstudy.finetune.training import to_device
     from varstudy.models import load_model
 

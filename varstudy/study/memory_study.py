@@ -19,7 +19,8 @@ MIB = 2**20
 def memory(config: StudyConfig, write: bool = True) -> pd.DataFrame:
     """Saved-for-backward MiB (and CUDA peak MiB on GPU) per (family, ratio, batch size)."""
     from varstudy.finetune.training import threads
-    from varstudy.models import linear_names, resolve_device
+    from varstudy.models import resolve_device
+    from varstudy.roles import linear_names
     from varstudy.randomized.memory import saved_bytes
 
     device = resolve_device(config.device)
