@@ -194,9 +194,12 @@ def report(plan, uniform, stats) -> str:
     return "\n".join(lines)
 
 
+def parser() -> cli.Parser:
+    return cli.config_parser(PlanConfig, PROG, DESCRIPTION)
+
+
 def parse(argv: list[str] | None = None) -> PlanConfig:
-    parser = cli.config_parser(PlanConfig, PROG, DESCRIPTION)
-    return cli.config_from(PlanConfig, parser.parse_args(argv))
+    return cli.config_from(PlanConfig, parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,9 +128,12 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
+def parser() -> cli.Parser:
+    return cli.config_parser(GpuBenchConfig, PROG, __doc__.split("\n")[0])
+
+
 def parse(argv: list[str] | None = None) -> GpuBenchConfig:
-    parser = cli.config_parser(GpuBenchConfig, PROG, __doc__.split("\n")[0])
-    return cli.config_from(GpuBenchConfig, parser.parse_args(argv))
+    return cli.config_from(GpuBenchConfig, parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

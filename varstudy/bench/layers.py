@@ -73,9 +73,12 @@ class LayerBenchConfig:
                                     f"{getattr(self, name)}")
 
 
+def parser() -> cli.Parser:
+    return cli.config_parser(LayerBenchConfig, PROG, __doc__.split("\n")[0])
+
+
 def parse(argv: list[str] | None = None) -> LayerBenchConfig:
-    parser = cli.config_parser(LayerBenchConfig, PROG, __doc__.split("\n")[0])
-    return cli.config_from(LayerBenchConfig, parser.parse_args(argv))
+    return cli.config_from(LayerBenchConfig, parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,9 +77,12 @@ class BenchConfig:
         vio.require_out(self.out)
 
 
+def parser() -> cli.Parser:
+    return cli.config_parser(BenchConfig, PROG, __doc__.split("\n")[0])
+
+
 def parse(argv: list[str] | None = None) -> BenchConfig:
-    parser = cli.config_parser(BenchConfig, PROG, __doc__.split("\n")[0])
-    return cli.config_from(BenchConfig, parser.parse_args(argv))
+    return cli.config_from(BenchConfig, parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
