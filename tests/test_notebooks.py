@@ -1,7 +1,8 @@
 """Every notebook in notebooks/ executes headlessly (nbclient, kernel python3) on a small budget.
 
 The notebooks read VARSTUDY_NB_SMALL=1 in their parameters cell: tiny batches, few Monte Carlo
-draws, and figures written to a temporary folder instead of figures/.
+draws, and figures written to VARSTUDY_NB_OUT instead of figures/; a notebook leaves nothing in
+its temporary folder and prints no TqdmWarning.
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ def test_notebooks_found():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_notebook_executes(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    import tempfile
+
     monkeypatch.setenv("VARSTUDY_NB_SMALL", "1")
+    monkeypatch.setenv("VARSTUDY_NB_OUT", str(tmp_path / "figures"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # what a notebook leaves in its tempdir
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -36,3 +43,9 @@ def test_notebook_executes(path: Path, monkeypatch: pytest.MonkeyPatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.get("output_type") == "error"]
     assert not errors
+    left = [p.name for p in (tmp_path / "tmp").iterdir()
+            if not p.name.startswith("torchinductor_")]  # torch's own compile cache
+    assert not left, f"the notebook left temporary files behind: {left}"
+    warned = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.get("name") == "stderr"]
+    assert not any("TqdmWarning" in w for w in warned), warned

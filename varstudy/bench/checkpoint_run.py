@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
+from varstudy.progress import tqdm
 
 from varstudy import io as vio
 from varstudy.bench import checkpoint_tables as tables

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm import tqdm
+from varstudy.progress import tqdm
 
 from varstudy import io as vio
 from varstudy.errors import VarstudyError

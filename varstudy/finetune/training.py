@@ -221,7 +221,7 @@ def loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context(
          folder: Path | None = None, saved: dict | None = None):
     """Train ``setup.model`` for ``setup.total_steps`` steps (from a checkpoint ``saved``);
     returns (steps rows, evals rows, the saved-bytes report of the first step)."""
-    from tqdm.auto import tqdm
+    from varstudy.progress import tqdm
 
     from varstudy.batching import minibatches, pad_batches
     from varstudy.randomized.memory import saved_bytes

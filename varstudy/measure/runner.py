@@ -44,7 +44,7 @@ def train(model, optimizer, encoded: dict, cfg: MeasureConfig, start: int, stop:
                   seed=derive_seed(cfg.seed, start, TRAIN_BATCH, 2))
     finite = torch.ones((), dtype=torch.bool, device=cfg.device)
     try:
-        from tqdm.auto import tqdm
+        from varstudy.progress import tqdm
         with _seeded_rng(cfg, derive_seed(cfg.seed, start, TRAIN_BATCH, 3)):
             for step in tqdm(range(start, stop), desc="train", disable=not cfg.progress,
                              leave=False):
@@ -170,7 +170,7 @@ def _load_state(model, optimizer, path: Path) -> int:
 
 def _measure_step(model, encoded, cfg, names, mc_names, step, population, ctx, path) -> None:
     """Measure this rank's missing batches of one step; every finished batch reaches ``path``."""
-    from tqdm.auto import tqdm
+    from varstudy.progress import tqdm
     have = finished_rows(path, cfg, names, repair=ctx.is_main, step=step)
     done = set() if have is None else set(have["batch"])
     todo = [b for b in range(cfg.num_batches) if b not in done]

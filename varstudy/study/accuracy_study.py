@@ -19,7 +19,7 @@ def accuracy(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     Runs are paired by seed: a seed fixes the new head's initialisation, the minibatch order and
     the dropout draws (NOTE [randomness] in varstudy.finetune), whatever the configuration.
     """
-    from tqdm.auto import tqdm
+    from varstudy.progress import tqdm
 
     from varstudy.finetune.training import train
 

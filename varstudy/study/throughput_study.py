@@ -49,7 +49,7 @@ def _load_average() -> float:
 def _time_steps(config: StudyConfig, device: str) -> dict[tuple[str, float], list[float]]:
     """Seconds per training step: warm-up per config, then one step per config per repeat, in a
     fresh seeded random order each repeat (NOTE: interleaving spreads load drift evenly)."""
-    from tqdm.auto import tqdm
+    from varstudy.progress import tqdm
 
     from varstudy.finetune.training import synchronize
 

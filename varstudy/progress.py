@@ -1,0 +1,18 @@
+"""Progress bars: tqdm's notebook widget inside Jupyter when ipywidgets is installed, the text
+bar everywhere else (``tqdm.auto`` alone warns "IProgress not found" in a notebook without
+ipywidgets, the light CI path; ``pip install -e ".[notebooks]"`` brings the widgets)."""
+
+from __future__ import annotations
+
+
+def _pick():
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        from tqdm.std import tqdm
+        return tqdm
+    from tqdm.auto import tqdm
+    return tqdm
+
+
+tqdm = _pick()
