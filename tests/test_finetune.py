@@ -277,3 +277,32 @@ def test_help_imports_nothing_heavy():
     assert "varstudy.finetune.config" in imported
     heavy = [m for m in imported if m.split(".")[0] in ("torch", "transformers", "pandas")]
     assert not heavy
+
+
+def test_save_model_reloads_as_the_trained_model(tmp_path, monkeypatch):
+    """--save-model writes a Hugging Face folder that load_model reads back parameter for
+    parameter (a randomized model saves plain nn.Linear weights)."""
+    import torch
+
+    from varstudy.finetune import training
+    from varstudy.models import load_model
+
+    kept = {}
+    real = training.save_model
+    monkeypatch.setattr(training, "save_model",
+                        lambda model, name, folder: kept.setdefault("m", model) and
+                        real(model, name, folder))
+    config = FinetuneConfig(task="synthetic", sketch="rows", ratio=0.5, save_model=True,
+                            out=str(tmp_path), eval_examples=8, **{**TINY, "lr": 1e-3})
+    finetune.train(config)
+    again, tok = load_model(str(tmp_path / finetune.run_name(config) / "model"), seed=123)
+    trained = dict(kept["m"].named_parameters())
+    assert trained and all(torch.equal(p, trained[n]) for n, p in again.named_parameters())
+    fresh, _ = load_model("tiny-bert", seed=0)
+    assert not torch.equal(fresh.classifier.weight, again.classifier.weight)  # it trained
+    assert tok("a b")["input_ids"]
+
+
+def test_save_model_needs_an_output_folder():
+    with pytest.raises(VarstudyError, match="save_model needs an output directory"):
+        finetune.check(FinetuneConfig(save_model=True, out=None))

@@ -54,6 +54,9 @@ class FinetuneConfig:
                                              "examples (none: all)")
     test: bool = option(True, "also score the test split, where it has labels, at each new "
                               "best validation score")
+    save_model: bool = option(False, "save the fine-tuned model and its tokenizer (Hugging Face "
+                                     "format, plain nn.Linear) to <out>/<name>/model, for "
+                                     "python -m varstudy.measure --model <that folder>")
     device: str = option("auto", "auto (cuda when present), cpu or cuda", choices=DEVICES)
     dtype: str = option("float32", "parameter dtype", choices=DTYPE_NAMES)
     dropout: bool = option(True, "keep the model's dropout (off: deterministic forward passes)")
@@ -113,6 +116,9 @@ def check(config: FinetuneConfig) -> None:
                             "component, not '.' or '..' (the run folder is <out>/<name>)")
     if config.checkpoint_every is not None and not config.checkpoint_every > 0:
         raise VarstudyError(f"checkpoint_every must be > 0, got {config.checkpoint_every!r}")
+    if config.save_model and not config.out:
+        raise VarstudyError("save_model needs an output directory (<out>/<name>/model); valid "
+                            "choices: --out DIR, or --no-save-model")
     if config.resume and not config.out:
         raise VarstudyError("resume needs an output directory: the checkpoint lives in "
                             "<out>/<name>; valid choices: --out DIR, or no --resume")

@@ -18,7 +18,8 @@ STEP_COLUMNS = ("step", "loss", "lr", "time_s")
 EVAL_COLUMNS = ("step", "metric", "value")
 # Resolved-config keys left out of run.csv (and so of the study's runs.csv, whose columns stay
 # as they were): lists, options that do not change the results, and extras of config.json.
-NOT_IN_RUN = ("converted", "betas", "progress", "resume", "checkpoint_every", "plan", "threads")
+NOT_IN_RUN = ("converted", "betas", "progress", "resume", "checkpoint_every", "plan", "threads",
+              "save_model")
 
 
 @dataclass

@@ -207,9 +207,22 @@ def train(config: FinetuneConfig) -> FinetuneResult:
         result = run_tables(config, setup, steps, evals, memory, in_effect)
         result.config["world_size"] = ctx.world
         if writer:
+            if config.save_model:
+                save_model(setup.model, config.model, folder / "model")
             write(result, folder)
             vio.remove(folder / ckpt.CHECKPOINT)
     return result
+
+
+def save_model(model, name: str, folder: Path) -> Path:
+    """The model's weights, config and its tokenizer in Hugging Face format (RandomizedLinear
+    has nn.Linear's state_dict keys, so the folder loads as a plain model)."""
+    from varstudy.models import load_tokenizer
+
+    model.save_pretrained(folder)
+    load_tokenizer(name, vocab_size=getattr(model.config, "vocab_size", None)).save_pretrained(
+        folder)
+    return folder
 
 
 def run(config: FinetuneConfig) -> pd.DataFrame:
