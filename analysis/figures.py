@@ -26,10 +26,11 @@ from varstudy import cli
 from varstudy.errors import VarstudyError
 
 from analysis.figures_checkpoint import checkpoint_vs_n, checkpoint_vs_ratio
-from analysis.figures_study import (accuracy_vs_ratio, layer_bench, memory_vs_batch,
-                                    throughput_vs_ratio)
-from analysis.figures_variance import (closed_form_vs_mc, ratio_heatmap,
-                                       variance_ratio_over_training, variance_vs_ratio)
+from analysis.figures_accuracy import accuracy_vs_ratio, learning_curve, variance_vs_accuracy
+from analysis.figures_study import layer_bench, memory_vs_batch, throughput_vs_ratio
+from analysis.figures_variance import (closed_form_vs_mc, ratio_heatmap, variance_by_scope,
+                                       variance_ratio_over_training,
+                                       variance_ratio_over_training_mpnet, variance_vs_ratio)
 from analysis.results import FIGURES, RESULTS, MissingResultsError
 
 
@@ -44,12 +45,20 @@ class FigureEntry:
 FIGURE_ENTRIES: dict[str, FigureEntry] = {
     "variance_ratio_over_training": FigureEntry(
         variance_ratio_over_training, "paper's ratio and bounds vs corrected ratio with CI"),
+    "variance_ratio_over_training_mpnet": FigureEntry(
+        variance_ratio_over_training_mpnet, "the same at the paper's setting: MPNet-base, B 64"),
     "variance_vs_ratio": FigureEntry(variance_vs_ratio, "sketch/sampling variance vs ρ per kind"),
+    "variance_by_scope": FigureEntry(variance_by_scope,
+                                     "encoder / head / model totals and per-layer ratios vs ρ"),
     "ratio_heatmap": FigureEntry(ratio_heatmap, "per-layer sketch/sampling ratio at one ρ"),
     "closed_form_vs_mc": FigureEntry(closed_form_vs_mc, "closed-form vs Monte Carlo variance"),
     "memory_vs_batch": FigureEntry(memory_vs_batch, "memory vs batch size per ρ"),
     "throughput_vs_ratio": FigureEntry(throughput_vs_ratio, "throughput vs ρ"),
-    "accuracy_vs_ratio": FigureEntry(accuracy_vs_ratio, "accuracy vs ρ, + accuracy_table.md/.tex"),
+    "learning_curve": FigureEntry(learning_curve, "exact model's validation accuracy vs step"),
+    "accuracy_vs_ratio": FigureEntry(accuracy_vs_ratio,
+                                     "paired accuracy cost vs ρ, both scopes; paired_diff.*"),
+    "variance_vs_accuracy": FigureEntry(variance_vs_accuracy,
+                                        "variance summaries vs accuracy cost, rank correlations"),
     "layer_bench": FigureEntry(layer_bench, "layer benchmark: time and memory vs ρ"),
     "checkpoint_vs_n": FigureEntry(checkpoint_vs_n, "checkpointing: memory and time vs N"),
     "checkpoint_vs_ratio": FigureEntry(checkpoint_vs_ratio,

@@ -8,8 +8,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import plots, tables
-from analysis.results import (FIGURES, RESULTS, MissingResultsError, config, load, most_common,
-                              save, write_text)
+from analysis.results import FIGURES, RESULTS, MissingResultsError, config, load, most_common, save
 from analysis.style import new_figure
 
 def build_memory_vs_batch(memory: pd.DataFrame, model: str | None = None,
@@ -94,45 +93,6 @@ def throughput_vs_ratio(results: Path = RESULTS, out: Path = FIGURES, **options)
     except MissingResultsError:
         mb = None
     return save(build_throughput_vs_ratio(tp, mb, **options), out, "throughput_vs_ratio")
-
-
-def build_accuracy_vs_ratio(summary: pd.DataFrame, scale: float = 100.0) -> Figure:
-    """Per task: mean ± std over seeds of the task metric vs ρ, exact baseline as a band."""
-    tasks = list(dict.fromkeys(summary["task"]))
-    fig, axes = new_figure(1, len(tasks), panel=(4.4, 3.6), squeeze=False)
-    for ax, task in zip(axes.flat, tasks):
-        d = summary[summary["task"] == task].copy()
-        d[["mean", "std"]] = d[["mean", "std"]] * scale
-        n = f"n = {int(d['n'].min())}–{int(d['n'].max())}" if d["n"].nunique() > 1 \
-            else f"n = {int(d['n'].iloc[0])}"
-        plots.plot_metric_vs_ratio(d, "mean", err="std", ax=ax,
-                                   ylabel=f"{d['metric'].iloc[0]} × {scale:g}",
-                                   title=f"{task} (mean ± std over seeds, {n})")
-    fig.suptitle("Fine-tuning accuracy vs compression ratio")
-    return fig
-
-
-def accuracy_vs_ratio(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
-    """Figure and tables: accuracy vs ρ; figures/accuracy_table.{md,tex}."""
-    runs = load(results, "study/accuracy/runs.csv",
-                ("task", "family", "ratio", "seed", "metric", "best_value"))
-    summary = tables.accuracy_summary(runs)
-    wide = tables.accuracy_table(summary)
-    lo, hi = int(summary["n"].min()), int(summary["n"].max())
-    seeds = f"{lo} seed{'s' if lo > 1 else ''}" if lo == hi else f"{lo}–{hi} seeds"
-    caption = (f"Best validation metric × 100 during fine-tuning (mean ± std over {seeds}); "
-               "columns: compression ratio ρ (100%: exact)")
-    md, tex = tables.to_markdown(wide, caption), tables.to_latex(wide, caption, "tab:accuracy")
-    if "train_time_s" in runs:
-        timing = tables.accuracy_summary(runs.assign(metric="train time (s)"), "train_time_s")
-        wide_t = tables.accuracy_table(timing, scale=1.0, digits=1)
-        caption_t = "Training wall time in seconds (mean ± std over seeds)"
-        md += "\n" + tables.to_markdown(wide_t, caption_t)
-        tex += "\n" + tables.to_latex(wide_t, caption_t, "tab:accuracy-time")
-    paths = save(build_accuracy_vs_ratio(summary), out, "accuracy_vs_ratio")
-    paths.append(write_text(out, "accuracy_table.md", md))
-    paths.append(write_text(out, "accuracy_table.tex", tex))
-    return paths
 
 
 def layer_bench(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:

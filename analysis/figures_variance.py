@@ -8,8 +8,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import plots, tables
-from analysis.results import FIGURES, RESULTS, MissingResultsError, load, outer_labels, save
-from analysis.style import new_figure, order_kinds
+from analysis.results import (FIGURES, RESULTS, MissingResultsError, load, outer_labels, save,
+                              write_text)
+from analysis.style import family_style, new_figure, order_families, order_kinds
 
 MEASURE_DEFAULT = "measure/default"
 MEASURE_TRAINING = "measure/over_training"
@@ -37,15 +38,69 @@ def build_variance_ratio_over_training(layers: pd.DataFrame, summary: pd.DataFra
     return fig
 
 
-def variance_ratio_over_training(results: Path = RESULTS, out: Path = FIGURES,
+def variance_ratio_over_training(results: Path = RESULTS, out: Path = FIGURES, *,
+                                 run: str = MEASURE_TRAINING,
+                                 name: str = "variance_ratio_over_training",
                                  **options) -> list[Path]:
     """Figure: variance ratio over training, the paper's way and the corrected way."""
-    layers = load(results, f"{MEASURE_TRAINING}/layers.csv",
+    layers = load(results, f"{run}/layers.csv",
                   ("train_step", "batch", "layer", "family", "ratio", "alpha",
                    *tables.PAPER_COLUMNS))
-    summary = load(results, f"{MEASURE_TRAINING}/summary.csv", SUMMARY_COLUMNS)
-    return save(build_variance_ratio_over_training(layers, summary, **options), out,
-                "variance_ratio_over_training")
+    summary = load(results, f"{run}/summary.csv", SUMMARY_COLUMNS)
+    return save(build_variance_ratio_over_training(layers, summary, **options), out, name)
+
+
+def variance_ratio_over_training_mpnet(results: Path = RESULTS,
+                                       out: Path = FIGURES) -> list[Path]:
+    """Figure: the seed paper's setting at base size: MPNet-base layer 6 intermediate.dense
+    (768 -> 3072), batch 64, Gaussian ρ = 0.5, over 100 exact training steps."""
+    return variance_ratio_over_training(results, out, run="measure/mpnet_over_training",
+                                        name="variance_ratio_over_training_mpnet",
+                                        layer_kind="ffn_in", layer_index=6, family="gaussian",
+                                        ratio=0.5)
+
+
+def variance_by_scope(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
+    """Figure and table: sketch/sampling variance of the encoder, the head and the model, and
+    the per-layer ratio's median and quartiles, vs ρ per family (scopes.csv of the default
+    measure run) -> scope_table.{md,tex}."""
+    scopes = load(results, f"{MEASURE_DEFAULT}/scopes.csv",
+                  ("train_step", "family", "ratio", "scope", "ratio_mean", "ratio_ci_low",
+                   "ratio_ci_high", "layer_ratio_q1", "layer_ratio_median", "layer_ratio_q3"))
+    scopes = scopes[scopes.train_step == scopes.train_step.min()]
+    fams = order_families(scopes.family)
+    ncols = min(4, len(fams))
+    nrows = -(-len(fams) // ncols)
+    fig, axes = new_figure(nrows, ncols, panel=(3.4, 3.0), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(fams):
+            ax.set_visible(False)
+            continue
+        plots.plot_scope_ratios(scopes, fams[i], ax=ax, legend=False,
+                                title=family_style(fams[i]).label)
+    outer_labels(axes)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center",
+               ncols=3, fontsize="small", frameon=False)
+    fig.suptitle("Sketch / sampling variance by scope: encoder, head (pooler + classifier), "
+                 "whole model, and per layer")
+    paths = save(fig, out, "variance_by_scope")
+    table = scopes.assign(cell=[f"{m:.3g} [{lo:.3g}, {hi:.3g}]" for m, lo, hi in
+                                zip(scopes.ratio_mean, scopes.ratio_ci_low,
+                                    scopes.ratio_ci_high)])
+    wide = table.pivot_table(index=["family", "ratio"], columns="scope", values="cell",
+                             aggfunc="first", sort=False)[["encoder", "head", "all"]]
+    allrows = scopes[scopes.scope == "all"].set_index(["family", "ratio"])
+    wide["per-layer median [q1, q3]"] = [
+        f"{m:.3g} [{a:.3g}, {b:.3g}]" for m, a, b in zip(
+            allrows.layer_ratio_median, allrows.layer_ratio_q1, allrows.layer_ratio_q3)]
+    wide = wide.reset_index()
+    wide.columns.name = None
+    caption = ("Sketch / sampling variance ratio by scope (Σ sketch / Σ sampling, mean and 95% "
+               "t-interval over minibatches) and the per-layer ratio, default measure run")
+    paths.append(write_text(out, "scope_table.md", tables.to_markdown(wide, caption)))
+    paths.append(write_text(out, "scope_table.tex", tables.to_latex(wide, caption,
+                                                                    "tab:scopes")))
+    return paths
 
 
 def build_variance_vs_ratio(summary: pd.DataFrame, train_step: int | None = None) -> Figure:

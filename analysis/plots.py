@@ -227,3 +227,101 @@ def plot_metric_vs_ratio(df: pd.DataFrame, value: str, *, ax: Axes | None = None
     if not rest.empty:
         percent_ticks(ax, rest["ratio"])
     return ax
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy study: learning curve, paired differences, variance -> accuracy
+# --------------------------------------------------------------------------------------------
+
+SCOPE_LINES = {"all": "-", "encoder": "--", "none": ":"}
+
+
+def plot_learning_curve(curve: pd.DataFrame, *, ax: Axes | None = None,
+                        title: str | None = None, budget: int | None = None,
+                        target: float | None = None) -> Axes:
+    """Validation metric vs optimizer step, one line per (lr, seed); ``budget`` a vertical line,
+    ``target`` a horizontal one. ``curve``: step, value, seed, lr."""
+    ax = _axes(ax)
+    shades = ratio_shades("exact", curve["lr"])
+    for lr in sorted(shades):
+        for j, (seed, d) in enumerate(curve[curve["lr"] == lr].groupby("seed")):
+            ax.plot(d["step"], d["value"], color=shades[lr], lw=1.3, marker=".", ms=4,
+                    label=f"lr {lr:g}" if j == 0 else None)
+    if budget is not None:
+        ax.axvline(budget, color="0.3", ls="--", lw=1, label=f"budget {budget} steps")
+    if target is not None:
+        ax.axhline(target, color="0.6", ls=":", lw=1, label=f"target {target:g}")
+    style_axes(ax, xlabel="optimizer step", ylabel="validation accuracy", title=title,
+               legend="lower right")
+    return ax
+
+
+def plot_paired_vs_ratio(paired: pd.DataFrame, *, ax: Axes | None = None, scale: float = 100.0,
+                         title: str | None = None, legend: bool = True) -> Axes:
+    """Paired accuracy difference to exact (mean and 95% CI, × ``scale``) vs ρ, one line per
+    (family, scope): colour by family, line style by scope; 0 (no cost) as a black line."""
+    ax = _axes(ax)
+    fams = order_families(paired["family"])
+    dodge = _dodge([f"{f}/{s}" for f in fams for s in SCOPE_LINES])
+    for fam in fams:
+        st = family_style(fam)
+        for scope, d in paired[paired["family"] == fam].groupby("scope", sort=False):
+            d = d.sort_values("ratio")
+            y = d["diff_mean"] * scale
+            err = np.vstack([y - d["diff_ci_low"] * scale, d["diff_ci_high"] * scale - y])
+            ax.errorbar(d["ratio"] * dodge.get(f"{fam}/{scope}", 1.0), y, yerr=err,
+                        color=st.color, marker=st.marker, ms=4, lw=1.3, capsize=2,
+                        ls=SCOPE_LINES.get(scope, "-."), label=f"{st.label}, {scope}",
+                        mfc="white" if scope == "encoder" else st.color)
+    ax.axhline(0.0, color="black", lw=1.0, label="exact (paired)")
+    style_axes(ax, xlabel=RATIO_LABEL, ylabel=f"accuracy − exact (× {scale:g})", title=title,
+               logx=True, legend=legend)
+    if len(paired):
+        percent_ticks(ax, paired["ratio"])
+    return ax
+
+
+def plot_summary_vs_cost(df: pd.DataFrame, summary: str, *, ax: Axes | None = None,
+                         scale: float = 100.0, title: str | None = None,
+                         legend: bool = False) -> Axes:
+    """Paired accuracy difference (95% CI) against one variance summary per configuration:
+    colour by family, filled markers for scope "all", hollow for "encoder"."""
+    ax = _axes(ax)
+    for (fam, scope), d in df.groupby(["family", "scope"], sort=False):
+        st = family_style(fam)
+        y = d["diff_mean"] * scale
+        err = np.vstack([y - d["diff_ci_low"] * scale, d["diff_ci_high"] * scale - y])
+        x = d[summary].clip(lower=1e-3)
+        ax.errorbar(x, y, yerr=err, color=st.color, marker=st.marker, ms=5, lw=0, elinewidth=1,
+                    capsize=2, mfc="white" if scope == "encoder" else st.color,
+                    label=f"{st.label}, {scope}")
+    ax.axhline(0.0, color="black", lw=1.0)
+    style_axes(ax, xlabel=summary.replace("_", " "), ylabel=f"accuracy − exact (× {scale:g})",
+               title=title, logx=True, legend=legend)
+    return ax
+
+
+def plot_scope_ratios(scopes: pd.DataFrame, family: str, *, ax: Axes | None = None,
+                      title: str | None = None, legend: bool = True) -> Axes:
+    """Sketch/sampling variance vs ρ of one family: the encoder, head and model totals (mean
+    and CI over minibatches) and the per-layer median with its interquartile band."""
+    ax = _axes(ax)
+    d = scopes[scopes["family"] == family].sort_values("ratio")
+    looks = {"encoder": ("-", "o"), "head": ("--", "s"), "all": (":", "^")}
+    st = family_style(family)
+    for scope, (ls, marker) in looks.items():
+        s = d[d["scope"] == scope]
+        if s.empty:
+            continue
+        err = np.vstack([s["ratio_mean"] - s["ratio_ci_low"], s["ratio_ci_high"] - s["ratio_mean"]])
+        ax.errorbar(s["ratio"], s["ratio_mean"], yerr=err, color=st.color, ls=ls, marker=marker,
+                    ms=4, lw=1.3, capsize=2, label=f"{scope} total")
+    a = d[d["scope"] == "all"]
+    ax.fill_between(a["ratio"], a["layer_ratio_q1"], a["layer_ratio_q3"], color=st.color,
+                    alpha=0.15, lw=0, label="per layer: quartiles")
+    ax.plot(a["ratio"], a["layer_ratio_median"], color="0.3", lw=1, label="per layer: median")
+    ax.plot(a["ratio"], 1 / a["ratio"], color="0.6", lw=0.8, ls="-.", label="1/ρ")
+    style_axes(ax, xlabel=RATIO_LABEL, ylabel="Var[sketch] / Var[sampling]", title=title,
+               logx=True, logy=True, legend=legend)
+    percent_ticks(ax, a["ratio"])
+    return ax

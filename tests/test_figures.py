@@ -77,14 +77,19 @@ def synthetic_layers(summary: pd.DataFrame) -> pd.DataFrame:
 def synthetic_runs() -> pd.DataFrame:
     rows = []
     for seed in range(3):
-        rows.append(dict(task="cola", model="minilm", family="exact", ratio=np.nan, seed=seed,
-                         metric="matthews", best_value=0.50 + 0.01 * seed, final_value=0.5,
-                         train_time_s=60.0))
+        rows.append(dict(task="cola", model="minilm", family="exact", ratio=np.nan,
+                         scope="none", seed=seed, metric="matthews",
+                         best_value=0.50 + 0.01 * seed, test_at_best=0.49 + 0.01 * seed,
+                         final_value=0.5, train_time_s=60.0))
         for fam in FAMILIES[:2]:
             for r in RATIOS:
-                rows.append(dict(task="cola", model="minilm", family=fam, ratio=r, seed=seed,
-                                 metric="matthews", best_value=0.4 + 0.1 * r + 0.01 * seed,
-                                 final_value=0.4, train_time_s=70.0 + seed))
+                for scope in ("all", "encoder"):
+                    rows.append(dict(task="cola", model="minilm", family=fam, ratio=r,
+                                     scope=scope, seed=seed, metric="matthews",
+                                     best_value=0.4 + 0.1 * r + 0.01 * seed
+                                     + (0.003 * seed ** 2 if scope == "encoder" else 0.0),
+                                     test_at_best=0.39 + 0.1 * r + 0.01 * seed,
+                                     final_value=0.4, train_time_s=70.0 + seed))
     return pd.DataFrame(rows)
 
 
@@ -125,12 +130,22 @@ def synthetic_bench() -> pd.DataFrame:
 @pytest.fixture
 def synthetic_results(tmp_path: Path) -> Path:
     res = tmp_path / "results"
-    for run, steps in (("default", (0,)), ("over_training", (0, 10, 20))):
+    for run, steps in (("default", (0,)), ("over_training", (0, 10, 20)), ("recipe_step0", (0,)),
+                       ("recipe_end", (0,))):
         d = res / "measure" / run
         d.mkdir(parents=True)
         summary = synthetic_summary(steps)
         summary.to_csv(d / "summary.csv", index=False)
-        synthetic_layers(summary).to_csv(d / "layers.csv", index=False)
+        layers = synthetic_layers(summary)
+        layers.to_csv(d / "layers.csv", index=False)
+        if run == "default":
+            from varstudy.measure.tables import scope_summary
+            scope_summary(layers[layers.layer != "model"]).to_csv(d / "scopes.csv", index=False)
+    curve = res / "study" / "learning_curve" / "lr5e-05" / "accuracy"
+    curve.mkdir(parents=True)
+    pd.DataFrame([dict(step=s, metric="accuracy", value=0.5 + s / 1000, seed=0)
+                  for s in (25, 50, 75, 100)]).to_csv(curve / "evals.csv", index=False)
+    (curve / "config.json").write_text('{"lr": 5e-05}')
     for sub, df in (("accuracy/runs.csv", synthetic_runs()),
                     ("memory/memory.csv", synthetic_memory()),
                     ("throughput/throughput.csv", synthetic_throughput()),
@@ -198,7 +213,7 @@ def test_views_on_synthetic_summary():
 
 
 def test_accuracy_table_markdown_and_latex():
-    summary = tables.accuracy_summary(synthetic_runs())
+    summary = tables.accuracy_summary(synthetic_runs().query("scope != 'encoder'"))
     exact = summary[summary["family"] == "exact"].iloc[0]
     assert exact["ratio"] == 1.0 and exact["mean"] == pytest.approx(0.51)
     wide = tables.accuracy_table(summary)
@@ -261,7 +276,7 @@ def test_plot_memory_and_metric_vs_ratio():
     assert len(ax.get_lines()) == 1 + len(RATIOS)
     assert _labels(ax)[0] == "exact" and "ρ = 10%" in _labels(ax)[1]
     assert ax.get_xlabel() == "batch size (examples)" and "MiB" in ax.get_ylabel()
-    summary = tables.accuracy_summary(synthetic_runs())
+    summary = tables.accuracy_summary(synthetic_runs().query("scope != 'encoder'"))
     ax = plots.plot_metric_vs_ratio(summary, "mean", err="std", ylabel="matthews")
     assert len(ax.containers) == 2 and _labels(ax) == ["exact", "Gaussian", "Rademacher"]
     assert ax.get_xscale() == "log" and ax.get_ylabel() == "matthews"
@@ -277,12 +292,20 @@ def test_figures_build_from_synthetic_results(synthetic_results: Path, tmp_path:
     assert figures.main(["all", "--results", str(synthetic_results), "--out", str(out)]) == 0
     for name in ("variance_ratio_over_training", "variance_vs_ratio", "ratio_heatmap",
                  "closed_form_vs_mc", "memory_vs_batch", "throughput_vs_ratio",
-                 "accuracy_vs_ratio", "layer_bench"):
+                 "accuracy_vs_ratio", "layer_bench", "variance_by_scope", "learning_curve",
+                 "variance_vs_accuracy"):
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 1000, name
     md = (out / "accuracy_table.md").read_text()
-    assert "± 1.00" in md and "| cola | train time (s) | gaussian |  | 71.0 ± 1.0 |" in md
+    assert "± 1.00" in md and "| cola | training time (s) | gaussian |  | 71 ± 1 |" in md
+    assert "gaussian (encoder)" in md
     assert r"\toprule" in (out / "accuracy_table.tex").read_text()
+    paired = pd.read_csv(out / "paired_diff.csv")
+    assert set(paired.value) == {"best_value", "test_at_best"} and (paired.n == 3).all()
+    assert "*" in (out / "paired_diff.md").read_text()  # distinguishable cells are marked
+    link = pd.read_csv(out / "variance_accuracy_link.csv")
+    assert set(link.when) == {"step 0", "end of training"} and len(link) == 12
+    assert "head" in (out / "scope_table.md").read_text()
     # a requested figure whose inputs are missing is an error; under `all` it is skipped
     assert figures.main(["checkpoint_vs_n", "--results", str(synthetic_results),
                          "--out", str(out)]) == 1

@@ -1,0 +1,174 @@
+"""Accuracy-study figures: the exact model's learning curve (how the budget was chosen), the
+paired accuracy cost of each (family, ρ, scope), and which variance summary predicts it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import plots, tables
+from analysis.results import FIGURES, RESULTS, MissingResultsError, load, save, write_text
+from analysis.stats import paired_differences
+from analysis.style import new_figure
+from analysis.summaries import SUMMARIES, link, variance_summaries
+
+RUNS = "study/accuracy/runs.csv"
+RUN_COLUMNS = ("task", "family", "ratio", "scope", "seed", "metric", "best_value")
+BUDGET_STEPS = 200  # the recipe's budget (varstudy.study preset "cpu"), marked on the curve
+TARGET = 0.80
+
+
+def learning_curve(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
+    """Figure: validation accuracy of the exact model vs step (every learning-rate folder)."""
+    frames = []
+    for folder in sorted((Path(results) / "study" / "learning_curve").glob("*/accuracy")):
+        rel = folder.relative_to(results)
+        evals = load(results, f"{rel}/evals.csv", ("step", "metric", "value", "seed"))
+        cfg = pd.read_json(folder / "config.json", typ="series") \
+            if (folder / "config.json").is_file() else {}
+        lr = float(cfg.get("lr", np.nan)) if len(cfg) else np.nan
+        frames.append(evals[evals.metric == "accuracy"].assign(lr=lr))
+    if not frames:
+        raise MissingResultsError("missing input study/learning_curve/*/accuracy (not produced yet?)")
+    curve = pd.concat(frames, ignore_index=True)
+    steps = curve.step.max()
+    try:  # the recipe itself: the accuracy study's exact runs (one per seed)
+        evals = load(results, "study/accuracy/evals.csv", ("family", "seed", "step", "metric",
+                                                           "value"))
+        cfg = pd.read_json(Path(results) / "study/accuracy/config.json", typ="series")
+        recipe = evals[(evals.family == "exact") & (evals.metric == "accuracy")].assign(
+            lr=float(cfg["lr"]))
+    except (MissingResultsError, ValueError, KeyError):
+        recipe = None
+    fig, ax = new_figure(1, 1 if recipe is None else 2, panel=(5.2, 3.8), sharey=True)
+    plots.plot_learning_curve(curve, ax=ax[0, 0], budget=BUDGET_STEPS, target=TARGET,
+                              title=f"a {steps}-step schedule ({curve.seed.nunique()} seeds)")
+    if recipe is not None:
+        plots.plot_learning_curve(recipe, ax=ax[0, 1], target=TARGET,
+                                  title=f"the recipe: {BUDGET_STEPS} steps "
+                                        f"({recipe.seed.nunique()} seeds), mean best "
+                                        f"{recipe.groupby('seed').value.max().mean():.3f}")
+    fig.suptitle("How the step budget was chosen: exact MiniLM on rotten_tomatoes (B 32, "
+                 "dynamic padding), validation accuracy")
+    return save(fig, out, "learning_curve")
+
+
+def paired_tables(runs: pd.DataFrame) -> pd.DataFrame:
+    """Paired differences to exact of the best validation score and of the test score at it."""
+    parts = [paired_differences(runs, value) for value in ("best_value", "test_at_best")
+             if value in runs]
+    return pd.concat(parts, ignore_index=True)
+
+
+def paired_wide(paired: pd.DataFrame, value: str, scale: float = 100.0) -> pd.DataFrame:
+    """Rows (family, scope), columns ρ; cells "mean [low, high]" × scale, "*" when the 95%
+    interval excludes 0 (and "(n=…)" when seeds differ)."""
+    p = paired[paired.value == value].copy()
+    show_n = p.n.nunique() > 1
+    p["cell"] = [f"{m * scale:+.2f} [{lo * scale:+.2f}, {hi * scale:+.2f}]"
+                 + ("*" if d else "") + (f" (n={n})" if show_n else "")
+                 for m, lo, hi, d, n in zip(p.diff_mean, p.diff_ci_low, p.diff_ci_high,
+                                            p.distinguishable, p.n)]
+    p["col"] = [f"{100 * r:g}%" for r in p.ratio]
+    wide = p.pivot_table(index=["family", "scope"], columns="col", values="cell",
+                         aggfunc="first", fill_value="", sort=False)
+    cols = [f"{100 * r:g}%" for r in sorted(p.ratio.unique(), reverse=True)]
+    wide = wide[[c for c in cols if c in wide.columns]].reset_index()
+    wide.columns.name = None
+    return wide
+
+
+def accuracy_vs_ratio(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
+    """Figure and tables: paired accuracy cost vs ρ for both scopes; paired_diff.{csv,md,tex}."""
+    runs = load(results, RUNS, RUN_COLUMNS)
+    paired = paired_tables(runs)
+    exact = runs[runs.family == "exact"]
+    n_seeds = int(exact.seed.nunique())
+    fig, axes = new_figure(1, 2, panel=(5.2, 4.0))
+    for ax, value, what in zip(axes.flat, ("best_value", "test_at_best"),
+                               ("best validation accuracy", "test accuracy at that step")):
+        plots.plot_paired_vs_ratio(paired[paired.value == value], ax=ax, legend=False,
+                                   title=f"{what} (exact: {100 * exact[value].mean():.1f})")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right center",
+               fontsize="x-small", frameon=False)
+    fig.suptitle(f"What randomized backprop costs in accuracy: paired by seed ({n_seeds} "
+                 "exact seeds), mean and 95% t-interval")
+    paths = save(fig, out, "accuracy_vs_ratio")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    paired.to_csv(Path(out) / "paired_diff.csv", index=False)
+    paths.append(Path(out) / "paired_diff.csv")
+    md, tex = [], []
+    for value, what in (("best_value", "best validation accuracy"),
+                        ("test_at_best", "test accuracy at the best validation step")):
+        if (paired.value == value).any():
+            wide = paired_wide(paired, value)
+            caption = (f"Paired difference to exact of the {what} × 100, mean [95% t-interval] "
+                       "over seeds; * the interval excludes 0")
+            md.append(tables.to_markdown(wide, caption))
+            tex.append(tables.to_latex(wide, caption, f"tab:paired-{value}"))
+    paths.append(write_text(out, "paired_diff.md", "\n".join(md)))
+    paths.append(write_text(out, "paired_diff.tex", "\n".join(tex)))
+    return paths + accuracy_table(runs, out)
+
+
+def accuracy_table(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """accuracy_table.{md,tex}: mean ± std over seeds of the best validation score, the test
+    score at it and the training time; rows family (scope), columns ρ."""
+    labelled = runs.assign(family=[f if s in ("none", "all") else f"{f} ({s})"
+                                   for f, s in zip(runs.family, runs.scope)])
+    md, tex = [], []
+    for value, label, scale, digits in (("best_value", "best validation accuracy × 100", 100, 2),
+                                        ("test_at_best", "test accuracy at that step × 100",
+                                         100, 2),
+                                        ("train_time_s", "training time (s)", 1, 0)):
+        if value not in labelled:
+            continue
+        wide = tables.accuracy_table(tables.accuracy_summary(labelled.assign(metric=label),
+                                                             value), scale=scale,
+                                     digits=digits)
+        caption = f"{label}: mean ± std over seeds; columns: compression ratio ρ (100%: exact)"
+        md.append(tables.to_markdown(wide, caption))
+        tex.append(tables.to_latex(wide, caption, f"tab:accuracy-{value}"))
+    return [write_text(out, "accuracy_table.md", "\n".join(md)),
+            write_text(out, "accuracy_table.tex", "\n".join(tex))]
+
+
+def variance_vs_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
+    """Figure and table: each variance summary (step 0 and end of exact training) against the
+    paired accuracy cost; Spearman's ρ with a bootstrap interval -> variance_accuracy_link.*"""
+    runs = load(results, RUNS, RUN_COLUMNS)
+    paired = paired_differences(runs, "best_value")
+    paired = paired[paired.scope.isin(("all", "encoder"))]
+    summaries = []
+    for when, run in (("step 0", "measure/recipe_step0"), ("end of training",
+                                                            "measure/recipe_end")):
+        layers = load(results, f"{run}/layers.csv", ("train_step", "layer", "family", "ratio",
+                                                     "var_sketch", "var_sampling"))
+        summaries.append(variance_summaries(layers).assign(when=when))
+    summaries = pd.concat(summaries, ignore_index=True)
+    linked = link(paired, summaries)
+    merged = paired.merge(summaries, on=["family", "ratio", "scope"])
+    whens = list(dict.fromkeys(merged.when))
+    fig, axes = new_figure(len(whens), len(SUMMARIES), panel=(3.1, 2.9), squeeze=False)
+    for i, when in enumerate(whens):
+        for j, name in enumerate(SUMMARIES):
+            r = linked[(linked.when == when) & (linked.summary == name)].iloc[0]
+            plots.plot_summary_vs_cost(merged[merged.when == when], name, ax=axes[i, j],
+                                       title=f"{when}: ρ_s {r.spearman:+.2f} "
+                                             f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right center",
+               fontsize="x-small", frameon=False)
+    fig.suptitle("Which variance summary predicts the accuracy cost? (Spearman, bootstrap 95%)")
+    paths = save(fig, out, "variance_vs_accuracy")
+    linked.to_csv(Path(out) / "variance_accuracy_link.csv", index=False)
+    caption = ("Spearman correlation between each variance summary and the paired accuracy "
+               "difference over configurations, with a bootstrap 95% interval")
+    shown = linked.assign(interval=[f"[{a:+.2f}, {b:+.2f}]" for a, b in
+                                    zip(linked.ci_low, linked.ci_high)],
+                          spearman=linked.spearman.round(2))[
+        ["when", "summary", "n_configs", "spearman", "interval"]]
+    paths += [Path(out) / "variance_accuracy_link.csv",
+              write_text(out, "variance_accuracy_link.md", tables.to_markdown(shown, caption))]
+    return paths
