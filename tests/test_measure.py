@@ -176,7 +176,7 @@ def test_bench_measure_smoke(tmp_path):
                                                       rel=1e-12)
     z = norm.isf((1 - config["level"]) / 2)
     assert v.naive_draws_needed == math.ceil((z * v.naive_cv / config["half_width"]) ** 2) >= 1
-    grid = len(SKETCHES) * len(M.MeasureConfig().ratios)
+    grid = len(M.MeasureConfig().families) * len(M.MeasureConfig().ratios)
     assert v.grid_configs == grid
     one = v.exact_grad_time + v.naive_draws_needed * v.naive_draw_time
     all_configs = v.exact_grad_time + grid * v.naive_draws_needed * v.naive_draw_time

@@ -29,6 +29,8 @@ from varstudy.names import SKETCH_NAMES
 
 PROG = "python -m varstudy.plan"
 OBJECTIVES = ("absolute", "relative")
+# rows-wor-real's variance depends on the real rows m, which layers.csv does not hold
+PLAN_FAMILIES = tuple(f for f in SKETCH_NAMES if f != "rows-wor-real")
 DESCRIPTION = ("Per-layer sketch sizes that spend the memory where the variance is: from a measure "
                "run, the fewest sketch variance within a byte budget, or the fewest bytes within "
                "a variance target; writes plan.json and prints it against uniform ratios.")
@@ -40,7 +42,7 @@ class PlanConfig:
 
     source: str = option("results/measure/default", "measure run folder holding layers.csv",
                          flag="--from", metavar="RUN")
-    family: str = option("rows", "sketch family of the plan", choices=SKETCH_NAMES)
+    family: str = option("rows", "sketch family of the plan", choices=PLAN_FAMILIES)
     budget: float | None = option(None, "byte budget as the uniform ratio rho that stores as "
                                         "much (exclusive with --target-ratio)")
     target_ratio: float | None = option(None, "sketch variance at most this times the "

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 
 def _pick():
-    try:
-        import ipywidgets  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is None:
         from tqdm.std import tqdm
         return tqdm
     from tqdm.auto import tqdm

@@ -30,7 +30,7 @@ from varstudy import cli
 from varstudy import io as vio
 from varstudy.cli import option
 from varstudy.errors import VarstudyError
-from varstudy.names import DEVICE_HELP, MODEL_HELP, SKETCH_NAMES
+from varstudy.names import BASE_SKETCH_NAMES, DEVICE_HELP, MODEL_HELP, SKETCH_NAMES
 
 PROG = "python -m varstudy.bench layers"
 
@@ -42,7 +42,8 @@ class LayerBenchConfig:
     model: str = option("minilm", MODEL_HELP)
     batch_size: int = option(32, "B, sequences per step")
     seq_len: int = option(128, "tokens per sequence")
-    families: tuple[str, ...] = option(SKETCH_NAMES, "sketch families", choices=SKETCH_NAMES)
+    families: tuple[str, ...] = option(BASE_SKETCH_NAMES, "sketch families",
+                                       choices=SKETCH_NAMES)
     ratios: tuple[float, ...] = option((0.05, 0.1, 0.2, 0.5), "ratios rho = k/n in (0, 1]")
     repeats: int = option(3, "timed steps per configuration (interleaved)")
     autocast: str = option("none", "mixed precision of the timed steps (torch.autocast; "

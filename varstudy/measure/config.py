@@ -10,8 +10,8 @@ from varstudy import cli
 from varstudy import io as vio
 from varstudy.cli import option
 from varstudy.errors import VarstudyError
-from varstudy.names import (DATASET_NAMES, DEVICE_HELP, DTYPE_NAMES, MODEL_HELP, PADDINGS,
-                            SKETCH_NAMES)
+from varstudy.names import (BASE_SKETCH_NAMES, DATASET_NAMES, DEVICE_HELP, DTYPE_NAMES,
+                            MODEL_HELP, PADDINGS, SKETCH_NAMES)
 
 LAYER_COLUMNS = (
     "train_step", "batch", "layer", "layer_kind", "layer_index", "d_in", "d_out", "batch_size",
@@ -49,7 +49,7 @@ class MeasureConfig:
     padding: str = option("fixed", "fixed: every minibatch padded to max_length; dynamic: to its "
                                    "longest example (the sketch sees that minibatch's n)",
                           choices=PADDINGS)
-    families: tuple[str, ...] = option(SKETCH_NAMES, "sketch families to evaluate",
+    families: tuple[str, ...] = option(BASE_SKETCH_NAMES, "sketch families to evaluate",
                                        choices=SKETCH_NAMES)
     ratios: tuple[float, ...] = option((0.05, 0.1, 0.2, 0.5), "ratios rho = k/n in (0, 1]")
     plan: str | None = option(None, "a plan.json of python -m varstudy.plan: measure its family "

@@ -6,6 +6,7 @@ Schema and conventions: :mod:`varstudy.measure` (package docstring).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 
@@ -17,10 +18,10 @@ from varstudy.errors import VarstudyError
 from varstudy.measure.config import INT_COLUMNS, LAYER_COLUMNS, MeasureConfig
 from varstudy.roles import layer_index, layer_kind
 from varstudy.randomized import variance as V
-from varstudy.names import SKETCH_NAMES
+from varstudy.names import BASE_SKETCH_NAMES
 from varstudy.randomized.capture import capture, select_layers
 from varstudy.randomized.layers import derive_seed
-from varstudy.randomized.sketches import rows_for
+from varstudy.randomized.sketches import SKETCHES, rows_for
 
 
 def batch_indices(num_examples: int, cfg: MeasureConfig, step: int, b: int) -> torch.Tensor:
@@ -30,9 +31,13 @@ def batch_indices(num_examples: int, cfg: MeasureConfig, step: int, b: int) -> t
 
 
 def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: float,
-               mc: bool, step: int, b: int) -> list[dict]:
-    """Rows of one layer of one batch: every (family, ratio). x (B, L, d_in) or (B, d_in)."""
+               mc: bool, step: int, b: int, mask=None) -> list[dict]:
+    """Rows of one layer of one batch: every (family, ratio). x (B, L, d_in) or (B, d_in);
+    ``mask`` (B, L), the attention mask, gives the real rows of the row-real families."""
     m = V.moments(x, y, grad)
+    row_mask = real_row_mask(cfg, name, x, y, mask)
+    if row_mask is not None:
+        m = dataclasses.replace(m, real=int(row_mask.sum()))
     sampling = V.sampling_from_norms(V.per_example_sq_norms(x, y), m.a, population)
     base = dict(train_step=step, batch=b, layer=name, layer_kind=layer_kind(name),
                 layer_index=layer_index(name), d_in=x.shape[-1], d_out=y.shape[-1],
@@ -50,11 +55,30 @@ def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: 
             if mc and cfg.mc_draws > 0 and planned != "exact":
                 seed = derive_seed(cfg.seed, step, b, 1, pos, V.family_key(fam),
                                    round(ratio * 1e6))
-                mc_mean, mc_se = V.mc_sketch_variance(fam, x, y, k, cfg.mc_draws, seed)
+                mc_mean, mc_se = V.mc_sketch_variance(fam, x, y, k, cfg.mc_draws, seed,
+                                                      mask=row_mask)
             rows.append(dict(base, family=fam, ratio=ratio, k=k, var_sketch=var,
                              var_sketch_mc=mc_mean, var_sketch_mc_se=mc_se,
                              mc_draws=cfg.mc_draws if mc else 0, **paper,
                              ratio_sketch_sampling=_div(var, sampling.var_batch)))
+    return rows
+
+
+def real_row_mask(cfg: MeasureConfig, name: str, x, y, mask):
+    """The (n,) real-row mask of a token layer when a row-real family is measured, else None.
+
+    NOTE [real rows] (sketches): the row-real families are unbiased only when the padding rows
+    carry no gradient; that is checked here (exactly zero Y on every padding row)."""
+    if mask is None or x.dim() != 3 or tuple(mask.shape) != tuple(x.shape[:2]) or not any(
+            getattr(SKETCHES[f], "uses_mask", False) for f in cfg.families):
+        return None
+    rows = mask.reshape(-1).to(x.device)
+    pad = y.reshape(-1, y.shape[-1])[rows == 0]
+    if pad.numel() and bool(pad.abs().max() > 0):
+        raise VarstudyError(f"layer {name} has a non-zero output gradient on padding rows, so "
+                            "the row-real families (rows-real, rows-wor-real) would be biased; "
+                            "valid choices: the other families, or a model whose loss ignores "
+                            "padding (masked attention, [CLS] pooling)")
     return rows
 
 
@@ -108,17 +132,17 @@ def measure_batch(model, encoded: dict, cfg: MeasureConfig, names: list[str],
     with _seeded_rng(cfg, derive_seed(cfg.seed, step, b, 3)):  # dropout, if kept
         cap = capture(model, batch, names=names)
     mc = {n for n in mc_names if b < cfg.mc_batches}
-    return rows_of(cap, cfg, names, mc, step, b, population)
+    return rows_of(cap, cfg, names, mc, step, b, population, batch.get("attention_mask"))
 
 
 def rows_of(cap, cfg: MeasureConfig, names: list[str], mc_names: set[str], step: int, b: int,
-            population: float) -> pd.DataFrame:
+            population: float, mask=None) -> pd.DataFrame:
     """layers.csv rows of one captured minibatch: every selected layer, then the model totals."""
     rows = []
     for pos, name in enumerate(names):
         x, y = cap.layers[name]
         rows += layer_rows(cfg, name, pos, x, y, cap.grads[name], population, name in mc_names,
-                           step, b)
+                           step, b, mask)
     return typed(pd.DataFrame(rows + model_rows(rows)))
 
 
@@ -135,7 +159,7 @@ def measure_now(model, batches, families=None, ratios=(0.05, 0.1, 0.2, 0.5), *,
     finite-population correction (inf: none). A randomized model is measured through its exact
     layers (NOTE [exact view]); the model's modules, mode, gradients and RNG states are as before.
     """
-    cfg = MeasureConfig(families=tuple(families or SKETCH_NAMES), ratios=tuple(ratios),
+    cfg = MeasureConfig(families=tuple(families or BASE_SKETCH_NAMES), ratios=tuple(ratios),
                         min_rows=min_rows, mc_draws=0, layers=layers, out="-")
     device = next(model.parameters()).device
     frames = []
@@ -144,7 +168,7 @@ def measure_now(model, batches, families=None, ratios=(0.05, 0.1, 0.2, 0.5), *,
         for b, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             frames.append(rows_of(capture(model, batch, names=names), cfg, names, set(),
-                                  train_step, b, population))
+                                  train_step, b, population, batch.get("attention_mask")))
     if not frames:
         raise VarstudyError("measure_now got no batches; valid choices: one or more minibatches "
                             "(dicts of tensors with 'labels')")

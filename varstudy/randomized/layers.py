@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from varstudy.errors import VarstudyError
+from varstudy.randomized import rowmask
 from varstudy.randomized.sketches import Sketch, get_sketch, rows_for
 
 _MASK64 = (1 << 64) - 1
@@ -209,7 +210,7 @@ class RandomizedLinear(nn.Linear):
         self.ratio, self.min_rows = check_ratio(ratio), check_min_rows(min_rows)
         self.sketch = get_sketch(sketch)
         self.seed, self.layer_id, self.calls = int(seed), int(layer_id), 0
-        self.cache, self.name = cache, None
+        self.cache, self.name, self.row_mask = cache, None, None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "RandomizedLinear":
@@ -223,7 +224,7 @@ class RandomizedLinear(nn.Linear):
         new.sketch = get_sketch(kwargs.get("sketch", "gaussian"))
         new.seed, new.layer_id = int(kwargs.get("seed", 0)), int(kwargs.get("layer_id", 0))
         new.calls, new.cache = 0, kwargs.get("cache")
-        new.name = kwargs.get("name")
+        new.name, new.row_mask = kwargs.get("name"), kwargs.get("row_mask")
         new.training = linear.training
         return new
 
@@ -256,8 +257,11 @@ class RandomizedLinear(nn.Linear):
         hit = None if cache is None else cache.get(x, self.sketch, k, flat.dtype, id(self))
         if hit is not None:
             return hit
+        extra = ()
+        if getattr(self.sketch, "uses_mask", False):  # NOTE [real rows] in sketches
+            extra = (None if self.row_mask is None else self.row_mask.rows(flat.shape[0]),)
         with torch.no_grad(), _autocast_off(x.device.type, autocast):
-            sx, state = self.sketch.sketch(flat, k, seed)
+            sx, state = self.sketch.sketch(flat, k, seed, *extra)
         if cache is not None:
             cache.put(x, self.sketch, k, sx, seed, state, id(self))
         return sx, seed, state
@@ -366,9 +370,11 @@ def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaus
         family, ratio = get_sketch(sketch), check_ratio(ratio)
         per_layer = dict.fromkeys(names, ratio)
     cache = SketchCache() if share else None
+    row_mask = rowmask.install(model) if getattr(family, "uses_mask", False) and names else None
     new = {name: RandomizedLinear.from_linear(
         model.get_submodule(name), ratio=per_layer[name], sketch=family, min_rows=min_rows,
-        seed=seed, layer_id=i, cache=cache, name=name) for i, name in enumerate(names)}
+        seed=seed, layer_id=i, cache=cache, name=name, row_mask=row_mask)
+        for i, name in enumerate(names)}
     for name, module in new.items():
         _swap(model, name, module)
     return Conversion(tuple((n, m.in_features, m.out_features, family.name, m.ratio)
@@ -386,6 +392,7 @@ def derandomize(model: nn.Module) -> Conversion:
             plain.weight, plain.bias, plain.training = module.weight, module.bias, module.training
             _swap(model, name, plain)
             rows.append((name, module.in_features, module.out_features, "exact", 1.0))
+    rowmask.remove(model)
     return Conversion(tuple(rows))
 
 

@@ -121,12 +121,18 @@ def sampling_variance(x: Tensor, y: Tensor, population: float = math.inf) -> Sam
 
 @dataclass(frozen=True)
 class Moments:
-    """s = ‖X‖²‖Y‖², a = ‖YᵀX‖², p = Σ_l ‖x_l‖²‖y_l‖² over n token rows (sketches.moments)."""
+    """s = ‖X‖²‖Y‖², a = ‖YᵀX‖², p = Σ_l ‖x_l‖²‖y_l‖² over n token rows (sketches.moments);
+    ``real``: the rows that are not padding (NOTE [real rows] in sketches; n when unknown)."""
 
     s: float
     a: float
     p: float
     n: int
+    real: int | None = None
+
+    @property
+    def m(self) -> int:
+        return self.n if self.real is None else self.real
 
 
 def moments(x: Tensor, y: Tensor, grad: Tensor | None = None) -> Moments:
@@ -152,6 +158,9 @@ CLOSED_FORMS = {
     "rows": lambda m, k: (m.n * m.p - m.a) / k,
     "rows-wor": lambda m, k: ((m.n * m.p - m.a) / k * (m.n - k) / (m.n - 1) if m.n > 1 else 0.0),
     "rows-norm": lambda m, k: (m.s - m.a) / k,
+    "rows-real": lambda m, k: (m.m * m.p - m.a) / k,
+    "rows-wor-real": lambda m, k: ((m.m * m.p - m.a) / min(k, m.m) * (m.m - min(k, m.m))
+                                   / (m.m - 1) if m.m > 1 else 0.0),
 }
 
 
@@ -175,7 +184,7 @@ def family_key(family: str | Sketch) -> int:
 
 
 def mc_sketch_variance(family: str | Sketch, x: Tensor, y: Tensor, k: int, draws: int,
-                       seed: int) -> tuple[float, float]:
+                       seed: int, mask: Tensor | None = None) -> tuple[float, float]:
     """Mean and standard error of ‖Ĝ − G‖²_F over ``draws`` sketch draws on captured rows.
 
     Draw d uses seed ``derive_seed(seed, d)`` and the family's own ``sketch``/``apply`` (the
@@ -191,27 +200,32 @@ def mc_sketch_variance(family: str | Sketch, x: Tensor, y: Tensor, k: int, draws
         raise VarstudyError(f"mc draws must be >= 1, got {draws}")
     sketch = get_sketch(family)
     xf, yf = flat_rows(x), flat_rows(y)
-    errs = np.array([float(e) for e in _mc_errors(sketch, xf, yf, k, draws, seed)])
+    if not getattr(sketch, "uses_mask", False):
+        mask = None
+    errs = np.array([float(e) for e in _mc_errors(sketch, xf, yf, k, draws, seed, mask=mask)])
     se = errs.std(ddof=1) / math.sqrt(draws) if draws > 1 else math.nan
     return float(errs.mean()), float(se)
 
 
 def _mc_errors(sketch: Sketch, xf: Tensor, yf: Tensor, k: int, draws: int, seed: int,
-               token_space: bool | None = None):
+               token_space: bool | None = None, mask: Tensor | None = None):
     """Yield ‖Ĝ_d − G‖² (float64 scalars) for d = 0..draws−1 (NOTE [MC in token space])."""
     n = xf.shape[0]
     if token_space is None:
         token_space = n * n < xf.shape[1] * yf.shape[1]
     if not token_space:
         g = yf.double().T @ xf.double()
+        extra = {} if mask is None else {"mask": mask}
         for d in range(draws):
-            yield (sketch.estimate(xf, yf, k, derive_seed(seed, d)).double() - g).square().sum()
+            yield (sketch.estimate(xf, yf, k, derive_seed(seed, d), **extra).double()
+                   - g).square().sum()
         return
     gx, gy = xf.double() @ xf.double().T, yf.double() @ yf.double().T
     eye = torch.eye(n, dtype=xf.dtype, device=xf.device)
     stateful = type(sketch).sketch is not Sketch.sketch  # only then does sketch() make state
     for d in range(draws):
-        state = sketch.sketch(xf, k, derive_seed(seed, d))[1] if stateful else ()
+        state = (sketch.sketch(xf, k, derive_seed(seed, d), *([] if mask is None else [mask]))[1]
+                 if stateful else ())
         st = sketch.apply(eye, k, derive_seed(seed, d), state).double()  # Sᵀ (k, n)
         e = st.T @ st - torch.eye(n, dtype=torch.float64, device=xf.device)  # M − I
         yield ((e.T @ gy @ e) * gx).sum()
