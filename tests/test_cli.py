@@ -28,6 +28,8 @@ COMMANDS = {
     "bench checkpoint": ("varstudy.bench checkpoint", "varstudy.bench.checkpoint",
                          "BenchConfig"),
     "bench gpu": ("varstudy.bench gpu", "varstudy.bench.gpu", "GpuBenchConfig"),
+    "bench callback": ("varstudy.bench callback", "varstudy.bench.callback",
+                       "CallbackBenchConfig"),
 }
 
 

@@ -88,3 +88,17 @@ def test_callback_needs_attach_and_valid_options(tmp_path):
                       data_collator=default_data_collator, callbacks=[VarianceCallback()])
     with pytest.raises(VarstudyError, match="attach"):
         trainer.train()
+
+
+def test_callback_benchmark_runs(tmp_path):
+    from varstudy import bench
+
+    argv = ["callback", "--model", "tiny-bert", "--batch-size", "4", "--max-length", "16",
+            "--steps", "4", "--every", "2", "--num-batches", "2", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    table = pd.read_csv(tmp_path / "callback.csv").set_index("quantity").value
+    assert table["measurements"] == 2 and table["steps"] == 4
+    assert table["measurement_over_step"] == pytest.approx(
+        table["measurement_time"] / table["step_time"])
+    assert table["overhead_at_interval"] == pytest.approx(
+        table["measurement_time"] / (2 * table["step_time"]))

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m varstudy.bench {layers,checkpoint,measure,gpu} [options]``.
+"""Benchmarks: ``python -m varstudy.bench {layers,checkpoint,measure,callback,gpu} [options]``.
 
 Each benchmark lives in its own module with a ``main(argv)``; this file only dispatches.
 Results are written under ``results/bench/`` and summarized on stdout.
@@ -13,16 +13,18 @@ BENCHMARKS = {
     "layers": "varstudy.bench.layers",
     "checkpoint": "varstudy.bench.checkpoint",
     "measure": "varstudy.bench.measure",
+    "callback": "varstudy.bench.callback",
     "gpu": "varstudy.bench.gpu",
 }
 
 
-USAGE = """usage: python -m varstudy.bench {layers,checkpoint,measure,gpu} [options]
+USAGE = """usage: python -m varstudy.bench {layers,checkpoint,measure,callback,gpu} [options]
 
 benchmarks:
   layers      training-step time and saved bytes of randomized linear layers vs exact
   checkpoint  long-sequence checkpointing: memory and time vs length and transfer/compute ratio
   measure     cost of one variance decomposition vs a training step and naive Monte Carlo
+  callback    cost of the Trainer callback's measurements vs the Trainer's training steps
   gpu         the GPU check: CUDA tests, measure vs CPU, layers (fp32/bf16/fp16), CUDA peak,
               checkpoint with the pinned host tier; --device cpu --quick is the CPU dry run
 
