@@ -169,3 +169,19 @@ def test_finetune_refuses_a_plan_with_exact_or_a_bad_file(planned, tmp_path, cap
     (tmp_path / "bad.json").write_text("{")
     assert finetune.main(base + ["--plan", str(tmp_path / "bad.json")]) == 2
     assert "cannot be read as JSON" in capsys.readouterr().err
+
+
+def test_budgets_write_one_plan_per_objective_and_a_frontier(planned, tmp_path):
+    root, _ = planned
+    out = tmp_path / "plans"
+    assert command.main(["--from", str(root / "run"), "--family", "rows", "--budgets",
+                         "0.25,0.5", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "frontier.csv")
+    assert len(table) == 4 and set(table.objective) == {"absolute", "relative"}
+    assert (table.var_sketch_planned <= table.var_sketch_uniform * (1 + 1e-12)).all()
+    rel = table[table.objective == "relative"]
+    assert (rel.relative_planned <= rel.relative_uniform * (1 + 1e-12)).all()
+    files = sorted(p.name for p in out.glob("plan_*.json"))
+    assert files == ["plan_absolute_0.25.json", "plan_absolute_0.5.json",
+                     "plan_relative_0.25.json", "plan_relative_0.5.json"]
+    assert json.loads((out / "plan_relative_0.5.json").read_text())["nominal_ratio"] == 0.5

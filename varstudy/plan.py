@@ -53,13 +53,21 @@ class PlanConfig:
                             choices=OBJECTIVES)
     train_step: int | None = option(None, "measured step whose statistics are used (none: the "
                                           "first)")
+    budgets: tuple[float, ...] = option((), "several byte budgets at once, both objectives: "
+                                            "--out is then a folder with plan_<objective>_<rho>"
+                                            ".json per plan and frontier.csv against uniform")
     min_rows: int = option(1, "fewest rows any sketched layer keeps")
-    out: str = option("plan.json", "where to write the plan")
+    out: str = option("plan.json", "where to write the plan (a folder with --budgets)")
 
     def __post_init__(self) -> None:
-        if (self.budget is None) == (self.target_ratio is None):
-            raise VarstudyError("give exactly one of --budget RHO and --target-ratio TAU; valid "
-                                "choices: --budget 0.1, or --target-ratio 1")
+        given = [self.budget is not None, self.target_ratio is not None, bool(self.budgets)]
+        if sum(given) != 1:
+            raise VarstudyError("give exactly one of --budget RHO, --target-ratio TAU and "
+                                "--budgets RHO,RHO; valid choices: --budget 0.1, "
+                                "--target-ratio 1, or --budgets 0.05,0.1,0.2")
+        if not all(0 < b <= 1 for b in self.budgets):
+            raise VarstudyError(f"--budgets must be ratios in (0, 1], got {self.budgets}")
+        cli.check_distinct("budgets", self.budgets)
         if self.budget is not None and not 0 < self.budget <= 1:
             raise VarstudyError(f"--budget must be a ratio in (0, 1], got {self.budget}")
         if self.target_ratio is not None and not self.target_ratio > 0:
@@ -69,18 +77,56 @@ class PlanConfig:
                                 "--per-layer, or use --target-ratio")
 
 
-def make_plan(cfg: PlanConfig):
-    """(plan, uniform plan at the same bytes, layer stats) for a config."""
+FRONTIER_COLUMNS = ("family", "budget", "objective", "stored_numbers", "var_sketch_uniform",
+                    "var_sketch_planned", "uniform_over_planned", "relative_uniform",
+                    "relative_planned", "relative_uniform_over_planned", "exact_layers",
+                    "var_sampling")
+
+
+def frontier(cfg: PlanConfig):
+    """Plans at every budget of ``cfg.budgets`` under both objectives, each against uniform ρ at
+    the same bytes: (table with FRONTIER_COLUMNS, {file name: plan JSON})."""
     import pandas as pd
 
     from varstudy.randomized import plan as P
+
+    stats = stats_from_layers(_layers(cfg), cfg.family, cfg.train_step)
+    rows, files = [], {}
+    for budget in cfg.budgets:
+        uniform = P.uniform(stats, cfg.family, budget, min_rows=cfg.min_rows)
+        for objective in OBJECTIVES:
+            plan = P.plan_budget(stats, cfg.family, uniform.total_stored, objective=objective,
+                                 min_rows=cfg.min_rows)
+            rel_u, rel_p = uniform.relative(stats), plan.relative(stats)
+            rows.append(dict(
+                family=cfg.family, budget=budget, objective=objective,
+                stored_numbers=plan.total_stored, var_sketch_uniform=uniform.total_var,
+                var_sketch_planned=plan.total_var,
+                uniform_over_planned=uniform.total_var / max(plan.total_var, 1e-300),
+                relative_uniform=rel_u, relative_planned=rel_p,
+                relative_uniform_over_planned=rel_u / max(rel_p, 1e-300),
+                exact_layers=sum(r == "exact" for r in plan.ratios.values()),
+                var_sampling=sum(s.v for s in stats)))
+            files[f"plan_{objective}_{budget:g}.json"] = to_json(
+                plan, stats, source=cfg.source, nominal_ratio=budget, config=asdict(cfg))
+    return pd.DataFrame(rows, columns=list(FRONTIER_COLUMNS)), files
+
+
+def _layers(cfg: PlanConfig):
+    import pandas as pd
 
     path = Path(cfg.source) / "layers.csv"
     if not path.is_file():
         raise VarstudyError(f"--from {cfg.source}: no layers.csv there; valid choices: the "
                             "folder of a finished python -m varstudy.measure run")
-    layers = pd.read_csv(path)
-    stats = stats_from_layers(layers, cfg.family, cfg.train_step)
+    return pd.read_csv(path)
+
+
+def make_plan(cfg: PlanConfig):
+    """(plan, uniform plan at the same bytes, layer stats) for a config."""
+    from varstudy.randomized import plan as P
+
+    stats = stats_from_layers(_layers(cfg), cfg.family, cfg.train_step)
     if cfg.budget is not None:
         uniform = P.uniform(stats, cfg.family, cfg.budget, min_rows=cfg.min_rows)
         plan = P.plan_budget(stats, cfg.family, uniform.total_stored, objective=cfg.objective,
@@ -209,6 +255,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse(argv)
         from varstudy import io as vio
 
+        if cfg.budgets:
+            table, files = frontier(cfg)
+            folder = vio.check_writable(cfg.out)
+            for name, data in files.items():
+                vio.atomic_write_json(folder / name, data)
+            vio.atomic_write_csv(folder / "frontier.csv", table)
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            print(f"wrote {len(files)} plans and frontier.csv to {folder}")
+            return
         plan, uniform, stats = make_plan(cfg)
         data = to_json(plan, stats, source=cfg.source, nominal_ratio=uniform_ratio(uniform),
                        config=asdict(cfg))
