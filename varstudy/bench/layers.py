@@ -45,6 +45,9 @@ class LayerBenchConfig:
     families: tuple[str, ...] = option(BASE_SKETCH_NAMES, "sketch families",
                                        choices=SKETCH_NAMES)
     ratios: tuple[float, ...] = option((0.05, 0.1, 0.2, 0.5), "ratios rho = k/n in (0, 1]")
+    plans: tuple[str, ...] = option((), "plan.json files of python -m varstudy.plan, each one "
+                                        "more configuration (family <family>:<file stem>, ratio "
+                                        "its nominal ratio)")
     repeats: int = option(3, "timed steps per configuration (interleaved)")
     autocast: str = option("none", "mixed precision of the timed steps (torch.autocast; "
                                    "none: float32)", choices=("none", "bfloat16", "float16"))

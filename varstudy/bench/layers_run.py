@@ -31,11 +31,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _configure(model, family: str, ratio: float, seed: int) -> None:
-    if family == "exact":
-        derandomize(model)
-    else:
+def _configure(model, family: str, ratio: float, seed: int, plans: dict | None = None) -> None:
+    """Make the model exact, then convert it to (family, ratio), or to a plan's per-layer ratios
+    when ``family`` is a plan's label ("<family>:<file stem>", NOTE [plans] below)."""
+    derandomize(model)
+    if family in (plans or {}):
+        randomize(model, plan=plans[family], seed=seed)
+    elif family != "exact":
         randomize(model, ratio=ratio, sketch=family, seed=seed)
+
+
+def plan_configs(paths) -> dict[str, tuple[float, str]]:
+    """NOTE [plans]: each plan.json is one more configuration, labelled "<family>:<file stem>"
+    with its nominal ratio (the uniform ρ of equal bytes): {label: (ratio, path)}."""
+    from varstudy.randomized.plan import load_plan
+
+    out = {}
+    for path in paths:
+        family, _, nominal = load_plan(path)
+        out[f"{family}:{Path(path).stem}"] = (float(nominal or 1.0), str(path))
+    return out
 
 
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,7 +103,8 @@ def _memory_row(model, batch, linears, exact, autocast: str = "none") -> dict:
         n = batch["input_ids"].numel()
         row["saved_ratio"] = rep.total / exact.total
         row["linear_saved_ratio"] = rep.for_modules(linears) / freed
-        row["linear_vs_predicted"] = rep.for_modules(linears) / _predicted_linear_bytes(
+        randomized = [n for n, m in model.named_modules() if isinstance(m, RandomizedLinear)]
+        row["linear_vs_predicted"] = rep.for_modules(randomized) / _predicted_linear_bytes(
             model, n, batch["input_ids"].shape[0],
             AUTOCAST[autocast].itemsize if autocast != "none" else None)
     return row, rep
@@ -120,7 +136,10 @@ def run(cfg: LayerBenchConfig, parts: Path | None = None, model=None) -> pd.Data
              "labels": torch.randint(0, 2, (cfg.batch_size,), generator=gen)}
     batch = {k: v.to(device) for k, v in batch.items()}
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    configs = [("exact", 1.0)] + [(f, r) for f in cfg.families for r in cfg.ratios]
+    planned = plan_configs(cfg.plans)
+    plans = {label: path for label, (_, path) in planned.items()}
+    configs = [("exact", 1.0)] + [(f, r) for f in cfg.families for r in cfg.ratios] + [
+        (label, ratio) for label, (ratio, _) in planned.items()]
 
     mem_path, time_path = (parts / "memory.csv", parts / "times.csv") if parts else (None,) * 2
     rows = _done_rows(mem_path)
@@ -129,7 +148,7 @@ def run(cfg: LayerBenchConfig, parts: Path | None = None, model=None) -> pd.Data
              for c in configs}
     exact = None
     for family, ratio in tqdm(configs, desc="memory + warm-up"):
-        _configure(model, family, ratio, cfg.seed)
+        _configure(model, family, ratio, cfg.seed, plans)
         if (family, ratio) not in rows or family == "exact":
             row, rep = _memory_row(model, batch, linears, exact, cfg.autocast)
             exact = rep if family == "exact" else exact
@@ -142,7 +161,7 @@ def run(cfg: LayerBenchConfig, parts: Path | None = None, model=None) -> pd.Data
         for family, ratio in configs:
             if (family, ratio, r) in timed:
                 continue
-            _configure(model, family, ratio, cfg.seed)
+            _configure(model, family, ratio, cfg.seed, plans)
             times[family, ratio].append(_step(model, batch, cfg.autocast))
             _append(time_path, dict(family=family, ratio=ratio, repeat=r,
                                     seconds=times[family, ratio][-1]))
