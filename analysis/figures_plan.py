@@ -1,0 +1,129 @@
+"""Plan figures: the frontier of planned vs uniform sketch sizes (variance and step time against
+stored bytes), and whether a plan buys accuracy (paired by seed with the exact model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import tables
+from analysis.results import FIGURES, RESULTS, MissingResultsError, load, save, write_text
+from analysis.stats import paired_differences
+from analysis.style import family_style, new_figure, order_families, percent_ticks, style_axes
+
+OBJECTIVE_MARKERS = {"uniform": ("o", "-"), "absolute": ("s", "--"), "relative": ("^", ":")}
+
+
+def _frontiers(results: Path) -> pd.DataFrame:
+    frames = [load(results, str(p.relative_to(results)),
+                   ("family", "budget", "objective", "var_sketch_uniform", "var_sketch_planned",
+                    "relative_uniform", "relative_planned"))
+              for p in sorted((Path(results) / "plans").glob("default_*/frontier.csv"))]
+    if not frames:
+        raise MissingResultsError("missing input plans/default_*/frontier.csv (not produced yet?)")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _long(front: pd.DataFrame, bench: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per (family, budget, kind ∈ uniform/absolute/relative): variances, and the
+    layer benchmark's step-time and saved-bytes ratios when it was run."""
+    rows = []
+    for r in front.itertuples():
+        rows.append(dict(family=r.family, budget=r.budget, kind=r.objective,
+                         var=r.var_sketch_planned, rel=r.relative_planned,
+                         label=f"{r.family}:plan_{r.objective}_{r.budget:g}"))
+        rows.append(dict(family=r.family, budget=r.budget, kind="uniform",
+                         var=r.var_sketch_uniform, rel=r.relative_uniform, label=r.family))
+    d = pd.DataFrame(rows).drop_duplicates(["family", "budget", "kind"])
+    if bench is None:
+        return d.assign(time_ratio=np.nan, saved_ratio=np.nan)
+    b = bench.rename(columns={"family": "label", "ratio": "budget"})
+    return d.merge(b[["label", "budget", "time_ratio", "linear_saved_ratio", "saved_ratio"]],
+                   on=["label", "budget"], how="left")
+
+
+def plan_frontier(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
+    """Figure and table: sketch variance (absolute and relative objectives) and step time vs the
+    stored bytes, uniform ρ against the planned sizes -> plan_frontier.md."""
+    front = _frontiers(results)
+    try:
+        bench = load(results, "plans/bench/layers.csv", ("family", "ratio", "time_ratio",
+                                                         "saved_ratio"))
+    except MissingResultsError:
+        bench = None
+    d = _long(front, bench)
+    fams = order_families(d.family)
+    panels = [("var", "total sketch variance (absolute)"),
+              ("rel", "Σ per-layer sketch / sampling (relative)")]
+    if bench is not None:
+        panels.append(("time_ratio", "step time / exact"))
+    fig, axes = new_figure(len(fams), len(panels), panel=(3.8, 3.1), squeeze=False)
+    for i, fam in enumerate(fams):
+        st = family_style(fam)
+        for j, (col, ylabel) in enumerate(panels):
+            ax = axes[i, j]
+            for kind, (marker, ls) in OBJECTIVE_MARKERS.items():
+                s = d[(d.family == fam) & (d.kind == kind)].sort_values("budget")
+                x = s["saved_ratio"] if col == "time_ratio" else s["budget"]
+                ax.plot(x, s[col], marker=marker, ls=ls, color=st.color if kind == "uniform"
+                        else "0.25", label=kind if kind == "uniform" else f"{kind} plan")
+            style_axes(ax, xlabel="saved bytes / exact (whole step)" if col == "time_ratio"
+                       else "bytes: uniform ratio ρ of equal storage", ylabel=ylabel,
+                       title=f"{st.label}", logx=col != "time_ratio", logy=col != "time_ratio",
+                       legend=(i == 0 and j == 0))
+            if col != "time_ratio":
+                percent_ticks(ax, d.budget)
+    fig.suptitle("Planned vs uniform sketch sizes at equal bytes (MiniLM, B 16, L 64)")
+    paths = save(fig, out, "plan_frontier")
+    shown = front.assign(
+        **{"uniform/planned (absolute)": front.uniform_over_planned.round(2),
+           "uniform/planned (relative)": front.relative_uniform_over_planned.round(2)})[
+        ["family", "budget", "objective", "uniform/planned (absolute)",
+         "uniform/planned (relative)", "exact_layers"]]
+    caption = ("At the bytes of uniform ρ, how much less sketch variance a plan has: total "
+               "(absolute) and Σ per-layer ratio (relative), for the plan of each objective")
+    paths.append(write_text(out, "plan_frontier.md", tables.to_markdown(shown, caption)))
+    return paths
+
+
+def plan_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
+    """Table and figure: accuracy of the absolute plan, the relative plan, uniform ρ and uniform
+    with the head exact, at the bytes of uniform 0.1 and 0.05, paired by seed with exact."""
+    runs = load(results, "study/accuracy/runs.csv",
+                ("family", "ratio", "scope", "seed", "best_value"))
+    planned = runs[runs.scope.str.startswith("plan:")]
+    if planned.empty:
+        raise MissingResultsError("study/accuracy/runs.csv has no plan runs (not produced yet?)")
+    family = planned.family.iloc[0]
+    budgets = sorted(planned.ratio.unique())
+    keep = runs[(runs.family == "exact") | ((runs.family == family)
+                                            & runs.ratio.isin(budgets))]
+    paired = paired_differences(keep, "best_value")
+    paired["config"] = [("uniform" if s == "all" else "uniform, head exact" if s == "encoder"
+                         else s.split("_", 1)[1].rsplit("_", 1)[0] + " plan")
+                        for s in paired.scope]
+    fig, axes = new_figure(1, 1, panel=(6.0, 3.6))
+    ax = axes[0, 0]
+    configs = list(dict.fromkeys(paired.config))
+    for i, cfg in enumerate(configs):
+        s = paired[paired.config == cfg].sort_values("ratio")
+        x = np.arange(len(s)) + 0.15 * (i - (len(configs) - 1) / 2)
+        y = 100 * s.diff_mean
+        err = np.vstack([y - 100 * s.diff_ci_low, 100 * s.diff_ci_high - y])
+        ax.errorbar(x, y, yerr=err, marker="os^v"[i % 4], ls="", capsize=3, label=cfg)
+    ax.axhline(0, color="black", lw=1)
+    ax.set_xticks(range(len(budgets)), [f"bytes of ρ = {b:g}" for b in budgets])
+    style_axes(ax, ylabel="accuracy − exact (× 100)", legend=True,
+               title=f"{family}, paired by seed, 95% t-intervals")
+    paths = save(fig, out, "plan_accuracy")
+    table = paired.assign(cell=[f"{100 * m:+.2f} [{100 * a:+.2f}, {100 * b:+.2f}] (n={n})"
+                                for m, a, b, n in zip(paired.diff_mean, paired.diff_ci_low,
+                                                      paired.diff_ci_high, paired.n)])
+    wide = table.pivot_table(index="config", columns="ratio", values="cell", aggfunc="first",
+                             sort=False).reset_index()
+    wide.columns = ["configuration"] + [f"bytes of ρ = {c:g}" for c in wide.columns[1:]]
+    caption = "Best validation accuracy − exact × 100, mean [95% paired t-interval] over seeds"
+    paths.append(write_text(out, "plan_accuracy.md", tables.to_markdown(wide, caption)))
+    return paths
