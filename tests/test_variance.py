@@ -76,10 +76,18 @@ def test_moment_closed_forms_equal_registry(captured):
             assert V.closed_form(fam, m, k) == pytest.approx(ref, rel=1e-5), (name, fam)
 
 
+TOKEN_LAYERS = MC_LAYERS[:2]  # n = 64 token rows, k = 16
+
+
 def test_closed_forms_match_monte_carlo_on_minilm(captured):
-    """Every family × 4 layer kinds: |MC mean − closed form| < z_crit · SE, Bonferroni over 28."""
-    z_crit = norm.isf(ALPHA / (2 * len(SKETCHES) * len(MC_LAYERS)))
-    for li, name in enumerate(MC_LAYERS):
+    """Every family × 2 token layers: |MC mean − closed form| < z_crit · SE, Bonferroni over
+    the 2 × |families| tests. The normal approximation needs many rows per draw: with n = 64 rows
+    and k = 16 the error ‖Ĝ − G‖² is a sum of many terms. The pooler and the classifier (n = B = 4,
+    k = 1) give a few heavy-tailed values per draw, where a z-test's false-alarm rate is far above
+    its nominal one; their closed forms are checked with simulated thresholds in
+    tests/test_decomposition.py and per entry in tests/test_sketches.py."""
+    z_crit = norm.isf(ALPHA / (2 * len(SKETCHES) * len(TOKEN_LAYERS)))
+    for li, name in enumerate(TOKEN_LAYERS):
         x, y = (t.double() for t in captured.layers[name])
         k = rows_for(V.flat_rows(x).shape[0], 0.25)
         for fam in SKETCHES:
