@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 
@@ -30,26 +31,44 @@ class MemoryMeter:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a finalizer may run inside it (gc)
         self.bytes_now = 0
         self.peak_bytes = 0
         self._live: dict[tuple[int, int], int] = {}
+        self._listeners: list = []
+
+    def subscribe(self, listener) -> Callable[[], None]:
+        """Call ``listener(delta_bytes)`` after every change of ``bytes_now``, under the meter's
+        lock (so in order), possibly from a tier's worker thread; returns the unsubscribe call.
+        :func:`varstudy.randomized.peak.peak_saved_bytes` listens this way."""
+        with self._lock:
+            self._listeners.append(listener)
+        return lambda: self._unsubscribe(listener)
+
+    def _unsubscribe(self, listener) -> None:
+        with self._lock:
+            self._listeners = [f for f in self._listeners if f is not listener]
+
+    def _change(self, delta: int) -> None:  # caller holds the lock
+        self.bytes_now += delta
+        self.peak_bytes = max(self.peak_bytes, self.bytes_now)
+        for listener in self._listeners:
+            listener(delta)
 
     def add(self, nbytes: int) -> None:
         with self._lock:
-            self.bytes_now += nbytes
-            self.peak_bytes = max(self.peak_bytes, self.bytes_now)
+            self._change(nbytes)
 
     def sub(self, nbytes: int) -> None:
         with self._lock:
-            self.bytes_now -= nbytes
+            self._change(-nbytes)
 
     def _release(self, key: tuple[int, int]) -> None:
         with self._lock:
             self._live[key] -= 1
             if self._live[key] == 0:
                 del self._live[key]
-                self.bytes_now -= key[1]
+                self._change(-key[1])
 
     def _pack(self, t: torch.Tensor):
         if isinstance(t, torch.nn.Parameter) or t.device.type == "meta":
@@ -58,8 +77,7 @@ class MemoryMeter:
         with self._lock:
             self._live[key] = self._live.get(key, 0) + 1
             if self._live[key] == 1:
-                self.bytes_now += key[1]
-                self.peak_bytes = max(self.peak_bytes, self.bytes_now)
+                self._change(key[1])
         holder = _Saved(t)
         weakref.finalize(holder, self._release, key)
         return holder
