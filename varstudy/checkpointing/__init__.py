@@ -7,6 +7,8 @@ imports no torch)::
                                   tier="host")          # step_fn(state, x_t) -> (state, y_t)
     loss(ys, final).backward()                          # the gradients of plain autograd
     out = checkpointed_sequential(blocks, x, strategy="revolve", slots=3)
+    with checkpoint_encoder(model, strategy="revolve", slots=2):   # a BERT/RoBERTa/MPNet model
+        model(**batch).loss.backward()                             # plain autograd's gradients
 
 Strategies (``STRATEGIES``): ``store_all`` (plain autograd, the reference), ``revolve`` (binomial
 Revolve over all N steps with s fast slots) and ``multistage`` (every I steps a state goes to a
@@ -21,6 +23,12 @@ with a bounded queue, time out instead of hanging, and raise a failed transfer i
 :class:`MemoryMeter` counts fast-tier bytes: held states, in-flight transfers and (inside
 ``track_saved``) autograd's saved tensors.
 
+Hugging Face encoders (:mod:`~varstudy.checkpointing.encoder`): ``checkpoint_encoder`` runs the
+layer stack of a BERT/RoBERTa/MPNet model through ``checkpointed_sequential`` (``revolve``,
+``multistage``) or ``torch.utils.checkpoint`` per layer (``torch``) while its block runs; the
+encoder's own forward still builds the mask and MPNet's position bias, dropout is replayed, and
+randomized layers draw the sketches of a plain step (NOTE [layer stack], NOTE [sketch seeds]).
+
 Schedules (:mod:`~varstudy.checkpointing.schedules`): Revolve's op list comes from the
 ``checkpoint-schedules`` package (its forward count equals the proven optimum F(n, s)); the
 multistage plan adds the interval arithmetic. Cost model, in units of one forward step t_f
@@ -32,11 +40,12 @@ the last interval's first sweep)/n + t_b, flat in N.
 
 NOTEs cited from the code: [design] (replay: one autograd Function), [parameters] (closures:
 tensors a step takes from outside, non-leaf ones included), [RNG] (rng: exact replay under
-dropout), [async tiers] (storage), [device ops] (device: the injectable CUDA seam).
+dropout), [async tiers] (storage), [device ops] (device: the injectable CUDA seam), [layer
+stack] and [sketch seeds] (encoder).
 
 Modules: ``sequence`` (public API: ScanConfig, ScanStats, checkpointed_scan,
 checkpointed_sequential), ``replay`` (the Function, forward and reverse sweeps), ``closures``,
-``rng``, ``schedules``, ``storage`` (tiers), ``meter``, ``device``, ``workloads`` (IMDB
+``rng``, ``schedules``, ``storage`` (tiers), ``meter``, ``device``, ``encoder``, ``workloads`` (IMDB
 GRU/LSTM classifier, 2-D wave equation, tanh RNN). Benchmark: ``python -m varstudy.bench
 checkpoint``.
 """
@@ -57,6 +66,8 @@ _API = {
     "revolve_repetition": "schedules", "count_advances": "schedules",
     "choose_interval": "schedules", "intervals": "schedules",
     "model_cost_per_step": "schedules",
+    "checkpoint_encoder": "encoder", "find_encoder": "encoder", "EncoderStack": "encoder",
+    "ENCODER_STRATEGIES": "encoder",
     "RNNClassifier": "workloads", "WaveStepper": "workloads", "tanh_rnn": "workloads",
     "load_imdb": "workloads",
 }
