@@ -10,6 +10,9 @@ lists every module that saved it.
 ``cuda_peak_bytes`` runs a picklable function in a fresh ``spawn`` subprocess and returns
 ``torch.cuda.max_memory_allocated`` there, so caches and earlier allocations of the caller do not
 leak into the measurement.
+
+Over a whole step (forward and backward, where recomputation puts the peak) the live saved bytes
+are followed by :func:`varstudy.randomized.peak.peak_saved_bytes`.
 """
 
 from __future__ import annotations
