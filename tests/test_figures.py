@@ -90,6 +90,12 @@ def synthetic_runs() -> pd.DataFrame:
                                      + (0.003 * seed ** 2 if scope == "encoder" else 0.0),
                                      test_at_best=0.39 + 0.1 * r + 0.01 * seed,
                                      final_value=0.4, train_time_s=70.0 + seed))
+        for r in (0.1, 0.05):
+            for obj in ("absolute", "relative"):
+                rows.append(dict(task="cola", model="minilm", family="rows", ratio=r,
+                                 scope=f"plan:plan_{obj}_{r:g}", seed=seed, metric="matthews",
+                                 best_value=0.45 + 0.02 * seed, test_at_best=0.44,
+                                 final_value=0.4, train_time_s=70.0))
     return pd.DataFrame(rows)
 
 
@@ -141,6 +147,23 @@ def synthetic_results(tmp_path: Path) -> Path:
         if run == "default":
             from varstudy.measure.tables import scope_summary
             scope_summary(layers[layers.layer != "model"]).to_csv(d / "scopes.csv", index=False)
+    plans = res / "plans" / "default_rows"
+    plans.mkdir(parents=True)
+    front = pd.DataFrame([dict(family="rows", budget=b, objective=o, stored_numbers=1000 * b,
+                               var_sketch_uniform=1 / b, var_sketch_planned=0.1 / b,
+                               uniform_over_planned=10.0, relative_uniform=30 / b,
+                               relative_planned=20 / b, relative_uniform_over_planned=1.5,
+                               exact_layers=2, var_sampling=0.3)
+                          for b in (0.05, 0.1) for o in ("absolute", "relative")])
+    front.to_csv(plans / "frontier.csv", index=False)
+    (res / "plans" / "bench").mkdir()
+    pd.DataFrame([dict(family=f, ratio=b, time_ratio=0.9, saved_ratio=0.7,
+                       linear_saved_ratio=b) for b in (0.05, 0.1)
+                  for f in ("rows", "rows:plan_absolute_" + f"{b:g}",
+                            "rows:plan_relative_" + f"{b:g}")]
+                 + [dict(family="exact", ratio=1.0, time_ratio=1.0, saved_ratio=1.0,
+                         linear_saved_ratio=1.0)]).to_csv(res / "plans" / "bench" / "layers.csv",
+                                                          index=False)
     curve = res / "study" / "learning_curve" / "lr5e-05" / "accuracy"
     curve.mkdir(parents=True)
     pd.DataFrame([dict(step=s, metric="accuracy", value=0.5 + s / 1000, seed=0)
@@ -213,7 +236,7 @@ def test_views_on_synthetic_summary():
 
 
 def test_accuracy_table_markdown_and_latex():
-    summary = tables.accuracy_summary(synthetic_runs().query("scope != 'encoder'"))
+    summary = tables.accuracy_summary(synthetic_runs().query("scope in ('none', 'all')"))
     exact = summary[summary["family"] == "exact"].iloc[0]
     assert exact["ratio"] == 1.0 and exact["mean"] == pytest.approx(0.51)
     wide = tables.accuracy_table(summary)
@@ -276,7 +299,7 @@ def test_plot_memory_and_metric_vs_ratio():
     assert len(ax.get_lines()) == 1 + len(RATIOS)
     assert _labels(ax)[0] == "exact" and "ρ = 10%" in _labels(ax)[1]
     assert ax.get_xlabel() == "batch size (examples)" and "MiB" in ax.get_ylabel()
-    summary = tables.accuracy_summary(synthetic_runs().query("scope != 'encoder'"))
+    summary = tables.accuracy_summary(synthetic_runs().query("scope in ('none', 'all')"))
     ax = plots.plot_metric_vs_ratio(summary, "mean", err="std", ylabel="matthews")
     assert len(ax.containers) == 2 and _labels(ax) == ["exact", "Gaussian", "Rademacher"]
     assert ax.get_xscale() == "log" and ax.get_ylabel() == "matthews"
@@ -293,7 +316,7 @@ def test_figures_build_from_synthetic_results(synthetic_results: Path, tmp_path:
     for name in ("variance_ratio_over_training", "variance_vs_ratio", "ratio_heatmap",
                  "closed_form_vs_mc", "memory_vs_batch", "throughput_vs_ratio",
                  "accuracy_vs_ratio", "layer_bench", "variance_by_scope", "learning_curve",
-                 "variance_vs_accuracy"):
+                 "variance_vs_accuracy", "plan_frontier", "plan_accuracy"):
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 1000, name
     md = (out / "accuracy_table.md").read_text()
@@ -306,6 +329,8 @@ def test_figures_build_from_synthetic_results(synthetic_results: Path, tmp_path:
     link = pd.read_csv(out / "variance_accuracy_link.csv")
     assert set(link.when) == {"step 0", "end of training"} and len(link) == 12
     assert "head" in (out / "scope_table.md").read_text()
+    assert "relative plan" in (out / "plan_accuracy.md").read_text()
+    assert "uniform/planned (absolute)" in (out / "plan_frontier.md").read_text()
     # a requested figure whose inputs are missing is an error; under `all` it is skipped
     assert figures.main(["checkpoint_vs_n", "--results", str(synthetic_results),
                          "--out", str(out)]) == 1
