@@ -90,7 +90,8 @@ def test_names_mirror_the_registries():
 def _readme_commands():
     """Every ``python -m varstudy...`` command in the README's code blocks (also after ``&&``)."""
     found, inside = [], False
-    for line in (ROOT / "README.md").read_text().splitlines():
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")  # join continued lines
+    for line in text.splitlines():
         if line.lstrip().startswith("```"):
             inside = not inside
             continue
@@ -148,3 +149,19 @@ def test_usage_errors_are_one_line_with_valid_choices(capsys):
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith("error:") and "valid choices: rotten_tomatoes" in err
+
+
+def test_readme_layout_block_matches_the_tree():
+    """Every module of varstudy/ and analysis/ is named in the README's layout block, and every
+    folder the block names exists."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("```\nvarstudy/"):]
+    block = block[:block.index("```", 4)]
+    words = set(re.findall(r"[A-Za-z_]+", block))
+    for folder in ("varstudy", "analysis"):
+        for path in (ROOT / folder).rglob("*.py"):
+            stem = path.stem if path.stem not in ("__init__", "__main__") else path.parent.name
+            base = stem.split("_run")[0].split("_parts")[0].split("_tables")[0].split("_stages")[0]
+            assert stem in words or base in words, f"{path.relative_to(ROOT)} not in the layout"
+    for name in re.findall(r"^\s*([a-z]+)/", block, re.M):
+        assert (ROOT / name).is_dir() or (ROOT / "varstudy" / name).is_dir(), name
