@@ -148,7 +148,7 @@ def rows_of(cap, cfg: MeasureConfig, names: list[str], mc_names: set[str], step:
 
 def measure_now(model, batches, families=None, ratios=(0.05, 0.1, 0.2, 0.5), *,
                 population: float = math.inf, layers: str | None = None, min_rows: int = 1,
-                train_step: int = 0) -> pd.DataFrame:
+                train_step: int = 0, plan: str | None = None) -> pd.DataFrame:
     """Decompose the gradient variance of ``model`` as it is now, on ``batches``.
 
     For a plain PyTorch loop (and the Trainer callback, :mod:`varstudy.hf`): each batch (a dict of
@@ -158,9 +158,21 @@ def measure_now(model, batches, families=None, ratios=(0.05, 0.1, 0.2, 0.5), *,
     the position in ``batches`` and ``train_step`` the given step. ``population`` is the N of the
     finite-population correction (inf: none). A randomized model is measured through its exact
     layers (NOTE [exact view]); the model's modules, mode, gradients and RNG states are as before.
+
+    ``plan`` (a plan.json path of ``python -m varstudy.plan``): as ``measure --plan``, the plan's
+    family with each layer's planned rows (its "exact" layers and the layers it does not name:
+    no sketch variance); ``families`` and ``ratios`` are then the plan's family and nominal ratio.
+    The file is read afresh at every call.
     """
+    if plan is not None:
+        from varstudy.randomized.plan import load_plan
+
+        planned_ratios.cache_clear()  # the path may name a plan rewritten since the last read
+        family, _, nominal = load_plan(plan)
+        families, ratios = (family,), (nominal or 1.0,)
     cfg = MeasureConfig(families=tuple(families or BASE_SKETCH_NAMES), ratios=tuple(ratios),
-                        min_rows=min_rows, mc_draws=0, layers=layers, out="-")
+                        min_rows=min_rows, mc_draws=0, layers=layers, out="-",
+                        plan=None if plan is None else str(plan))
     device = next(model.parameters()).device
     frames = []
     with exact_view(model):
