@@ -1,5 +1,6 @@
-"""Study drivers: ``python -m varstudy.study {accuracy,memory,throughput} [--preset cpu|gpu] ...``;
-API ``accuracy(StudyConfig(...))``, ``memory(config)``, ``throughput(config)``.
+"""Study drivers: ``python -m varstudy.study {accuracy,memory,throughput,frontier} [--preset
+cpu|gpu] ...``; API ``accuracy(StudyConfig(...))``, ``memory(config)``, ``throughput(config)``,
+``frontier(config)``.
 
 * ``accuracy``: fine-tune (``varstudy.finetune``) for exact and every (family, ρ, scope), over
   seeds -> ``runs.csv`` (one row per task, family, ratio, scope, seed: the fine-tuning run's row),
@@ -19,6 +20,12 @@ API ``accuracy(StudyConfig(...))``, ``memory(config)``, ``throughput(config)``.
   peak on GPU; ``memory_from`` reuses a memory.csv instead of measuring again). The 1-minute load
   average is recorded with the timings (``load_avg_1m``): on a shared machine it says how noisy
   they are.
+* ``frontier`` (issue 15): exact, per-layer torch checkpoint, Revolve over the encoder layers
+  (``slots``), uniform sketches, rows plans at the bytes of ``frontier_ratio``, and checkpointing
+  with rows at that ratio, on one model and minibatch: peak live activation bytes over a whole
+  step, forward-end saved bytes, interleaved step time (ratios to exact) and the added gradient
+  variance by scope on held-out minibatches -> ``frontier.csv``, the plans, ``config.json``
+  (module docstring of ``frontier_study``).
 
 Family "exact" has ratio 1.0 (and scope "none"). The ``cpu`` preset is the grid run for the
 committed results; the ``gpu`` preset is paper 1's scale (RoBERTa-base on GLUE CoLA; needs
@@ -45,7 +52,8 @@ holds that folder's lock (NOTE [one run per folder] in :mod:`varstudy.io`).
 
 Modules: ``config`` (StudyConfig, PRESETS, CONVERSION_SCOPES, ``check``, the grids, the
 fine-tuning config of a run; light), ``inputs`` (data, model, conversion), ``accuracy_study``,
-``memory_study``, ``throughput_study`` (with ``max_batch``), ``command`` (the command line).
+``memory_study``, ``throughput_study`` (with ``max_batch``), ``frontier_study``, ``command`` (the
+command line).
 """
 
 from __future__ import annotations
@@ -63,6 +71,8 @@ _API = {
     "save_tables": "accuracy_study",
     "memory": "memory_study", "peak_step": "memory_study",
     "throughput": "throughput_study", "max_batch": "throughput_study",
+    "frontier": "frontier_study", "setups": "frontier_study",
+    "FRONTIER_COLUMNS": "frontier_study",
     "main": "command", "parse": "command", "parser": "command", "run": "command",
 }
 __all__ = sorted(_API)

@@ -1,5 +1,5 @@
-"""``python -m varstudy.study {accuracy,memory,throughput}``: the command line of the studies
-(NOTE [one convention] in :mod:`varstudy.cli`). Parsing imports nothing heavy."""
+"""``python -m varstudy.study {accuracy,memory,throughput,frontier}``: the command line of the
+studies (NOTE [one convention] in :mod:`varstudy.cli`). Parsing imports nothing heavy."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ PROG = "python -m varstudy.study"
 DESCRIPTION = ("Fine-tuning studies over sketch families and ratios: accuracy (fine-tune every "
                "configuration over paired seeds), memory (bytes saved for backward per batch "
                "size), throughput (interleaved step timing and the largest batch under a "
-               "budget); writes <out>/<study>/. The defaults shown are before the preset: "
-               "--preset cpu (the default) or gpu sets each study's own grid and budget.")
+               "budget), frontier (checkpointing, sketches, plans and both on one model: peak "
+               "memory, step time and added variance per configuration); writes "
+               "<out>/<study>/. The defaults shown are before the preset: --preset cpu (the default) or gpu sets each study's own grid and budget.")
+# study -> module holding the function
 RUNNERS = {"accuracy": "accuracy_study", "memory": "memory_study",
-           "throughput": "throughput_study"}  # study -> module holding the function
+           "throughput": "throughput_study", "frontier": "frontier_study"}
 
 
 def parser() -> cli.Parser:

@@ -14,7 +14,7 @@ from varstudy.finetune.config import DEVICES, FinetuneConfig
 from varstudy.finetune.config import check as check_finetune
 from varstudy.names import DATASET_NAMES, MODEL_HELP, PADDINGS, SKETCH_NAMES
 
-STUDIES = ("accuracy", "memory", "throughput")
+STUDIES = ("accuracy", "memory", "throughput", "frontier")
 KEYS = ["task", "model", "family", "ratio"]  # one configuration of a table
 RUN_KEYS = ["family", "ratio", "scope", "seed"]  # one accuracy run
 
@@ -46,7 +46,8 @@ class StudyConfig:
                                         "each fine-tuned as one more configuration (its family "
                                         "and nominal ratio, scope plan:<file stem>)")
     seeds: tuple[int, ...] = option((0, 1, 2), "accuracy: seeds; runs are paired by seed")
-    batch_size: int = option(16, "B of the accuracy runs and the throughput timing")
+    batch_size: int = option(16, "B of the accuracy runs, the throughput timing and the "
+                                 "frontier")
     batch_sizes: tuple[int, ...] = option((4, 8, 16, 32), "memory and the max-batch fit: batch "
                                                           "sizes")
     max_length: int = option(64, "L, tokens per example (the longest kept)")
@@ -60,9 +61,16 @@ class StudyConfig:
                                           "epoch, and at the end)")
     eval_examples: int | None = option(256, "accuracy: evaluate the first N validation and "
                                             "test examples (none: all)")
-    repeats: int = option(5, "throughput: timed rounds, every configuration once per round")
-    warmup_steps: int = option(1, "throughput: untimed steps per configuration first")
+    repeats: int = option(5, "throughput, frontier: timed rounds, every configuration once per "
+                             "round")
+    warmup_steps: int = option(1, "throughput, frontier: untimed steps per configuration first")
     budget_mib: float = option(256.0, "max-batch fit: memory budget in MiB")
+    slots: tuple[int, ...] = option((1, 2, 3), "frontier: Revolve's fast slots s over the "
+                                               "encoder layers, one configuration each")
+    frontier_ratio: float = option(0.1, "frontier: the rows ratio whose bytes the plans get "
+                                        "and that checkpointing is combined with")
+    num_batches: int = option(4, "frontier: minibatches of the variance measurement (held "
+                                 "out; as many again give the plans' statistics)")
     memory_from: str | None = option(None, "throughput: fit the max batch to this memory.csv "
                                            "(none: measure memory again)", metavar="MEMORY_CSV")
     device: str = option("auto", "auto (cuda when present), cpu or cuda", choices=DEVICES)
@@ -73,7 +81,7 @@ class StudyConfig:
     progress: bool = option(True, "progress bars")
 
     def __post_init__(self) -> None:
-        for name in ("families", "ratios", "scopes", "seeds", "batch_sizes"):
+        for name in ("families", "ratios", "scopes", "seeds", "batch_sizes", "slots"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
@@ -89,6 +97,10 @@ PRESETS: dict[str, dict[str, dict]] = {
                          max_steps=200, eval_every=25, eval_examples=None),
         "memory": {},
         "throughput": {},
+        # Issue 15: both memory savings on one model and batch (MiniLM, B 32, L 128 fixed),
+        # R = 3 interleaved rounds; about 20 minutes on 2 cores.
+        "frontier": dict(families=("gaussian", "rows"), batch_size=32, max_length=128,
+                         repeats=3, warmup_steps=1, num_batches=4),
     },
     "gpu": {
         # Paper 1: RoBERTa-base, GLUE CoLA, 10 epochs, lr 2e-5, batch 16, best epoch.
@@ -100,6 +112,9 @@ PRESETS: dict[str, dict[str, dict]] = {
         "throughput": dict(model="roberta-base", task="glue:mrpc", max_length=128,
                            batch_size=64, batch_sizes=(16, 32, 64, 128), repeats=10,
                            warmup_steps=3, budget_mib=12 * 1024),
+        # MPNet-base (optional install: varstudy.shipped.MPNET_INSTALL) at B 64, L 128.
+        "frontier": dict(model="mpnet-base", families=("gaussian", "rows"), batch_size=64,
+                         max_length=128, repeats=10, warmup_steps=3, num_batches=8),
     },
 }
 
@@ -129,7 +144,12 @@ def check(config: StudyConfig) -> None:
         raise VarstudyError("batch sizes must be integers >= 1")
     if config.repeats < 1 or config.warmup_steps < 0 or not config.seeds:
         raise VarstudyError("repeats must be >= 1, warmup_steps >= 0, and seeds non-empty")
-    for name in ("families", "ratios", "scopes", "seeds", "batch_sizes"):
+    if not config.slots or min(config.slots) < 1 or config.num_batches < 1:
+        raise VarstudyError(f"slots must be integers >= 1 (got {config.slots!r}) and "
+                            f"num_batches >= 1 (got {config.num_batches!r})")
+    if not 0 < config.frontier_ratio <= 1:
+        raise VarstudyError(f"frontier_ratio must be in (0, 1], got {config.frontier_ratio!r}")
+    for name in ("families", "ratios", "scopes", "seeds", "batch_sizes", "slots"):
         cli.check_distinct(name, getattr(config, name))
     for seed in config.seeds:
         cli.check_seed("seeds", seed)

@@ -18,15 +18,31 @@ def check_inputs(config: StudyConfig, study: str) -> None:
 
     sizes = {"accuracy": [config.batch_size], "memory": list(config.batch_sizes),
              "throughput": [config.batch_size] + ([] if config.memory_from
-                                                  else list(config.batch_sizes))}[study]
+                                                  else list(config.batch_sizes)),
+             "frontier": [config.batch_size]}[study]
     data = train_data(config, sizes)
+    if study == "frontier" and frontier_examples(config) > len(data):
+        raise VarstudyError(f"the frontier study draws {frontier_examples(config)} training "
+                            f"examples (batch_size x (1 + 2 num_batches)), more than the "
+                            f"{len(data)} of {config.task!r}; valid: a smaller batch_size or "
+                            "num_batches")
     if study == "accuracy":
         load_dataset(config.task, "validation", data_dir=config.data_dir)
-    _, tokenizer = load_model(config.model, num_labels=data.num_labels, device="cpu")
+    model, tokenizer = load_model(config.model, num_labels=data.num_labels, device="cpu")
     encode(data.subset(slice(0, 1)), tokenizer, config.max_length)
+    if study == "frontier":  # checkpointing needs a BERT/RoBERTa/MPNet layer stack
+        from varstudy.checkpointing.encoder import find_encoder
+
+        find_encoder(model)
     if config.memory_from and study == "throughput" and not Path(config.memory_from).is_file():
         raise VarstudyError(f"memory_from file {config.memory_from} not found; valid choices: "
                             "a memory.csv written by `study memory`, or none (measure again)")
+
+
+def frontier_examples(config: StudyConfig) -> int:
+    """Training examples the frontier study draws: the timed minibatch, then ``num_batches``
+    for the plans' statistics and ``num_batches`` held out for the variance."""
+    return config.batch_size * (1 + 2 * config.num_batches)
 
 
 def train_data(config: StudyConfig, sizes):
