@@ -169,6 +169,12 @@ def synthetic_results(tmp_path: Path) -> Path:
     pd.DataFrame([dict(step=s, metric="accuracy", value=0.5 + s / 1000, seed=0)
                   for s in (25, 50, 75, 100)]).to_csv(curve / "evals.csv", index=False)
     (curve / "config.json").write_text('{"lr": 5e-05}')
+    (res / "study" / "frontier").mkdir(parents=True)
+    pd.DataFrame([dict(config=c, kind=k, peak_ratio=p, time_ratio=t, var_ratio_all=v)
+                  for c, k, p, t, v in (("exact", "exact", 1.0, 1.0, 0.0),
+                                        ("revolve s=2", "checkpoint", 0.4, 1.6, 0.0),
+                                        ("rows 0.1", "sketch", 0.6, 0.9, 2.0))]).to_csv(
+        res / "study" / "frontier" / "frontier.csv", index=False)
     for sub, df in (("accuracy/runs.csv", synthetic_runs()),
                     ("memory/memory.csv", synthetic_memory()),
                     ("throughput/throughput.csv", synthetic_throughput()),
@@ -316,7 +322,7 @@ def test_figures_build_from_synthetic_results(synthetic_results: Path, tmp_path:
     for name in ("variance_ratio_over_training", "variance_vs_ratio", "ratio_heatmap",
                  "closed_form_vs_mc", "memory_vs_batch", "throughput_vs_ratio",
                  "accuracy_vs_ratio", "layer_bench", "variance_by_scope", "learning_curve",
-                 "variance_vs_accuracy", "plan_frontier", "plan_accuracy"):
+                 "variance_vs_accuracy", "plan_frontier", "plan_accuracy", "frontier"):
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 1000, name
     md = (out / "accuracy_table.md").read_text()
@@ -331,6 +337,8 @@ def test_figures_build_from_synthetic_results(synthetic_results: Path, tmp_path:
     assert "head" in (out / "scope_table.md").read_text()
     assert "relative plan" in (out / "plan_accuracy.md").read_text()
     assert "uniform/planned (absolute)" in (out / "plan_frontier.md").read_text()
+    assert "| 50 % | revolve s=2: peak 0.40, time 1.60× |" in \
+        (out / "frontier_table.md").read_text()
     # a requested figure whose inputs are missing is an error; under `all` it is skipped
     assert figures.main(["checkpoint_vs_n", "--results", str(synthetic_results),
                          "--out", str(out)]) == 1
