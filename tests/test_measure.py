@@ -158,7 +158,7 @@ def test_bench_measure_smoke(tmp_path):
     """The benchmark's derived quantities follow from its measured ones (bench_measure docs):
     ratios of times, n = ⌈(z_ℓ · cv / h)²⌉ naive draws, naive cost t_exact + grid · n · t_draw."""
     from varstudy import bench
-    from varstudy.randomized.sketches import SKETCHES
+
 
     argv = ["measure", "--model", "tiny-bert", "--dataset", "synthetic", "--max-length", "16",
             "--batch-size", "4", "--repeats", "1", "--naive-draws", "3", "--half-width", "0.2",

@@ -24,7 +24,7 @@ The public names below are imported on first use, so ``import varstudy`` (and ev
 
 from __future__ import annotations
 
-import importlib
+from varstudy.lazy import exports
 
 __version__ = "0.2.0"
 
@@ -50,13 +50,7 @@ _API = {
 
 __all__ = sorted([*_API, "__version__"])
 
-
-def __getattr__(name: str):
-    if name in _API:
-        value = getattr(importlib.import_module(_API[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'varstudy' has no attribute {name!r}")
+__getattr__, _dir = exports(__name__, _API)
 
 
 def __dir__() -> list[str]:

@@ -52,7 +52,7 @@ checkpoint``.
 
 from __future__ import annotations
 
-import importlib
+from varstudy.lazy import exports
 
 _API = {
     "checkpointed_scan": "sequence", "checkpointed_sequential": "sequence",
@@ -73,12 +73,4 @@ _API = {
 }
 __all__ = sorted(_API)
 
-
-def __getattr__(name: str):
-    if name in _API:
-        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = exports(__name__, _API)

@@ -59,7 +59,7 @@ command line).
 
 from __future__ import annotations
 
-import importlib
+from varstudy.lazy import exports
 
 _API = {
     "FinetuneConfig": "config", "PRESETS": "config", "DEVICES": "config",
@@ -76,12 +76,4 @@ _API = {
 }
 __all__ = sorted(_API)
 
-
-def __getattr__(name: str):
-    if name in _API:
-        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = exports(__name__, _API)
