@@ -64,10 +64,12 @@ def paired_tables(runs: pd.DataFrame) -> pd.DataFrame:
 
 def paired_wide(paired: pd.DataFrame, value: str, scale: float = 100.0) -> pd.DataFrame:
     """Rows (family, scope), columns ρ; cells "mean [low, high]" × scale, "*" when the 95%
-    interval excludes 0 (and "(n=…)" when seeds differ)."""
+    interval excludes 0 ("[one seed]" where one pair has no interval; "(n=…)" when seeds
+    differ)."""
     p = paired[paired.value == value].copy()
     show_n = p.n.nunique() > 1
-    p["cell"] = [f"{m * scale:+.2f} [{lo * scale:+.2f}, {hi * scale:+.2f}]"
+    p["cell"] = [(f"{m * scale:+.2f} [{lo * scale:+.2f}, {hi * scale:+.2f}]" if n >= 2
+                  else f"{m * scale:+.2f} [one seed]")
                  + ("*" if d else "") + (f" (n={n})" if show_n else "")
                  for m, lo, hi, d, n in zip(p.diff_mean, p.diff_ci_low, p.diff_ci_high,
                                             p.distinguishable, p.n)]

@@ -61,3 +61,16 @@ def test_rank_correlation_and_bootstrap_interval():
     assert rank_correlation(x, y, n_boot=500, seed=1) == (rho, low, high)  # seeded
     assert rank_correlation(x, x[::-1], n_boot=200) == pytest.approx((-1.0, -1.0, -1.0))
     assert np.isnan(rank_correlation([1, 2], [3, 4])[0])
+
+
+def test_paired_table_cells_show_intervals_and_lone_pairs():
+    from analysis.figures_accuracy import paired_wide
+    runs = _runs()
+    lone = [dict(family="rows", ratio=0.5, scope="all", seed=0, best_value=0.79)]
+    table = paired_differences(pd.concat([runs, pd.DataFrame(lone)], ignore_index=True))
+    wide = paired_wide(table.assign(value="best_value"), "best_value").set_index("family")
+    d = 100 * np.subtract(ROWS, EXACT)
+    low, high = stats.t.interval(0.95, 4, loc=d.mean(), scale=stats.sem(d))
+    assert wide.loc["rows", "10%"].startswith(f"{d.mean():+.2f} [{low:+.2f}, {high:+.2f}]*")
+    assert wide.loc["rows", "50%"].startswith("-1.00 [one seed]")
+    assert "nan" not in wide.to_string()
