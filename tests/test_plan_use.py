@@ -11,7 +11,8 @@ from varstudy import measure as M
 from varstudy import plan as command
 from varstudy.errors import VarstudyError
 from varstudy.models import load_model
-from varstudy.randomized.layers import RandomizedLinear, randomize
+from varstudy.randomized.compact import CompactLinear
+from varstudy.randomized.layers import RandomizedLinear, derandomize, randomize
 from varstudy.randomized.memory import saved_bytes
 
 BASE = ["--model", "tiny-bert", "--dataset", "synthetic", "--batch-size", "4", "--max-length",
@@ -84,6 +85,38 @@ def test_randomize_with_a_plan_stores_the_planned_bytes(planned):
     sketched = sum(e["k"] * e["d"] * 4 for e in _units(plan).values() if e["ratio"] != "exact")
     got = report.for_modules([n for n in linears if n not in exact])
     assert got == sketched
+    # exact layers store their own input only: the pooler's is a view of B of the B·L rows, and
+    # it keeps B·d numbers, as the plan charges (the classifier's input, the pooler's tanh output,
+    # is saved by the tanh anyway), so the conversion stores at most the plan's numbers
+    pooler = plan["layers"]["bert.pooler.dense"]
+    assert pooler["ratio"] == "exact" and pooler["k"] == pooler["n"] == 4
+    assert report.for_modules(["bert.pooler.dense"]) == pooler["k"] * pooler["d"] * 4
+    assert report.for_modules(linears) <= plan["total"]["stored_numbers"] * 4
+    assert all(isinstance(model.get_submodule(n), CompactLinear) for n in exact)
+    assert derandomize(model).names and not any(
+        isinstance(m, (RandomizedLinear, CompactLinear)) for m in model.modules())
+
+
+def test_compact_linear_equals_nn_linear_and_stores_only_its_input():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 3)
+    compact = CompactLinear.from_linear(linear)
+    assert compact.weight is linear.weight and compact.bias is linear.bias
+    hidden = torch.randn(4, 16, 8, requires_grad=True)
+    grads, outs, saved = [], [], []
+    for module in (linear, compact):
+        def step():
+            out = module((2 * hidden)[:, 0])  # a view of 4 of the 64 rows, as BERT's pooler
+            outs.append(out.detach())
+            return out.square().sum()
+        loss, report = saved_bytes(step, model=torch.nn.ModuleDict(dict(m=module)))
+        grads.append(torch.autograd.grad(loss, (hidden, linear.weight, linear.bias)))
+        saved.append(report.for_modules(["m"]))
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert saved == [4 * 16 * 8 * 4, 4 * 8 * 4]  # nn.Linear keeps the whole storage alive
+    x = torch.randn(4, 8)
+    assert torch.equal(compact(x), linear(x))  # a compact input is used as it is
 
 
 def test_measure_with_a_plan_measures_the_prediction(planned, tmp_path):

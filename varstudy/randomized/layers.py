@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from varstudy.errors import VarstudyError
 from varstudy.randomized import rowmask
+from varstudy.randomized.compact import CompactLinear
 from varstudy.randomized.sketches import Sketch, get_sketch, rows_for
 
 _MASK64 = (1 << 64) - 1
@@ -325,7 +326,8 @@ def _select(model: nn.Module, include: str | None, exclude: str | None) -> list[
         exc = re.compile(exclude) if exclude else None
     except re.error as err:
         raise VarstudyError(f"invalid layer pattern: {err}") from None
-    linears = [n for n, m in model.named_modules() if type(m) in (nn.Linear, RandomizedLinear)]
+    linears = [n for n, m in model.named_modules()
+               if type(m) in (nn.Linear, RandomizedLinear, CompactLinear)]
     if not linears:
         raise VarstudyError(f"{type(model).__name__} has no nn.Linear modules to convert")
     chosen = [n for n in linears
@@ -347,7 +349,8 @@ def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaus
     read the same input tensor in one forward pass share one stored sketch (NOTE [shared
     sketches]). ``plan`` (a plan.json path or its dict, from ``python -m varstudy.plan``) gives
     the family and each layer's own ratio instead of ``sketch``/``ratio``: its "exact" layers
-    and the linears it does not name stay nn.Linear (``include``/``exclude`` still apply).
+    become CompactLinear (exact, storing only their own input: NOTE [compact exact]) and the
+    linears it does not name stay as they are (``include``/``exclude`` still apply).
     Everything is validated before the first module is replaced, so a failed conversion leaves
     the model unchanged.
     """
@@ -365,12 +368,15 @@ def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaus
                                 "of this model")
         family = get_sketch(family_name)
         per_layer = {n: check_ratio(planned[n]) for n in names if planned.get(n, EXACT) != EXACT}
+        exact = [n for n in names if planned.get(n) == EXACT]
         names = [n for n in names if n in per_layer]
     else:
         family, ratio = get_sketch(sketch), check_ratio(ratio)
-        per_layer = dict.fromkeys(names, ratio)
+        per_layer, exact = dict.fromkeys(names, ratio), []
     cache = SketchCache() if share else None
     row_mask = rowmask.install(model) if getattr(family, "uses_mask", False) and names else None
+    for name in exact:  # NOTE [compact exact] in varstudy.randomized.compact
+        _swap(model, name, CompactLinear.from_linear(model.get_submodule(name)))
     new = {name: RandomizedLinear.from_linear(
         model.get_submodule(name), ratio=per_layer[name], sketch=family, min_rows=min_rows,
         seed=seed, layer_id=i, cache=cache, name=name, row_mask=row_mask)
@@ -382,10 +388,11 @@ def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaus
 
 
 def derandomize(model: nn.Module) -> Conversion:
-    """Replace every RandomizedLinear of ``model`` by an nn.Linear sharing its parameters."""
+    """Replace every RandomizedLinear (and a plan's CompactLinear) of ``model`` by an nn.Linear
+    sharing its parameters."""
     rows = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, RandomizedLinear):
+        if isinstance(module, (RandomizedLinear, CompactLinear)):
             plain = nn.Linear.__new__(nn.Linear)
             nn.Module.__init__(plain)
             plain.in_features, plain.out_features = module.in_features, module.out_features
