@@ -214,7 +214,7 @@ def layers(run: Run) -> Outcome:
         name = "float32" if kind == "none" else kind
         try:
             argv = (QUICK_LAYERS if run.cfg.quick else []) + [
-                "--device", str(run.device), "--autocast", kind,
+                "--device", str(run.device), "--autocast", kind, "--no-progress",
                 "--out", str(_folder(run, "layers") / name)]
             execute(bench_layers.parse(argv))
             got = numbers[name] = layer_numbers(pd.read_csv(run.folder / "layers" / name /

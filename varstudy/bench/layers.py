@@ -57,6 +57,7 @@ class LayerBenchConfig:
     seed: int = option(0, "seed of the batch and the sketches")
     out: str = option("results/bench", "output folder")
     resume: bool = option(False, "skip the work kept in <out>/layers.parts")
+    progress: bool = option(True, "progress bars")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "families", tuple(self.families))

@@ -147,7 +147,7 @@ def run(cfg: LayerBenchConfig, parts: Path | None = None, model=None) -> pd.Data
     times = {c: [timed[c + (r,)]["seconds"] for r in range(cfg.repeats) if c + (r,) in timed]
              for c in configs}
     exact = None
-    for family, ratio in tqdm(configs, desc="memory + warm-up"):
+    for family, ratio in tqdm(configs, desc="memory + warm-up", disable=not cfg.progress):
         _configure(model, family, ratio, cfg.seed, plans)
         if (family, ratio) not in rows or family == "exact":
             row, rep = _memory_row(model, batch, linears, exact, cfg.autocast)
@@ -157,7 +157,7 @@ def run(cfg: LayerBenchConfig, parts: Path | None = None, model=None) -> pd.Data
                 _append(mem_path, dict(family=family, ratio=ratio, **row))
         if len(times[family, ratio]) < cfg.repeats:
             _step(model, batch, cfg.autocast)  # warm-up
-    for r in tqdm(range(cfg.repeats), desc="interleaved steps"):
+    for r in tqdm(range(cfg.repeats), desc="interleaved steps", disable=not cfg.progress):
         for family, ratio in configs:
             if (family, ratio, r) in timed:
                 continue
@@ -208,7 +208,7 @@ def execute(cfg: LayerBenchConfig) -> int:
     resuming = cfg.resume and (parts / "config.json").is_file()
     if resuming:
         vio.refuse_changed(parts, vio.read_json(parts / "config.json"), asdict(cfg),
-                           ("out", "resume"))
+                           ("out", "resume", "progress"))
     model = _load(cfg)  # before the folder changes: a bad --model leaves it as it was
     with vio.output_lock(out, ".layers.lock"):  # NOTE [one run per folder] (varstudy.io)
         if not resuming:
