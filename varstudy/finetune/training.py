@@ -50,7 +50,8 @@ def build(config: FinetuneConfig, ctx: dist.Context = dist.Context(),
     from varstudy.data import available_splits, load_dataset
     from varstudy.batching import encode
     from varstudy.models import load_model
-    from varstudy.randomized.layers import derive_seed, randomize
+    from varstudy.randomized.layers import randomize
+    from varstudy.randomized.seeds import derive_seed
 
     device = device or resolve_device(config.device)
 

@@ -53,9 +53,9 @@ from torch import Tensor, nn
 from varstudy.errors import VarstudyError
 from varstudy.randomized import rowmask
 from varstudy.randomized.compact import CompactLinear
+from varstudy.randomized.seeds import derive_seed
 from varstudy.randomized.sketches import Sketch, get_sketch, rows_for
 
-_MASK64 = (1 << 64) - 1
 _CHECK_FINITE = False
 
 
@@ -81,27 +81,6 @@ def _require_finite(t: Tensor, layer: str, what: str) -> None:
         raise VarstudyError(f"non-finite values (NaN/Inf) in the {what} of layer {layer}; valid "
                             "choices: finite inputs and weights, a lower learning rate, "
                             "float32/float64")
-
-
-def derive_seed(base_seed: int, *keys: int) -> int:
-    """Mix ``base_seed`` and integer keys into a 63-bit seed (splitmix64 finalizer per step).
-
-    The base seed is mixed on its own before the first key is added, so no two (base, keys)
-    tuples are related by shifting one into the other (adding the first key straight to the base
-    made derive_seed(s, l, c) equal derive_seed(s + 1, l − 1, c)).
-    """
-    z = _mix(int(base_seed) & _MASK64)
-    for key in keys:
-        z = _mix((z + (int(key) & _MASK64)) & _MASK64)
-    return z >> 1
-
-
-def _mix(z: int) -> int:
-    """splitmix64: add the golden-ratio increment, then the finalizer (a bijection on 64 bits)."""
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
 
 
 class _Entry:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from varstudy.errors import VarstudyError
-from varstudy.randomized.layers import derive_seed
+from varstudy.randomized.seeds import derive_seed
 from varstudy.randomized.sketches import Sketch, get_sketch
 
 GRAM_CHUNK_BYTES = 64 * 2**20  # per-example Gram blocks are computed in chunks of this size
