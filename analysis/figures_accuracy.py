@@ -157,9 +157,10 @@ def variance_vs_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[P
     for i, when in enumerate(whens):
         for j, name in enumerate(SUMMARIES):
             r = linked[(linked.when == when) & (linked.summary == name)].iloc[0]
+            title = (f"{when}: ρ_s {r.spearman:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
+                     if np.isfinite(r.spearman) else f"{when}: n < 3")
             plots.plot_summary_vs_cost(merged[merged.when == when], name, ax=axes[i, j],
-                                       title=f"{when}: ρ_s {r.spearman:+.2f} "
-                                             f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]")
+                                       title=title)
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right center",
                fontsize="x-small", frameon=False)
     fig.suptitle("Which variance summary predicts the accuracy cost? (Spearman, bootstrap 95%)")
@@ -167,9 +168,10 @@ def variance_vs_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[P
     linked.to_csv(Path(out) / "variance_accuracy_link.csv", index=False)
     caption = ("Spearman correlation between each variance summary and the paired accuracy "
                "difference over configurations, with a bootstrap 95% interval")
-    shown = linked.assign(interval=[f"[{a:+.2f}, {b:+.2f}]" for a, b in
-                                    zip(linked.ci_low, linked.ci_high)],
-                          spearman=linked.spearman.round(2))[
+    shown = linked.assign(
+        interval=[f"[{a:+.2f}, {b:+.2f}]" if np.isfinite(r) else "fewer than 3 configurations"
+                  for r, a, b in zip(linked.spearman, linked.ci_low, linked.ci_high)],
+        spearman=[f"{r:+.2f}" if np.isfinite(r) else "" for r in linked.spearman])[
         ["when", "summary", "n_configs", "spearman", "interval"]]
     paths += [Path(out) / "variance_accuracy_link.csv",
               write_text(out, "variance_accuracy_link.md", tables.to_markdown(shown, caption))]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 from analysis.style import (SAMPLING_STYLE, family_style, new_figure, order_families,
                             percent_ticks, ratio_shades, style_axes)
@@ -298,6 +298,9 @@ def plot_summary_vs_cost(df: pd.DataFrame, summary: str, *, ax: Axes | None = No
     ax.axhline(0.0, color="black", lw=1.0)
     style_axes(ax, xlabel=summary.replace("_", " "), ylabel=f"accuracy − exact (× {scale:g})",
                title=title, logx=True, legend=legend)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     return ax
 
 
