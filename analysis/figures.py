@@ -27,7 +27,7 @@ from varstudy.errors import VarstudyError
 
 from analysis.figures_checkpoint import checkpoint_vs_n, checkpoint_vs_ratio
 from analysis.figures_accuracy import accuracy_vs_ratio, learning_curve, variance_vs_accuracy
-from analysis.figures_frontier import frontier
+from analysis.figures_frontier import frontier, frontier_mpnet
 from analysis.figures_plan import plan_accuracy, plan_frontier
 from analysis.figures_study import layer_bench, memory_vs_batch, throughput_vs_ratio
 from analysis.figures_variance import (closed_form_vs_mc, ratio_heatmap, variance_by_scope,
@@ -69,6 +69,8 @@ FIGURE_ENTRIES: dict[str, FigureEntry] = {
                                        "checkpointing: overhead vs transfer/compute ratio"),
     "frontier": FigureEntry(frontier, "memory savings on one model: memory vs time vs variance, "
                                       "Pareto sets; frontier_table.md (which to use)"),
+    "frontier_mpnet": FigureEntry(frontier_mpnet, "the same frontier on MPNet-base "
+                                                  "(study frontier --model mpnet-base)"),
 }
 
 

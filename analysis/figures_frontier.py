@@ -1,5 +1,7 @@
 """The memory-saving frontier (issue 15): checkpointing, sketches, plans and both together on one
-model, from ``results/study/frontier/frontier.csv`` (``python -m varstudy.study frontier``).
+model, from ``results/study/frontier/frontier.csv`` (``python -m varstudy.study frontier``; the
+figure ``frontier_mpnet`` from ``results/study/mpnet/frontier/``, the same study with ``--model
+mpnet-base --out results/study/mpnet``).
 
 Selection is pure (DataFrame -> DataFrame): :func:`frontier_points` (one row per configuration,
 its Pareto memberships), :func:`pareto` (the non-dominated rows for given objectives) and
@@ -27,7 +29,8 @@ from analysis import plots, tables
 from analysis.results import FIGURES, RESULTS, config, load, save, write_text
 from analysis.style import new_figure
 
-INPUT = "study/frontier/frontier.csv"
+INPUT = "study/frontier"
+INPUT_MPNET = "study/mpnet/frontier"
 BUDGETS = (0.75, 0.5, 0.25)
 TAU = 1.0
 POINT_COLUMNS = ("config", "kind", "peak_ratio", "time_ratio", "var_ratio", "exact_option",
@@ -142,14 +145,16 @@ def _setting(front: pd.DataFrame) -> str:
     return ", ".join(str(p) for p in parts)
 
 
-def frontier(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
-    """Figure ``frontier`` and ``frontier_table.md`` from the frontier study's table."""
-    front = load(results, INPUT, ("peak_ratio", "time_ratio", "var_ratio_all", "config"))
-    tables.require_columns(front, ("kind",), str(Path(results) / INPUT))
-    cfg = config(results, "study/frontier/config.json")
+def frontier(results: Path = RESULTS, out: Path = FIGURES, run: str = INPUT,
+             name: str = "frontier") -> list[Path]:
+    """Figure ``name`` and ``<name>_table.md`` from the frontier study's table in ``run``."""
+    front = load(results, f"{run}/frontier.csv", ("peak_ratio", "time_ratio", "var_ratio_all",
+                                                  "config"))
+    tables.require_columns(front, ("kind",), str(Path(results) / run / "frontier.csv"))
+    cfg = config(results, f"{run}/config.json")
     setting = _setting(front)
     paths = save(build_frontier(front, title=f"Memory savings on one model ({setting})"),
-                 out, "frontier")
+                 out, name)
     points = frontier_points(front)
     choices = choose(points)
     load_avg = cfg.get("load_avg_after") or [np.nan]
@@ -168,5 +173,10 @@ def frontier(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
                            "smaller and faster; Pareto, all: none is at most as large, as slow "
                            "and as noisy, and better in one."),
     ]
-    paths.append(write_text(out, "frontier_table.md", "\n".join(text)))
+    paths.append(write_text(out, f"{name}_table.md", "\n".join(text)))
     return paths
+
+
+def frontier_mpnet(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
+    """The frontier of MPNet-base (``frontier_mpnet`` and ``frontier_mpnet_table.md``)."""
+    return frontier(results, out, INPUT_MPNET, "frontier_mpnet")

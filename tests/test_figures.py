@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,8 @@ def synthetic_results(tmp_path: Path) -> Path:
                                         ("revolve s=2", "checkpoint", 0.4, 1.6, 0.0),
                                         ("rows 0.1", "sketch", 0.6, 0.9, 2.0))]).to_csv(
         res / "study" / "frontier" / "frontier.csv", index=False)
+    (res / "study" / "mpnet").mkdir()
+    shutil.copytree(res / "study" / "frontier", res / "study" / "mpnet" / "frontier")
     for sub, df in (("accuracy/runs.csv", synthetic_runs()),
                     ("memory/memory.csv", synthetic_memory()),
                     ("throughput/throughput.csv", synthetic_throughput()),
@@ -322,7 +325,8 @@ def test_figures_build_from_synthetic_results(synthetic_results: Path, tmp_path:
     for name in ("variance_ratio_over_training", "variance_vs_ratio", "ratio_heatmap",
                  "closed_form_vs_mc", "memory_vs_batch", "throughput_vs_ratio",
                  "accuracy_vs_ratio", "layer_bench", "variance_by_scope", "learning_curve",
-                 "variance_vs_accuracy", "plan_frontier", "plan_accuracy", "frontier"):
+                 "variance_vs_accuracy", "plan_frontier", "plan_accuracy", "frontier",
+                 "frontier_mpnet"):
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 1000, name
     md = (out / "accuracy_table.md").read_text()
@@ -337,8 +341,8 @@ def test_figures_build_from_synthetic_results(synthetic_results: Path, tmp_path:
     assert "head" in (out / "scope_table.md").read_text()
     assert "relative plan" in (out / "plan_accuracy.md").read_text()
     assert "uniform/planned (absolute)" in (out / "plan_frontier.md").read_text()
-    assert "| 50 % | revolve s=2: peak 0.40, time 1.60× |" in \
-        (out / "frontier_table.md").read_text()
+    for table in ("frontier_table.md", "frontier_mpnet_table.md"):
+        assert "| 50 % | revolve s=2: peak 0.40, time 1.60× |" in (out / table).read_text()
     # a requested figure whose inputs are missing is an error; under `all` it is skipped
     assert figures.main(["checkpoint_vs_n", "--results", str(synthetic_results),
                          "--out", str(out)]) == 1
