@@ -1,6 +1,7 @@
 """The memory-saving frontier (issue 15 items 3 and 4): the study on tiny-bert + synthetic data,
 the engine's plan argument, the selection functions on a hand-made table, the figure."""
 
+import contextlib
 import json
 import math
 
@@ -70,6 +71,41 @@ def test_checkpointing_saves_memory_without_variance(run):
         torch_row.forward_bytes
     assert (table.loc[["revolve s=1", "revolve s=2"], "peak_held_bytes"] > 0).all()
     assert table.loc["revolve s=1", "peak_bytes"] <= table.loc["revolve s=2", "peak_bytes"]
+
+
+def test_reentrant_replay_of_an_mpnet_encoder_equals_plain_autograd():
+    """MPNet's position bias is made once for all layers, a tensor with a graph of its own that
+    every layer closes over: the reentrant replay of the torch checkpoint (memory measurement)
+    makes it an explicit input, so the bias gets its gradient once per layer (the replay failed
+    on the second layer before) and every gradient equals plain autograd's."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    from varstudy.checkpointing.encoder import checkpoint_encoder
+    from varstudy.randomized.peak import peak_saved_bytes
+    from varstudy.study.frontier_study import _reentrant_torch_checkpoint
+
+    torch.manual_seed(0)
+    model = MPNetForSequenceClassification(MPNetConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=32, pad_token_id=1, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0))
+    batch = dict(input_ids=torch.randint(5, 100, (2, 7)), labels=torch.tensor([0, 1]))
+    grads = []
+    for replay in (False, True):
+        model.zero_grad(set_to_none=True)
+        if replay:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(_reentrant_torch_checkpoint())
+                stack.enter_context(checkpoint_encoder(model, strategy="torch"))
+                report = peak_saved_bytes(lambda: model(**batch).loss, model=model)
+            assert report.peak_phase == "backward"
+        else:
+            model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    key = "mpnet.encoder.relative_attention_bias.weight"
+    assert grads[1][key].abs().sum() > 0
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-6, msg=name)
 
 
 def test_sketches_add_variance_and_save_forward_bytes(run):

@@ -271,16 +271,43 @@ def _checkpointed(model, setup: Setup, meter=None):
 
 @contextlib.contextmanager
 def _reentrant_torch_checkpoint():
-    """NOTE [torch checkpoint peak]: the encoder's per-layer checkpoint made reentrant."""
+    """NOTE [torch checkpoint peak]: the encoder's per-layer checkpoint made reentrant.
+
+    A reentrant checkpoint backpropagates its recomputed layer only into its explicit inputs; a
+    tensor the layer closes over that has a graph of its own (MPNet's position bias, made once
+    for all layers) would be backpropagated through that graph by every layer, the second time
+    failing. So each such tensor of the layer's arguments becomes an explicit input.
+    """
     from varstudy.checkpointing import encoder
 
     original = encoder.checkpoint
 
-    def reentrant(function, *args, use_reentrant=None, **kwargs):
-        return original(function, *args, use_reentrant=True, **kwargs)
+    def reentrant(step, hidden, use_reentrant=None, **kwargs):
+        slots = [i for i, a in enumerate(step.args) if _has_graph(a)]
+        keys = [k for k, v in step.kwargs.items() if _has_graph(v)]
+
+        def call(h, *tensors):
+            args, kw = list(step.args), dict(step.kwargs)
+            for i, t in zip(slots, tensors):
+                args[i] = t
+            kw.update(zip(keys, tensors[len(slots):]))
+            kept, (step.args, step.kwargs) = (step.args, step.kwargs), (tuple(args), kw)
+            try:
+                return step(h)
+            finally:
+                step.args, step.kwargs = kept
+
+        inputs = [step.args[i] for i in slots] + [step.kwargs[k] for k in keys]
+        return original(call, hidden, *inputs, use_reentrant=True, **kwargs)
 
     with mock.patch.object(encoder, "checkpoint", reentrant):
         yield
+
+
+def _has_graph(value) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor) and value.requires_grad
 
 
 def _peak(model, setup: Setup, plans: dict, batch: dict):
