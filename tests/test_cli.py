@@ -90,7 +90,7 @@ def test_names_mirror_the_registries():
 def _readme_commands():
     """Every ``python -m varstudy...`` command in the README's code blocks (also after ``&&``)."""
     found, inside = [], False
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")  # join continued lines
+    text = (ROOT / "README.md").read_text().replace("\\\n", "")  # as bash joins continued lines
     for line in text.splitlines():
         if line.lstrip().startswith("```"):
             inside = not inside
