@@ -165,3 +165,15 @@ def test_readme_layout_block_matches_the_tree():
             assert stem in words or base in words, f"{path.relative_to(ROOT)} not in the layout"
     for name in re.findall(r"^\s*([a-z]+)/", block, re.M):
         assert (ROOT / name).is_dir() or (ROOT / "varstudy" / name).is_dir(), name
+
+
+def test_readme_and_reproduction_link_only_files_that_exist():
+    """Every figure, table and result path the README and REPRODUCTION.md link to is in the
+    tree (a clean clone has only committed files)."""
+    missing = []
+    for doc in ("README.md", "REPRODUCTION.md"):
+        text = (ROOT / doc).read_text()
+        for path in re.findall(r"\]\(((?:figures|results|notebooks)/[^)\s]+)\)", text):
+            if not (ROOT / path).exists():
+                missing.append(f"{doc}: {path}")
+    assert not missing, missing
