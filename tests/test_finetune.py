@@ -211,6 +211,10 @@ def test_cli_flags_lists_none_and_the_epochs_rule():
     (["--betas", "0.9"], "--betas takes 2 comma-separated values"),
     (["--num-threads", "0"], "num_threads must be > 0"),
     (["--plan", "missing-plan.json"], "cannot be read as JSON"),
+    (["--replan-check"], "--replan-check needs --replan-every"),
+    (["--replan-every", "0"], "replan_every must be an integer >= 1"),
+    (["--replan-every", "5", "--sketch", "exact"], "re-plans a uniformly sketched model"),
+    (["--replan-every", "5", "--sketch", "rows-real"], "does not support --sketch rows-real"),
 ])
 def test_cli_convention_errors_are_one_line(capsys, argv, needle):
     assert finetune.main(argv + ["--out", "none"]) == 2

@@ -361,11 +361,13 @@ def _finetune_cfg(out, **kw):
         checkpoint_every=2, progress=False, num_threads=2, out=str(out)), **kw})
 
 
-def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, dict(sketch="rows", replan_every=2, replan_check=True)],
+                         ids=["uniform", "online-plans"])
+def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch, extra):
     from varstudy import finetune
     from varstudy.finetune import training
 
-    cfg = _finetune_cfg(tmp_path / "cut")
+    cfg = _finetune_cfg(tmp_path / "cut", **extra)
     folder = tmp_path / "cut" / finetune.run_name(cfg)
     real_sync, calls = training.synchronize, []
 
@@ -383,15 +385,21 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert len(vio.load_checkpoint(folder / "checkpoint.pt")["steps"]) == 4
 
     with pytest.raises(vio.VarstudyError, match="different config"):
-        finetune.train(_finetune_cfg(tmp_path / "cut", lr=2e-3, resume=True))
-    resumed = finetune.train(_finetune_cfg(tmp_path / "cut", resume=True))
-    fresh = finetune.train(_finetune_cfg(tmp_path / "fresh"))
+        finetune.train(_finetune_cfg(tmp_path / "cut", **extra, lr=2e-3, resume=True))
+    resumed = finetune.train(_finetune_cfg(tmp_path / "cut", **extra, resume=True))
+    fresh = finetune.train(_finetune_cfg(tmp_path / "fresh", **extra))
     cols = ["step", "loss", "lr"]
     pd.testing.assert_frame_equal(resumed.steps[cols], fresh.steps[cols], check_exact=True)
     pd.testing.assert_frame_equal(resumed.evals, fresh.evals, check_exact=True)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(finetune.FINAL)
-    again = finetune.train(_finetune_cfg(tmp_path / "cut", resume=True))  # already finished
+    written = sorted(finetune.FINAL + (("plans.csv",) if extra else ()))
+    assert sorted(p.name for p in folder.iterdir()) == written
+    again = finetune.train(_finetune_cfg(tmp_path / "cut", **extra, resume=True))  # finished
     pd.testing.assert_frame_equal(again.evals, fresh.evals, check_exact=True)
+    if extra:  # the re-plans at steps 2, 4 and 6, each over every layer, the same after resume
+        pd.testing.assert_frame_equal(resumed.plans, fresh.plans, check_exact=True)
+        pd.testing.assert_frame_equal(again.plans, fresh.plans, check_exact=True)
+        assert sorted(fresh.plans.step.unique()) == [2, 4, 6]
+        assert len(fresh.plans) == 3 * len(resumed.config["converted"])
 
 
 BENCH_LAYERS = ["layers", "--model", "tiny-bert", "--batch-size", "2", "--seq-len", "8",

@@ -16,6 +16,7 @@ from varstudy.finetune.tables import FinetuneResult
 CHECKPOINT = "checkpoint.pt"
 NOT_COMPARED = ("progress", "resume", "checkpoint_every", "out")  # a resume may change these
 FINAL = ("run.csv", "steps.csv", "evals.csv", "config.json")
+OPTIONAL = ("plans.csv",)  # written by runs with --replan-every
 
 
 def finished_run(folder: Path, config: FinetuneConfig) -> FinetuneResult | None:
@@ -24,15 +25,18 @@ def finished_run(folder: Path, config: FinetuneConfig) -> FinetuneResult | None:
         done = vio.read_json(folder / "config.json")
         vio.refuse_changed(folder, {k: done.get(k) for k in asdict(config)}, asdict(config),
                            NOT_COMPARED + ("device",))
+        plans = folder / "plans.csv"
         return FinetuneResult(*(pd.read_csv(folder / f"{n}.csv") for n in
-                                ("run", "steps", "evals")), done)
+                                ("run", "steps", "evals")), done,
+                              pd.read_csv(plans) if plans.is_file() else None)
     return None
 
 
 def clear_folder(folder: Path, config: FinetuneConfig) -> None:
     """Delete what a new run replaces (only the run's own files; a resumed run keeps its
     checkpoint)."""
-    vio.remove(*(folder / n for n in FINAL))  # run.csv first: a partial run never looks done
+    vio.remove(*(folder / n for n in FINAL + OPTIONAL))  # run.csv first: a partial run never
+    # looks done
     if not config.resume:
         vio.remove(folder / CHECKPOINT)
 
@@ -48,9 +52,10 @@ def saved_state(folder: Path, config: FinetuneConfig) -> dict | None:
 
 
 def save(folder: Path, config: FinetuneConfig, setup, optimizer, scheduler, steps, evals,
-         memory, elapsed: float) -> None:
+         memory, elapsed: float, planner=None, plans=()) -> None:
     """Write ``<folder>/checkpoint.pt`` atomically: model, AdamW, scheduler, RNG states,
-    randomized-layer call counters, the rows so far, the saved-bytes report."""
+    randomized-layer call counters, the rows so far, the saved-bytes report, and the online
+    planner's state with its rows."""
     from varstudy.randomized.layers import RandomizedLinear
 
     vio.atomic_torch_save(folder / CHECKPOINT, dict(
@@ -60,11 +65,13 @@ def save(folder: Path, config: FinetuneConfig, setup, optimizer, scheduler, step
         calls={n: m.calls for n, m in setup.model.named_modules()
                if isinstance(m, RandomizedLinear)},
         steps=steps, evals=evals, elapsed=elapsed,
-        memory=dict(total=memory.total, by_module=dict(memory.by_module))))
+        memory=dict(total=memory.total, by_module=dict(memory.by_module)),
+        planner=None if planner is None else planner.state_dict(), plans=list(plans)))
 
 
-def restore(saved: dict, setup, optimizer, scheduler):
-    """State of a checkpoint (:func:`saved_state`) -> (steps, evals, memory, elapsed)."""
+def restore(saved: dict, setup, optimizer, scheduler, planner=None):
+    """State of a checkpoint (:func:`saved_state`) -> (steps, evals, memory, elapsed, plans
+    rows); the online planner, when given, gets its state back."""
     from collections import defaultdict
 
     from varstudy.randomized.layers import RandomizedLinear
@@ -81,4 +88,7 @@ def restore(saved: dict, setup, optimizer, scheduler):
             module.calls = saved["calls"][name]
     memory = SavedBytes(total=saved["memory"]["total"],
                         by_module=defaultdict(int, saved["memory"]["by_module"]))
-    return list(saved["steps"]), list(saved["evals"]), memory, saved["elapsed"]
+    if planner is not None:
+        planner.load_state_dict(saved["planner"])
+    return (list(saved["steps"]), list(saved["evals"]), memory, saved["elapsed"],
+            list(saved.get("plans", ())))

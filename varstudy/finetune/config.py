@@ -34,6 +34,13 @@ class FinetuneConfig:
     plan: str | None = option(None, "a plan.json of python -m varstudy.plan: per-layer ratios "
                                     "or exact; overrides --ratio/--include/--exclude",
                               metavar="PLAN_JSON")
+    replan_every: int | None = option(None, "re-plan the per-layer sketch sizes online every N "
+                                            "steps, within the bytes of uniform --ratio "
+                                            "(absolute objective, from the sketches alone; "
+                                            "writes plans.csv; none: keep the ratios)")
+    replan_check: bool = option(False, "with --replan-every: also keep X and record each "
+                                       "layer's exact constant beside the online estimate "
+                                       "(validation only: saves no memory)")
     min_rows: int = option(1, "fewest sketch rows k of any layer")
     seed: int = option(0, "seed of the new head, the minibatch order, the sketches and dropout")
     batch_size: int = option(32, "B, examples per training minibatch")
@@ -128,6 +135,25 @@ def check(config: FinetuneConfig) -> None:
                                 "choices: drop --plan, or drop --sketch exact")
         from varstudy.randomized.plan import load_plan
         load_plan(config.plan)  # one-line errors for a missing or malformed plan
+    _check_replan(config)
+
+
+def _check_replan(config: FinetuneConfig) -> None:
+    every = config.replan_every
+    if every is None:
+        if config.replan_check:
+            raise VarstudyError("--replan-check needs --replan-every N; valid choices: add "
+                                "--replan-every 25, or drop --replan-check")
+        return
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise VarstudyError(f"replan_every must be an integer >= 1 step, got {every!r}")
+    if config.sketch == "exact" or config.plan is not None:
+        raise VarstudyError("--replan-every re-plans a uniformly sketched model; valid choices: "
+                            "a sketch family and --ratio without --plan (and not exact)")
+    from varstudy.randomized.online import ONLINE_FAMILIES
+    if config.sketch not in ONLINE_FAMILIES:
+        raise VarstudyError(f"--replan-every does not support --sketch {config.sketch}; valid "
+                            f"choices: {', '.join(ONLINE_FAMILIES)}")
 
 
 def _check_numbers(config: FinetuneConfig) -> None:

@@ -19,7 +19,7 @@ EVAL_COLUMNS = ("step", "metric", "value")
 # Resolved-config keys left out of run.csv (and so of the study's runs.csv, whose columns stay
 # as they were): lists, options that do not change the results, and extras of config.json.
 NOT_IN_RUN = ("converted", "betas", "progress", "resume", "checkpoint_every", "plan", "threads",
-              "save_model")
+              "save_model", "replan_every", "replan_check")
 
 
 @dataclass
@@ -30,12 +30,13 @@ class FinetuneResult:
     steps: pd.DataFrame
     evals: pd.DataFrame
     config: dict
+    plans: pd.DataFrame | None = None  # with replan_every: one row per layer and re-plan
 
 
 def run_tables(config: FinetuneConfig, setup, steps: list, evals: list, memory,
-               threads: int) -> FinetuneResult:
+               threads: int, plans: list | None = None) -> FinetuneResult:
     """The run's tables from its (step, loss, lr, time_s) and (step, metric, value) rows, the
-    saved-bytes report of the first step and the CPU threads in effect."""
+    saved-bytes report of the first step, the CPU threads in effect and the re-plans' rows."""
     steps_df = pd.DataFrame(steps, columns=list(STEP_COLUMNS))
     evals_df = pd.DataFrame(evals, columns=list(EVAL_COLUMNS))
     metric = setup.metrics[0]
@@ -60,13 +61,16 @@ def run_tables(config: FinetuneConfig, setup, steps: list, evals: list, memory,
                saved_mib=memory.total / MIB, saved_linear_mib=memory.for_modules(linear) / MIB,
                peak_cuda_mib=(torch.cuda.max_memory_allocated() / MIB
                               if setup.device == "cuda" else float("nan")))
-    return FinetuneResult(pd.DataFrame([row]), steps_df, evals_df, resolved)
+    plans_df = pd.DataFrame(plans) if config.replan_every else None
+    return FinetuneResult(pd.DataFrame([row]), steps_df, evals_df, resolved, plans_df)
 
 
 def write(result: FinetuneResult, folder: Path) -> Path:
     """Write steps.csv, evals.csv, config.json and, last, run.csv into ``folder`` (atomically)."""
     vio.atomic_write_csv(folder / "steps.csv", result.steps)
     vio.atomic_write_csv(folder / "evals.csv", result.evals)
+    if result.plans is not None:
+        vio.atomic_write_csv(folder / "plans.csv", result.plans)
     vio.atomic_write_json(folder / "config.json", result.config)
     vio.atomic_write_csv(folder / "run.csv", result.run)
     return folder

@@ -203,9 +203,9 @@ def train(config: FinetuneConfig) -> FinetuneResult:
             if setup.device.startswith("cuda"):
                 torch.cuda.manual_seed_all(config.seed)
                 torch.cuda.reset_peak_memory_stats()
-            steps, evals, memory = loop(setup, config, ctx, folder, saved)
+            steps, evals, memory, plans = loop(setup, config, ctx, folder, saved)
             in_effect = torch.get_num_threads()
-        result = run_tables(config, setup, steps, evals, memory, in_effect)
+        result = run_tables(config, setup, steps, evals, memory, in_effect, plans)
         result.config["world_size"] = ctx.world
         if writer:
             if config.save_model:
@@ -234,7 +234,8 @@ def run(config: FinetuneConfig) -> pd.DataFrame:
 def loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context(),
          folder: Path | None = None, saved: dict | None = None):
     """Train ``setup.model`` for ``setup.total_steps`` steps (from a checkpoint ``saved``);
-    returns (steps rows, evals rows, the saved-bytes report of the first step)."""
+    returns (steps rows, evals rows, the saved-bytes report of the first step, the online
+    re-plans' rows)."""
     from varstudy.progress import tqdm
 
     from varstudy.batching import minibatches, pad_batches
@@ -247,9 +248,11 @@ def loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context(
     gen = torch.Generator().manual_seed(config.seed)
     batches = pad_batches(minibatches(setup.train, config.batch_size, generator=gen,
                                       num_batches=setup.total_steps), config.padding)
-    steps, evals, memory, elapsed = [], [], None, 0.0
+    planner = _planner(setup, config, ctx)
+    steps, evals, memory, elapsed, plans = [], [], None, 0.0, []
     if saved is not None:
-        steps, evals, memory, elapsed = ckpt.restore(saved, setup, optimizer, scheduler)
+        steps, evals, memory, elapsed, plans = ckpt.restore(saved, setup, optimizer, scheduler,
+                                                            planner)
     save_every = config.checkpoint_every or every
     bar = tqdm(total=setup.total_steps, desc=run_name(config), initial=len(steps),
                disable=not (config.progress and ctx.is_main), leave=False)
@@ -268,6 +271,10 @@ def loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        record = planner and planner.step()
+        if record:
+            from varstudy.randomized.online import replan_rows
+            plans += replan_rows(record)
         loss = dist.mean_scalar(ctx, out.detach())  # synchronizes; mean over ranks
         if not math.isfinite(loss):
             raise VarstudyError(_non_finite(setup.model, step, loss))
@@ -279,9 +286,24 @@ def loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context(
             evals += evaluations(setup, config, step, evals)
         if folder is not None and ctx.is_main and step % save_every == 0 \
                 and step < setup.total_steps:
-            ckpt.save(folder, config, setup, optimizer, scheduler, steps, evals, memory, elapsed)
+            ckpt.save(folder, config, setup, optimizer, scheduler, steps, evals, memory, elapsed,
+                      planner, plans)
     bar.close()
-    return steps, evals, memory
+    if planner is not None:
+        planner.close()
+    return steps, evals, memory, plans
+
+
+def _planner(setup: Setup, config: FinetuneConfig, ctx: dist.Context):
+    """The online planner of ``--replan-every`` (None without it); one process only."""
+    if config.replan_every is None:
+        return None
+    if ctx.active:
+        raise VarstudyError("--replan-every runs in one process: each rank would plan from its "
+                            "own statistics; valid choices: drop --replan-every under torchrun")
+    from varstudy.randomized.online import OnlinePlanner
+    return OnlinePlanner(setup.model, config.ratio, every=config.replan_every,
+                         reference=config.replan_check)
 
 
 def evaluations(setup: Setup, config: FinetuneConfig, step: int, evals: list) -> list[tuple]:

@@ -10,6 +10,9 @@ the input's storage is larger than the input, the layer computes on a compact co
 saves B·d numbers and the view's storage is freed with its last other user. The copy holds the
 same values, so outputs and gradients equal ``nn.Linear``'s bit for bit; the test is a property
 of the tensor (no host sync). ``derandomize`` turns it back into ``nn.Linear``.
+
+``EXACT_ROWS`` is the same rule for a RandomizedLinear that an online plan makes exact
+(``RandomizedLinear.set_exact``): the "sketch" S = I whose stored SᵀX is the compact input.
 """
 
 from __future__ import annotations
@@ -17,6 +20,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from varstudy.randomized.sketches import Sketch
+
+
+def compact(x: Tensor) -> Tensor:
+    """``x``, or a contiguous copy when ``x`` is a view of a larger storage (NOTE [compact
+    exact])."""
+    if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
 
 
 class CompactLinear(nn.Linear):
@@ -34,7 +47,24 @@ class CompactLinear(nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.untyped_storage().nbytes() > x.numel() * x.element_size():
-            x = x.clone(memory_format=torch.contiguous_format)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(compact(x), self.weight, self.bias)
+
+
+class ExactRows(Sketch):
+    """S = I with k = n: the layer stores its (compact) input and Ĝ = G, with no sketch
+    variance. Not a family to choose: how a RandomizedLinear made exact runs."""
+
+    name = "exact"
+
+    def sketch(self, x, k, seed):
+        return compact(x), ()
+
+    def apply(self, a, k, seed, state):
+        return a
+
+    def form(self, s, a, p, n, k):
+        return 0.0 * a
+
+
+EXACT_ROWS = ExactRows()
 

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from varstudy.errors import VarstudyError
 from varstudy.randomized import rowmask
-from varstudy.randomized.compact import CompactLinear
+from varstudy.randomized.compact import EXACT_ROWS, CompactLinear
 from varstudy.randomized.seeds import derive_seed
 from varstudy.randomized.sketches import Sketch, get_sketch, rows_for
 
@@ -142,15 +142,17 @@ class _SketchedLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, sx, sketch, k, seed, check, ct, *state):
-        ctx.save_for_backward(sx, weight, *state)
+    def forward(ctx, x, weight, bias, sx, sketch, k, seed, check, ct, tracker, xstats, *state):
+        ctx.save_for_backward(sx, weight, *xstats, *state)
         ctx.sketch, ctx.k, ctx.seed, ctx.check, ctx.ct = sketch, k, seed, check, ct
+        ctx.tracker, ctx.n_xstats = tracker, len(xstats)
         ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
         return F.linear(x, weight, bias)  # under the caller's autocast, exactly as nn.Linear
 
     @staticmethod
     def backward(ctx, grad_out):
-        sx, weight, *state = ctx.saved_tensors
+        sx, weight, *rest = ctx.saved_tensors
+        xstats, state = rest[:ctx.n_xstats], rest[ctx.n_xstats:]
         if ctx.check is not None:
             _require_finite(grad_out, ctx.check, "output gradient")
         gx = gw = gb = None
@@ -165,9 +167,11 @@ class _SketchedLinearFn(torch.autograd.Function):
                 sy = ctx.sketch.apply_in_backward(flat, ctx.k, ctx.seed, tuple(state))
                 torch.autograd.Variable._execution_engine.queue_callback(ctx.sketch.release)
                 gw = (sy.T @ sx).to(weight.dtype)
+                if ctx.tracker is not None:  # NOTE [online statistics] in randomized.online
+                    ctx.tracker.add(flat, gw, ctx.sketch, ctx.k, *xstats)
             if ctx.needs_input_grad[2]:
                 gb = flat.sum(0).to(ctx.dtypes[1])
-        return (gx, gw, gb) + (None,) * (6 + len(state))
+        return (gx, gw, gb) + (None,) * (8 + len(state))
 
 
 class RandomizedLinear(nn.Linear):
@@ -191,6 +195,7 @@ class RandomizedLinear(nn.Linear):
         self.sketch = get_sketch(sketch)
         self.seed, self.layer_id, self.calls = int(seed), int(layer_id), 0
         self.cache, self.name, self.row_mask = cache, None, None
+        self.exact, self.tracker = False, None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "RandomizedLinear":
@@ -205,6 +210,7 @@ class RandomizedLinear(nn.Linear):
         new.seed, new.layer_id = int(kwargs.get("seed", 0)), int(kwargs.get("layer_id", 0))
         new.calls, new.cache = 0, kwargs.get("cache")
         new.name, new.row_mask = kwargs.get("name"), kwargs.get("row_mask")
+        new.exact, new.tracker = False, None
         new.training = linear.training
         return new
 
@@ -221,33 +227,42 @@ class RandomizedLinear(nn.Linear):
         ct = _autocast_dtype(x)
         flat = x.detach().reshape(-1, x.shape[-1])
         flat = flat if ct is None else flat.to(ct)
-        k = rows_for(flat.shape[0], self.ratio, self.min_rows)
-        sx, seed, state = self._sketch_input(x, flat, k, ct is not None)
-        out = _SketchedLinearFn.apply(x, self.weight, self.bias, sx, self.sketch, k, seed, check,
-                                      ct, *state)
+        sketch = EXACT_ROWS if self.exact else self.sketch
+        k = flat.shape[0] if self.exact else rows_for(flat.shape[0], self.ratio, self.min_rows)
+        sx, seed, state = self._sketch_input(x, flat, sketch, k, ct is not None)
+        tracker = self.tracker
+        xstats = () if tracker is None else tracker.forward_stats(flat)
+        out = _SketchedLinearFn.apply(x, self.weight, self.bias, sx, sketch, k, seed, check,
+                                      ct, tracker, xstats, *state)
         if check is not None:
             _require_finite(out, check, "output")
         return out
 
-    def _sketch_input(self, x: Tensor, flat: Tensor, k: int, autocast: bool):
+    def _sketch_input(self, x: Tensor, flat: Tensor, sketch: Sketch, k: int, autocast: bool):
         """(SᵀX, seed, state) for this call: a sibling's entry if unused here, else a new draw."""
         seed = derive_seed(self.seed, self.layer_id, self.calls)
         self.calls += 1
         cache = self.cache
-        hit = None if cache is None else cache.get(x, self.sketch, k, flat.dtype, id(self))
+        hit = None if cache is None else cache.get(x, sketch, k, flat.dtype, id(self))
         if hit is not None:
             return hit
         extra = ()
-        if getattr(self.sketch, "uses_mask", False):  # NOTE [real rows] in sketches
+        if getattr(sketch, "uses_mask", False):  # NOTE [real rows] in sketches
             extra = (None if self.row_mask is None else self.row_mask.rows(flat.shape[0]),)
         with torch.no_grad(), _autocast_off(x.device.type, autocast):
-            sx, state = self.sketch.sketch(flat, k, seed, *extra)
+            sx, state = sketch.sketch(flat, k, seed, *extra)
         if cache is not None:
-            cache.put(x, self.sketch, k, sx, seed, state, id(self))
+            cache.put(x, sketch, k, sx, seed, state, id(self))
         return sx, seed, state
 
+    def set_exact(self, exact: bool) -> None:
+        """Store the input itself (Ĝ = G, no sketch variance) or go back to the sketch: what an
+        online plan (:mod:`varstudy.randomized.online`) does to a unit it makes exact."""
+        self.exact = bool(exact)
+
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, sketch={self.sketch.name}, ratio={self.ratio:g}, "
+        ratio = "exact" if self.exact else f"{self.ratio:g}"
+        return (f"{super().extra_repr()}, sketch={self.sketch.name}, ratio={ratio}, "
                 f"min_rows={self.min_rows}")
 
 
