@@ -28,7 +28,7 @@ from varstudy.errors import VarstudyError
 from analysis.figures_checkpoint import checkpoint_vs_n, checkpoint_vs_ratio
 from analysis.figures_accuracy import accuracy_vs_ratio, learning_curve, variance_vs_accuracy
 from analysis.figures_frontier import frontier, frontier_mpnet
-from analysis.figures_plan import plan_accuracy, plan_frontier
+from analysis.figures_plan import online_plans, plan_accuracy, plan_frontier
 from analysis.figures_study import layer_bench, memory_vs_batch, throughput_vs_ratio
 from analysis.figures_variance import (closed_form_vs_mc, ratio_heatmap, variance_by_scope,
                                        variance_ratio_over_training,
@@ -64,6 +64,7 @@ FIGURE_ENTRIES: dict[str, FigureEntry] = {
     "layer_bench": FigureEntry(layer_bench, "layer benchmark: time and memory vs ρ"),
     "plan_frontier": FigureEntry(plan_frontier, "planned vs uniform sizes: variance, time vs bytes"),
     "plan_accuracy": FigureEntry(plan_accuracy, "accuracy of plans vs uniform at equal bytes"),
+    "online_plans": FigureEntry(online_plans, "online re-planning vs the plan from exact stats"),
     "checkpoint_vs_n": FigureEntry(checkpoint_vs_n, "checkpointing: memory and time vs N"),
     "checkpoint_vs_ratio": FigureEntry(checkpoint_vs_ratio,
                                        "checkpointing: overhead vs transfer/compute ratio"),

@@ -127,3 +127,82 @@ def plan_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
     caption = "Best validation accuracy − exact × 100, mean [95% paired t-interval] over seeds"
     paths.append(write_text(out, "plan_accuracy.md", tables.to_markdown(wide, caption)))
     return paths
+
+
+ONLINE_RUN = "online/rows0.1_replan25_seed0"
+OFFLINE_PLAN = "plans/recipe_rows/plan_absolute_0.1.json"
+ONLINE_LINES = {"online": ("online plan (its own window)", "s", "-"),
+                "online_used": ("online plan, as used (next window)", "D", "--"),
+                "offline": ("offline plan from step 0 (recipe_step0)", "^", ":"),
+                "uniform": ("uniform ρ = 0.1", "o", "-")}
+
+
+def online_totals(plans: pd.DataFrame, offline: dict) -> pd.DataFrame:
+    """Per re-plan step, the true sketch variance (under the window's exact constants) of the
+    online plan, of the plan from the exact statistics, of uniform ρ, of the offline plan, and
+    of the previous window's online plan (the one in use during this window)."""
+    from varstudy.randomized.online import plan_variance
+    from varstudy.randomized.plan import EXACT, LayerStats
+
+    rows, previous = [], None
+    for step, g in plans.groupby("step", sort=True):
+        stats = [LayerStats(r.layer, r.unit, r.d_in, r.n_rows, r.c_exact, 0.0)
+                 for r in g.itertuples()]
+        family = g.family.iloc[0]
+        row = dict(step=step, exact_stats=g.var_exact_stats.sum(), online=g.var_online.sum(),
+                   uniform=g.var_uniform.sum(),
+                   offline=plan_variance(offline, stats, family),
+                   online_used=(plan_variance(previous, stats, family) if previous is not None
+                                else np.nan),
+                   exact_units_online=int(g.groupby("unit").exact_online.first().sum()),
+                   exact_units_exact_stats=int(g.groupby("unit").exact_exact_stats.first().sum()),
+                   c_log_error=float(np.median(np.abs(np.log(g.c_online.clip(lower=1e-300)
+                                                             / g.c_exact)))),
+                   ratio_rank_corr=float(g.ratio_online.rank().corr(g.ratio_exact_stats.rank())))
+        rows.append(row)
+        previous = {r.layer: EXACT if r.exact_online else r.ratio_online for r in g.itertuples()}
+    return pd.DataFrame(rows)
+
+
+def online_plans(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
+    """Figure and table: does the online plan (from the sketches alone) track the plan that the
+    exact statistics of the same minibatches give? -> online_plans.md."""
+    import json
+
+    plans = load(results, f"{ONLINE_RUN}/plans.csv",
+                 ("step", "layer", "unit", "d_in", "n_rows", "c_online", "c_exact",
+                  "ratio_online", "exact_online", "ratio_exact_stats", "exact_exact_stats",
+                  "var_online", "var_exact_stats", "var_uniform"))
+    path = Path(results) / OFFLINE_PLAN
+    if not path.is_file():
+        raise MissingResultsError(f"missing input {OFFLINE_PLAN} (not produced yet?)")
+    offline = {name: e["ratio"] for name, e in json.loads(path.read_text())["layers"].items()}
+    totals = online_totals(plans, offline)
+    fig, axes = new_figure(1, 2, panel=(4.6, 3.5), squeeze=False)
+    ax = axes[0, 0]
+    for key, (label, marker, ls) in ONLINE_LINES.items():
+        ax.plot(totals.step, totals[key] / totals.exact_stats, marker=marker, ls=ls, label=label)
+    ax.axhline(1, color="black", lw=1)
+    style_axes(ax, xlabel="training step (re-plan every 25)", logy=True, legend=True,
+               ylabel="sketch variance / plan from exact stats",
+               title="true variance at equal bytes (rows, ρ 0.1)")
+    ax = axes[0, 1]
+    points = ax.scatter(plans.c_exact, plans.c_online.clip(lower=plans.c_exact.min() / 10),
+                        c=plans.step, s=10, cmap="viridis")
+    lo, hi = plans.c_exact.min(), plans.c_exact.max()
+    ax.plot([lo, hi], [lo, hi], color="black", lw=1)
+    fig.colorbar(points, ax=ax, label="step")
+    style_axes(ax, xlabel="C_l from X (exact capture)", ylabel="C_l from the sketch (online)",
+               logx=True, logy=True, title="per layer and window")
+    fig.suptitle("Online re-planning on MiniLM, rotten_tomatoes (B 32, L 64, dynamic padding)")
+    paths = save(fig, out, "online_plans")
+    shown = totals.assign(**{k: (totals[k] / totals.exact_stats).round(3)
+                             for k in ONLINE_LINES})[
+        ["step", "online", "online_used", "offline", "uniform", "exact_units_online",
+         "exact_units_exact_stats", "c_log_error", "ratio_rank_corr"]].round(3)
+    caption = ("Per re-plan: true sketch variance (exact constants of the window) of each plan at "
+               "the bytes of uniform ρ 0.1, over the plan from the exact statistics; exact units "
+               "of the online plan and of that plan; median |log(C_online / C_exact)| over "
+               "layers; rank correlation of the two plans' ratios")
+    paths.append(write_text(out, "online_plans.md", tables.to_markdown(shown, caption)))
+    return paths

@@ -33,7 +33,7 @@ class MissingResultsError(VarstudyError):
 
 # Columns the figures read as text; every other required column must be numeric.
 TEXT_COLUMNS = {"layer", "layer_kind", "family", "task", "model", "metric", "strategy",
-                "workload", "device", "basis", "scope", "objective", "label", "config"}
+                "workload", "device", "basis", "scope", "objective", "label", "config", "unit"}
 
 
 def load(results: Path, relpath: str, required: tuple[str, ...] = ()) -> pd.DataFrame:

@@ -3,6 +3,7 @@ figure command on the committed results (CPU, no GPU, a few seconds)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -165,6 +166,20 @@ def synthetic_results(tmp_path: Path) -> Path:
                  + [dict(family="exact", ratio=1.0, time_ratio=1.0, saved_ratio=1.0,
                          linear_saved_ratio=1.0)]).to_csv(res / "plans" / "bench" / "layers.csv",
                                                           index=False)
+    online = res / "online" / "rows0.1_replan25_seed0"
+    online.mkdir(parents=True)
+    pd.DataFrame([dict(step=step, family="rows", layer=name, unit=name, d_in=8, n_rows=100.0,
+                       c_online=c * (1.1 if step == 25 else 0.9), c_exact=c,
+                       ratio_online=r, exact_online=r == 1.0, ratio_exact_stats=r,
+                       exact_exact_stats=r == 1.0, var_online=0.0 if r == 1.0 else c / r,
+                       var_exact_stats=0.0 if r == 1.0 else c / r, var_uniform=c / 0.1)
+                  for step in (25, 50)
+                  for name, c, r in (("a", 1.0, 0.05), ("b", 4.0, 0.1), ("head", 50.0, 1.0))]
+                 ).to_csv(online / "plans.csv", index=False)
+    (res / "plans" / "recipe_rows").mkdir()
+    (res / "plans" / "recipe_rows" / "plan_absolute_0.1.json").write_text(json.dumps(
+        dict(family="rows", layers={"a": dict(ratio=0.1), "b": dict(ratio=0.1),
+                                    "head": dict(ratio="exact")})))
     curve = res / "study" / "learning_curve" / "lr5e-05" / "accuracy"
     curve.mkdir(parents=True)
     pd.DataFrame([dict(step=s, metric="accuracy", value=0.5 + s / 1000, seed=0)
@@ -326,7 +341,7 @@ def test_figures_build_from_synthetic_results(synthetic_results: Path, tmp_path:
                  "closed_form_vs_mc", "memory_vs_batch", "throughput_vs_ratio",
                  "accuracy_vs_ratio", "layer_bench", "variance_by_scope", "learning_curve",
                  "variance_vs_accuracy", "plan_frontier", "plan_accuracy", "frontier",
-                 "frontier_mpnet"):
+                 "frontier_mpnet", "online_plans"):
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 1000, name
     md = (out / "accuracy_table.md").read_text()
@@ -341,6 +356,8 @@ def test_figures_build_from_synthetic_results(synthetic_results: Path, tmp_path:
     assert "head" in (out / "scope_table.md").read_text()
     assert "relative plan" in (out / "plan_accuracy.md").read_text()
     assert "uniform/planned (absolute)" in (out / "plan_frontier.md").read_text()
+    online = (out / "online_plans.md").read_text()  # uniform: (10 + 40 + 500) / 60; offline 50 / 60
+    assert "| 25 | 1.0 |  | 0.833 | 9.167 | 1 | 1 |" in online
     for table in ("frontier_table.md", "frontier_mpnet_table.md"):
         assert "| 50 % | revolve s=2: peak 0.40, time 1.60× |" in (out / table).read_text()
     # a requested figure whose inputs are missing is an error; under `all` it is skipped

@@ -14,7 +14,7 @@ from varstudy.randomized import plan as P
 from varstudy.randomized.layers import RandomizedLinear, randomize
 from varstudy.randomized.memory import saved_bytes
 from varstudy.randomized.online import (ONLINE_FAMILIES, LayerTracker, OnlinePlanner, constant,
-                                        plan_variance, replan_rows)
+                                        replan_rows)
 from varstudy.randomized.sketches import get_sketch, moments
 
 Z = 4.5  # two-sided false alarm 7e-6 per comparison (normal approximation, fixed seeds)
@@ -119,10 +119,12 @@ def test_planner_applies_plans_within_the_budget_and_resumes():
     rows = replan_rows(record)
     assert len(rows) == len(planner.layers)
     assert all(r["c_exact"] >= 0 and r["ratio_exact_stats"] > 0 for r in rows)
-    # under the exact constants the plan from them is the best of the three
-    best = plan_variance(P.plan_budget(record.exact_stats, "rows", record.uniform.total_stored,
-                                       min_rows=2).ratios, record.exact_stats, "rows")
-    assert best <= plan_variance(record.plan.ratios, record.exact_stats, "rows") * (1 + 1e-9)
+    assert sum(r["var_online_pred"] for r in rows) == pytest.approx(record.plan.total_var)
+    assert sum(r["exact_online"] for r in rows) == sum(
+        v == P.EXACT for v in record.plan.ratios.values())
+    true = {label: sum(r[f"var_{label}"] for r in rows)
+            for label in ("online", "exact_stats", "uniform")}
+    assert true["exact_stats"] <= true["uniform"] * (1 + 1e-9)
     # a fresh planner on a fresh model resumes the same layers and statistics
     again = _tiny()
     resumed = OnlinePlanner(again, 0.25, every=3, reference=True)

@@ -19,7 +19,12 @@ time), ``evals.csv`` (step, metric, value; GLUE metric definitions from ``varstu
 ``run.csv`` (one row: config columns, best/final primary metric, test_at_best, train_time_s,
 saved_mib ...; ``num_threads`` is the CPU thread count in effect), ``config.json`` (the resolved
 config: the options as given, so that ``--config`` reruns the run, plus the resolved device,
-``threads`` in effect, ``world_size``, the converted layers and the budget in steps).
+``threads`` in effect, ``world_size``, the converted layers and the budget in steps), and with
+``replan_every`` (``--replan-every N``) ``plans.csv``: the run re-plans the per-layer ratios every
+N steps within the bytes of uniform ``ratio`` from statistics of the sketches alone
+(:mod:`varstudy.randomized.online`); one row per layer and re-plan (the online estimate of its
+constant, its ratio and whether it is exact; with ``replan_check`` also the exact constant and
+the plan the exact statistics give).
 
 NOTE [durable results / resume]: with ``out`` set, ``checkpoint.pt`` (model, AdamW, scheduler,
 RNG states, randomized-layer call counters, step, the steps/evals rows so far) is written

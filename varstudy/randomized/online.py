@@ -248,31 +248,37 @@ def plan_variance(ratios: dict, stats: list, family: str) -> float:
 
 
 def replan_rows(record: Replan) -> list[dict]:
-    """Tidy rows of one re-plan: per layer its estimate, exact C (with reference), ρ of the
-    online plan and of the plan from the exact statistics, and ρ of uniform."""
+    """Tidy rows of one re-plan, one per layer: its online estimate ``c_online`` and (with
+    reference) exact ``c_exact`` of the window; for the online plan, the plan the exact
+    statistics of the same window give, and uniform ρ: the ratio (1.0 where exact), whether the
+    layer is exact, and (with reference) its true sketch variance under ``c_exact``; plus the
+    online plan's predicted variance ``var_online_pred``."""
     from varstudy.randomized import plan as P
 
+    family = record.plan.family
     exact = {s.name: s for s in record.exact_stats or ()}
-    ref_plan = None
+    plans = {"online": record.plan, "uniform": record.uniform}
     if record.exact_stats:
-        ref_plan = P.plan_budget(record.exact_stats, record.plan.family,
-                                 record.uniform.total_stored, objective="absolute",
-                                 min_rows=record.plan.meta["min_rows"])
+        plans["exact_stats"] = P.plan_budget(record.exact_stats, family,
+                                             record.uniform.total_stored, objective="absolute",
+                                             min_rows=record.plan.meta["min_rows"])
     rows = []
     for s in record.stats:
-        rows.append(dict(step=record.step, layer=s.name, unit=s.unit, d_in=s.d, n_rows=s.n,
-                         c_online=s.c, c_exact=exact[s.name].c if s.name in exact else math.nan,
-                         ratio_online=_num(record.plan.ratios[s.name]),
-                         ratio_exact_stats=_num(ref_plan.ratios[s.name]) if ref_plan else math.nan,
-                         ratio_uniform=_num(record.uniform.ratios[s.name])))
+        row = dict(step=record.step, family=family, layer=s.name, unit=s.unit, d_in=s.d,
+                   n_rows=s.n, c_online=s.c,
+                   c_exact=exact[s.name].c if s.name in exact else math.nan,
+                   var_online_pred=record.plan.var[s.name])
+        for label in ("online", "exact_stats", "uniform"):
+            plan = plans.get(label)
+            ratio = plan.ratios[s.name] if plan else math.nan
+            row[f"ratio_{label}"] = 1.0 if ratio == P.EXACT else float(ratio)
+            row[f"exact_{label}"] = ratio == P.EXACT
+            row[f"var_{label}"] = (plan_variance({s.name: ratio}, [exact[s.name]], family)
+                                   if plan and s.name in exact else math.nan)
+        rows.append(row)
     return rows
 
 
 def _wide(t: Tensor) -> Tensor:
     """float64 stays, anything else computes in float32."""
     return t if t.dtype == torch.float64 else t.float()
-
-
-def _num(ratio) -> float:
-    """ρ as a number, 1.0 for "exact" (exact is told apart by the family's variance, 0)."""
-    return 1.0 if isinstance(ratio, str) else float(ratio)
