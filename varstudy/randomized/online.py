@@ -91,7 +91,7 @@ class LayerTracker:
         c = constant(self.family, s, a_hat, p, n)
         self.sum_c = c if self.sum_c is None else self.sum_c + c
         if x is not None:
-            a = (y.double().T @ x.double()).square().sum()
+            a = (_wide(y).T @ _wide(x)).double().square().sum()
             c_exact = constant(self.family, s, a, p, n)
             self.sum_c_exact = c_exact if self.sum_c_exact is None else self.sum_c_exact + c_exact
         self.calls += 1
