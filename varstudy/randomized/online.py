@@ -31,7 +31,7 @@ Statistics stay on the tensors' device (no host sync); they are read once per re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -107,7 +107,6 @@ class Replan:
     uniform: object
     stats: list
     exact_stats: list | None = None
-    meta: dict = field(default_factory=dict)
 
 
 class OnlinePlanner:
@@ -143,8 +142,9 @@ class OnlinePlanner:
         families = {m.sketch.name for m in self.layers.values()}
         family = families.pop()
         if families or family not in ONLINE_FAMILIES:
-            raise VarstudyError(f"online re-planning needs one family of {', '.join(ONLINE_FAMILIES)}"
-                                f"; the model has {', '.join(sorted(families | {family}))}")
+            raise VarstudyError("online re-planning needs one family of "
+                                f"{', '.join(ONLINE_FAMILIES)}; the model has "
+                                f"{', '.join(sorted(families | {family}))}")
         self.family = next(iter(self.layers.values())).sketch
         self.units = {n: unit_name(n) for n in self.layers}
         self.trackers = {n: LayerTracker(self.family, reference) for n in self.layers}
