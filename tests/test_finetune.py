@@ -293,9 +293,19 @@ def test_save_model_reloads_as_the_trained_model(tmp_path, monkeypatch):
 
     kept = {}
     real = training.save_model
-    monkeypatch.setattr(training, "save_model",
-                        lambda model, name, folder: kept.setdefault("m", model) and
-                        real(model, name, folder))
+    def saving(model, name, folder, progress):
+        from transformers.utils import logging as hf_logging
+
+        kept["m"] = model
+        real_save = model.save_pretrained
+        model.save_pretrained = lambda *a, **k: (kept.setdefault(
+            "bar", hf_logging.is_progress_bar_enabled()), real_save(*a, **k))
+        try:
+            return real(model, name, folder, progress)
+        finally:
+            del model.save_pretrained
+
+    monkeypatch.setattr(training, "save_model", saving)
     config = FinetuneConfig(task="synthetic", sketch="rows", ratio=0.5, save_model=True,
                             out=str(tmp_path), eval_examples=8, **{**TINY, "lr": 1e-3})
     finetune.train(config)
@@ -305,6 +315,8 @@ def test_save_model_reloads_as_the_trained_model(tmp_path, monkeypatch):
     fresh, _ = load_model("tiny-bert", seed=0)
     assert not torch.equal(fresh.classifier.weight, again.classifier.weight)  # it trained
     assert tok("a b")["input_ids"]
+    from transformers.utils import logging as hf_logging  # no bar with progress off, then back
+    assert kept["bar"] is False and hf_logging.is_progress_bar_enabled()
 
 
 def test_save_model_needs_an_output_folder():

@@ -209,18 +209,28 @@ def train(config: FinetuneConfig) -> FinetuneResult:
         result.config["world_size"] = ctx.world
         if writer:
             if config.save_model:
-                save_model(setup.model, config.model, folder / "model")
+                save_model(setup.model, config.model, folder / "model", config.progress)
             write(result, folder)
             vio.remove(folder / ckpt.CHECKPOINT)
     return result
 
 
-def save_model(model, name: str, folder: Path) -> Path:
+def save_model(model, name: str, folder: Path, progress: bool = True) -> Path:
     """The model's weights, config and its tokenizer in Hugging Face format (RandomizedLinear
-    has nn.Linear's state_dict keys, so the folder loads as a plain model)."""
+    has nn.Linear's state_dict keys, so the folder loads as a plain model); transformers' own
+    progress bar only with ``progress``."""
+    from transformers.utils import logging as hf_logging
+
     from varstudy.models import load_tokenizer
 
-    model.save_pretrained(folder)
+    shown = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     load_tokenizer(name, vocab_size=getattr(model.config, "vocab_size", None)).save_pretrained(
         folder)
     return folder
