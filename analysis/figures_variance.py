@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from analysis import plots, tables
 from analysis.results import (FIGURES, RESULTS, MissingResultsError, load, outer_labels, save,
                               write_text)
-from analysis.style import family_style, new_figure, order_families, order_kinds
+from analysis.style import facet_grid, family_style, new_figure, order_families, order_kinds
 
 MEASURE_DEFAULT = "measure/default"
 MEASURE_TRAINING = "measure/over_training"
@@ -69,15 +69,9 @@ def variance_by_scope(results: Path = RESULTS, out: Path = FIGURES) -> list[Path
                    "ratio_ci_high", "layer_ratio_q1", "layer_ratio_median", "layer_ratio_q3"))
     scopes = scopes[scopes.train_step == scopes.train_step.min()]
     fams = order_families(scopes.family)
-    ncols = min(4, len(fams))
-    nrows = -(-len(fams) // ncols)
-    fig, axes = new_figure(nrows, ncols, panel=(3.4, 3.0), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        if i >= len(fams):
-            ax.set_visible(False)
-            continue
-        plots.plot_scope_ratios(scopes, fams[i], ax=ax, legend=False,
-                                title=family_style(fams[i]).label)
+    fig, axes, panels = facet_grid(len(fams), 4, panel=(3.4, 3.0))
+    for fam, ax in zip(fams, panels):
+        plots.plot_scope_ratios(scopes, fam, ax=ax, legend=False, title=family_style(fam).label)
     outer_labels(axes)
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center",
                ncols=3, fontsize="small", frameon=False)
@@ -107,16 +101,11 @@ def build_variance_vs_ratio(summary: pd.DataFrame, train_step: int | None = None
     """Facets by layer kind: sketch variance per family and sampling variance vs ρ."""
     kv = tables.kind_variance(summary, train_step)
     kinds = order_kinds(kv["layer_kind"].unique())
-    ncols = min(3, len(kinds))
-    nrows = -(-len(kinds) // ncols)
-    fig, axes = new_figure(nrows, ncols, panel=(3.6, 3.0), sharex=True)
-    for i, ax in enumerate(axes.flat):
-        if i >= len(kinds):
-            ax.set_visible(False)
-            continue
-        d = kv[kv["layer_kind"] == kinds[i]]
+    fig, axes, panels = facet_grid(len(kinds), 3, panel=(3.6, 3.0), sharex=True)
+    for kind, ax in zip(kinds, panels):
+        d = kv[kv["layer_kind"] == kind]
         plots.plot_variance_vs_ratio(d, ax=ax, legend=False,
-                                     title=f"{kinds[i]} (mean of {d['n_layers'].max()} layers)")
+                                     title=f"{kind} (mean of {d['n_layers'].max()} layers)")
     outer_labels(axes)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(5, len(labels)),

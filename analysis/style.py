@@ -106,6 +106,16 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, panel: tuple[float, float] = F
     return fig, axes
 
 
+def facet_grid(n: int, max_cols: int, **kwargs):
+    """A grid of at least ``n`` panels, at most ``max_cols`` wide, the spare ones hidden:
+    (figure, the axes array, the first ``n`` axes in reading order)."""
+    ncols = max(1, min(max_cols, n))
+    fig, axes = new_figure(-(-n // ncols), ncols, squeeze=False, **kwargs)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes, list(axes.flat[:n])
+
+
 def style_axes(ax: Axes, *, xlabel: str | None = None, ylabel: str | None = None,
                title: str | None = None, logx: bool = False, logy: bool = False,
                legend: bool | str = False) -> Axes:
