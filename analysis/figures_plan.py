@@ -101,9 +101,7 @@ def plan_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
     keep = runs[(runs.family == "exact") | ((runs.family == family)
                                             & runs.ratio.isin(budgets))]
     paired = paired_differences(keep, "best_value")
-    paired["config"] = [("uniform" if s == "all" else "uniform, head exact" if s == "encoder"
-                         else s.split("_", 1)[1].rsplit("_", 1)[0] + " plan")
-                        for s in paired.scope]
+    paired["config"] = [_config_label(s) for s in paired.scope]
     fig, axes = new_figure(1, 1, panel=(6.0, 3.6))
     ax = axes[0, 0]
     configs = list(dict.fromkeys(paired.config))
@@ -118,15 +116,54 @@ def plan_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
     style_axes(ax, ylabel="accuracy − exact (× 100)", legend=True,
                title=f"{family}, paired by seed, 95% t-intervals")
     paths = save(fig, out, "plan_accuracy")
-    table = paired.assign(cell=[f"{100 * m:+.2f} [{100 * a:+.2f}, {100 * b:+.2f}] (n={n})"
-                                for m, a, b, n in zip(paired.diff_mean, paired.diff_ci_low,
-                                                      paired.diff_ci_high, paired.n)])
-    wide = table.pivot_table(index="config", columns="ratio", values="cell", aggfunc="first",
-                             sort=False).reset_index()
-    wide.columns = ["configuration"] + [f"bytes of ρ = {c:g}" for c in wide.columns[1:]]
+    table = paired
+    wide = _wide_cells(table)
     caption = "Best validation accuracy − exact × 100, mean [95% paired t-interval] over seeds"
-    paths.append(write_text(out, "plan_accuracy.md", tables.to_markdown(wide, caption)))
+    against = _wide_cells(_against_uniform(keep, family, budgets))
+    caption2 = ("Best validation accuracy − uniform ρ at the same bytes (all linears sketched) "
+                "× 100, mean [95% paired t-interval] over seeds")
+    paths.append(write_text(out, "plan_accuracy.md", tables.to_markdown(wide, caption) + "\n"
+                            + tables.to_markdown(against, caption2)))
     return paths
+
+
+def _cells(paired: pd.DataFrame) -> pd.DataFrame:
+    return paired.assign(cell=[f"{100 * m:+.2f} [{100 * a:+.2f}, {100 * b:+.2f}] (n={n})"
+                               for m, a, b, n in zip(paired.diff_mean, paired.diff_ci_low,
+                                                     paired.diff_ci_high, paired.n)])
+
+
+def _wide_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration, one column per byte budget."""
+    wide = _cells(table).pivot_table(index="config", columns="ratio", values="cell",
+                                     aggfunc="first", sort=False).reset_index()
+    wide.columns = ["configuration"] + [f"bytes of ρ = {c:g}" for c in wide.columns[1:]]
+    return wide
+
+
+def _config_label(scope: str) -> str:
+    if scope == "all":
+        return "uniform"
+    if scope == "encoder":
+        return "uniform, head exact"
+    return scope.split("_", 1)[1].rsplit("_", 1)[0] + " plan"
+
+
+def _against_uniform(runs: pd.DataFrame, family: str, budgets) -> pd.DataFrame:
+    """Paired differences of every configuration to uniform ρ (scope all) at the same bytes."""
+    frames = []
+    for budget in budgets:
+        at = runs[(runs.family == family) & (runs.ratio == budget)]
+        if not (at.scope == "all").any():
+            continue
+        base = at.scope == "all"
+        relabelled = at.assign(family=np.where(base, "exact", at.family))
+        frames.append(paired_differences(relabelled, "best_value"))
+    if not frames:
+        return pd.DataFrame(columns=["config", "ratio", "diff_mean", "diff_ci_low",
+                                     "diff_ci_high", "n"])
+    paired = pd.concat(frames, ignore_index=True)
+    return paired.assign(config=[_config_label(s) for s in paired.scope])
 
 
 ONLINE_RUN = "online/rows0.1_replan25_seed0"
