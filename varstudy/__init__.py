@@ -5,7 +5,7 @@ Two independent systems and the commands that drive them:
 * ``varstudy.randomized``: randomized backprop through linear layers. ``sketches`` (families,
   closed-form variances), ``layers`` (``RandomizedLinear``, ``randomize``), ``capture`` (X, Y of
   every linear layer), ``variance`` (estimators), ``memory`` (saved-bytes accounting), ``plan``
-  (variance-budgeted per-layer ratios).
+  (variance-budgeted per-layer ratios), ``online`` (re-planning them during training).
 * ``varstudy.checkpointing``: exact backprop through long sequences in bounded memory.
   ``schedules`` (Revolve), ``storage`` (device, host and disk tiers, asynchronous), ``sequence``
   (``checkpointed_scan``, ``checkpointed_sequential``), ``workloads``.
@@ -39,6 +39,7 @@ _API = {
     "saved_bytes": "varstudy.randomized.memory",
     "plan_budget": "varstudy.randomized.plan",
     "plan_target": "varstudy.randomized.plan",
+    "OnlinePlanner": "varstudy.randomized.online",
     "checkpointed_scan": "varstudy.checkpointing.sequence",
     "checkpointed_sequential": "varstudy.checkpointing.sequence",
     "ScanConfig": "varstudy.checkpointing.sequence",
