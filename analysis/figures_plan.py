@@ -107,7 +107,7 @@ def plan_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
     configs = list(dict.fromkeys(paired.config))
     for i, cfg in enumerate(configs):
         s = paired[paired.config == cfg].sort_values("ratio")
-        x = np.arange(len(s)) + 0.15 * (i - (len(configs) - 1) / 2)
+        x = np.array([budgets.index(r) for r in s.ratio]) + 0.15 * (i - (len(configs) - 1) / 2)
         y = 100 * s.diff_mean
         err = np.vstack([y - 100 * s.diff_ci_low, 100 * s.diff_ci_high - y])
         ax.errorbar(x, y, yerr=err, marker="os^v"[i % 4], ls="", capsize=3, label=cfg)
