@@ -136,7 +136,8 @@ def _cells(paired: pd.DataFrame) -> pd.DataFrame:
 def _wide_cells(table: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration, one column per byte budget."""
     wide = _cells(table).pivot_table(index="config", columns="ratio", values="cell",
-                                     aggfunc="first", sort=False).reset_index()
+                                     aggfunc="first", sort=False)
+    wide = wide[sorted(wide.columns, reverse=True)].reset_index()  # largest budget first
     wide.columns = ["configuration"] + [f"bytes of ρ = {c:g}" for c in wide.columns[1:]]
     return wide
 
