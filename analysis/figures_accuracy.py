@@ -18,6 +18,7 @@ RUNS = "study/accuracy/runs.csv"
 RUN_COLUMNS = ("task", "family", "ratio", "scope", "seed", "metric", "best_value")
 BUDGET_STEPS = 200  # the recipe's budget (varstudy.study preset "cpu"), marked on the curve
 TARGET = 0.80
+GRID_SCOPES = ("all", "encoder")  # uniform ρ; plan scopes are "plan:<name>"
 
 
 def learning_curve(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
@@ -88,10 +89,11 @@ def accuracy_vs_ratio(results: Path = RESULTS, out: Path = FIGURES) -> list[Path
     paired = paired_tables(runs)
     exact = runs[runs.family == "exact"]
     n_seeds = int(exact.seed.nunique())
+    grid = paired[paired.scope.isin(GRID_SCOPES)]  # plans: figure plan_accuracy
     fig, axes = new_figure(1, 2, panel=(5.2, 4.0))
     for ax, value, what in zip(axes.flat, ("best_value", "test_at_best"),
                                ("best validation accuracy", "test accuracy at that step")):
-        plots.plot_paired_vs_ratio(paired[paired.value == value], ax=ax, legend=False,
+        plots.plot_paired_vs_ratio(grid[grid.value == value], ax=ax, legend=False,
                                    title=f"{what} (exact: {100 * exact[value].mean():.1f})")
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right center",
                fontsize="x-small", frameon=False)
@@ -142,7 +144,7 @@ def variance_vs_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[P
     paired accuracy cost; Spearman's ρ with a bootstrap interval -> variance_accuracy_link.*"""
     runs = load(results, RUNS, RUN_COLUMNS)
     paired = paired_differences(runs, "best_value")
-    paired = paired[paired.scope.isin(("all", "encoder"))]
+    paired = paired[paired.scope.isin(GRID_SCOPES)]
     summaries = []
     for when, run in (("step 0", "measure/recipe_step0"), ("end of training",
                                                             "measure/recipe_end")):

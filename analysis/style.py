@@ -34,10 +34,10 @@ class FamilyStyle:
 
 FAMILY_STYLES: dict[str, FamilyStyle] = {
     "exact": FamilyStyle(OKABE_ITO["black"], "s", "exact"),
-    "gaussian": FamilyStyle(OKABE_ITO["orange"], "o", "Gaussian"),
+    "gaussian": FamilyStyle(OKABE_ITO["blue"], "o", "Gaussian"),
     "rademacher": FamilyStyle(OKABE_ITO["sky_blue"], "^", "Rademacher"),
     "countsketch": FamilyStyle(OKABE_ITO["green"], "D", "CountSketch"),
-    "srht": FamilyStyle(OKABE_ITO["blue"], "v", "SRHT"),
+    "srht": FamilyStyle(OKABE_ITO["orange"], "v", "SRHT"),
     "rows": FamilyStyle(OKABE_ITO["vermillion"], "P", "rows (uniform)"),
     "rows-wor": FamilyStyle(OKABE_ITO["yellow"], "X", "rows (w/o repl.)"),
     "rows-norm": FamilyStyle(OKABE_ITO["purple"], "*", "rows (norm)"),
