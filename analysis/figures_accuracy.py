@@ -159,8 +159,8 @@ def variance_vs_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[P
     for i, when in enumerate(whens):
         for j, name in enumerate(SUMMARIES):
             r = linked[(linked.when == when) & (linked.summary == name)].iloc[0]
-            title = (f"{when}: ρ_s {r.spearman:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
-                     if np.isfinite(r.spearman) else f"{when}: n < 3")
+            title = (f"{when}\nρ_s {r.spearman:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
+                     if np.isfinite(r.spearman) else f"{when}\nn < 3")
             plots.plot_summary_vs_cost(merged[merged.when == when], name, ax=axes[i, j],
                                        title=title)
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside right center",
