@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis import plots, tables
+from analysis import plots_frontier, tables
 from analysis.results import FIGURES, RESULTS, config, load, save, write_text
 from analysis.style import new_figure
 
@@ -128,9 +128,9 @@ def build_frontier(front: pd.DataFrame, title: str = "", budgets: Sequence[float
     """Figure: memory vs time (added variance as colour) and memory vs added variance."""
     points = frontier_points(front)
     fig, axes = new_figure(1, 2, panel=(5.4, 4.4))
-    plots.plot_frontier(points, ax=axes[0, 0], budgets=budgets,
+    plots_frontier.plot_frontier(points, ax=axes[0, 0], budgets=budgets,
                         title="time vs memory (colour: added variance)")
-    plots.plot_frontier_variance(points, ax=axes[0, 1], budgets=budgets,
+    plots_frontier.plot_frontier_variance(points, ax=axes[0, 1], budgets=budgets,
                                  title="added variance vs memory")
     if title:
         fig.suptitle(title)
