@@ -10,7 +10,11 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+from analysis.style import OKABE_ITO
+
+# One colour per strategy, in this order, from the palette every figure uses.
+STRATEGY_COLOURS = [OKABE_ITO[c] for c in ("blue", "orange", "green", "vermillion", "purple",
+                                           "sky_blue", "yellow", "black")]
 STRATEGY_ORDER = ["store_all", "torch_checkpoint", "revolve", "multistage_host", "multistage_disk"]
 MARKERS = dict(zip(STRATEGY_ORDER, "osD^v"))
 
@@ -18,7 +22,7 @@ MARKERS = dict(zip(STRATEGY_ORDER, "osD^v"))
 def colour(strategy: str) -> str:
     """Fixed colour per strategy, so every figure agrees."""
     order = STRATEGY_ORDER + [strategy]
-    return OKABE_ITO[order.index(strategy) % len(OKABE_ITO)]
+    return STRATEGY_COLOURS[order.index(strategy) % len(STRATEGY_COLOURS)]
 
 
 def style_axis(ax: Axes, xlabel: str, ylabel: str, *, logx: bool = False, logy: bool = False) -> Axes:
