@@ -290,21 +290,20 @@ def plot_summary_vs_cost(df: pd.DataFrame, summary: str, *, ax: Axes | None = No
     """Paired accuracy difference (95% CI) against one variance summary per configuration:
     colour by family, filled markers for scope "all", hollow for "encoder"."""
     ax = _axes(ax)
+    x = df[summary].clip(lower=ZERO_AT)
     for (fam, scope), d in df.groupby(["family", "scope"], sort=False):
         st = family_style(fam)
         y = d["diff_mean"] * scale
         err = np.vstack([y - d["diff_ci_low"] * scale, d["diff_ci_high"] * scale - y])
-        x = d[summary].clip(lower=ZERO_AT)
-        ax.errorbar(x, y, yerr=err, color=st.color, marker=st.marker, ms=5, lw=0, elinewidth=1,
-                    capsize=2, mfc="white" if scope == "encoder" else st.color,
+        ax.errorbar(x[d.index], y, yerr=err, color=st.color, marker=st.marker, ms=5, lw=0,
+                    elinewidth=1, capsize=2, mfc="white" if scope == "encoder" else st.color,
                     label=f"{st.label}, {scope}")
     ax.axhline(0.0, color="black", lw=1.0)
     zero = bool((df[summary] < ZERO_AT).any())
     xlabel = summary.replace("_", " ") + (f" (0 drawn at {ZERO_AT:g})" if zero else "")
     style_axes(ax, xlabel=xlabel, ylabel=f"accuracy − exact (× {scale:g})", title=title,
                logx=True, legend=legend)
-    low, high = df[summary].clip(lower=ZERO_AT).agg(["min", "max"])
-    wide = np.log10(high / low) > 3  # 1-2-5 ticks crowd a range of many decades
+    wide = np.log10(x.max() / x.min()) > 3  # 1-2-5 ticks crowd a range of many decades
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(NullFormatter())
