@@ -10,7 +10,7 @@ import pandas as pd
 
 from analysis import plots, tables
 from analysis.results import FIGURES, RESULTS, MissingResultsError, load, save, write_text
-from analysis.stats import paired_differences
+from analysis.stats import paired_contrast, paired_differences
 from analysis.style import new_figure
 from analysis.summaries import SUMMARIES, link, variance_summaries
 
@@ -19,6 +19,7 @@ RUN_COLUMNS = ("task", "family", "ratio", "scope", "seed", "metric", "best_value
 BUDGET_STEPS = 200  # the recipe's budget (varstudy.study preset "cpu"), marked on the curve
 TARGET = 0.80
 GRID_SCOPES = ("all", "encoder")  # uniform ρ; plan scopes are "plan:<name>"
+BASE_FAMILY = "rows"  # the family every other one is contrasted with at equal ρ and scope
 
 
 def learning_curve(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
@@ -63,9 +64,34 @@ def paired_tables(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def paired_wide(paired: pd.DataFrame, value: str, scale: float = 100.0) -> pd.DataFrame:
-    """Rows (family, scope), columns ρ; cells "mean [low, high]" × scale, "*" when the 95%
-    interval excludes 0 ("[one seed]" where one pair has no interval; "(n=…)" when seeds
+def paired_contrasts(runs: pd.DataFrame) -> pd.DataFrame:
+    """The grid's configurations against each other, paired by seed, at every ρ both have:
+    "<family>: all − encoder" (what sketching the head costs) and "<family> − rows, <scope>"
+    (one family against the base family), for the best validation and the test score."""
+    grid = runs[runs.scope.isin(GRID_SCOPES)]
+    rows = []
+    for value in ("best_value", "test_at_best"):
+        if value not in grid:
+            continue
+        by = {key: g.set_index("seed")[value]
+              for key, g in grid.groupby(["family", "scope", "ratio"], sort=False)}
+        for (family, scope, ratio), a in by.items():
+            against = []
+            if scope == "all" and (family, "encoder", ratio) in by:
+                against.append((f"{family}: all − encoder", by[family, "encoder", ratio]))
+            if family != BASE_FAMILY and (BASE_FAMILY, scope, ratio) in by:
+                against.append((f"{family} − {BASE_FAMILY}, {scope}",
+                                by[BASE_FAMILY, scope, ratio]))
+            rows += [dict(contrast=name, ratio=ratio, value=value, **paired_contrast(a, b))
+                     for name, b in against]
+    return pd.DataFrame(rows).sort_values(["value", "contrast"], kind="stable",
+                                          ignore_index=True) if rows else pd.DataFrame()
+
+
+def paired_wide(paired: pd.DataFrame, value: str, scale: float = 100.0,
+                index: tuple[str, ...] = ("family", "scope")) -> pd.DataFrame:
+    """Rows ``index`` (family, scope), columns ρ; cells "mean [low, high]" × scale, "*" when the
+    95% interval excludes 0 ("[one seed]" where one pair has no interval; "(n=…)" when seeds
     differ)."""
     p = paired[paired.value == value].copy()
     show_n = p.n.nunique() > 1
@@ -75,7 +101,7 @@ def paired_wide(paired: pd.DataFrame, value: str, scale: float = 100.0) -> pd.Da
                  for m, lo, hi, d, n in zip(p.diff_mean, p.diff_ci_low, p.diff_ci_high,
                                             p.distinguishable, p.n)]
     p["col"] = [f"{100 * r:g}%" for r in p.ratio]
-    wide = p.pivot_table(index=["family", "scope"], columns="col", values="cell",
+    wide = p.pivot_table(index=list(index), columns="col", values="cell",
                          aggfunc="first", fill_value="", sort=False)
     cols = [f"{100 * r:g}%" for r in sorted(p.ratio.unique(), reverse=True)]
     wide = wide[[c for c in cols if c in wide.columns]].reset_index()
@@ -114,7 +140,26 @@ def accuracy_vs_ratio(results: Path = RESULTS, out: Path = FIGURES) -> list[Path
             tex.append(tables.to_latex(wide, caption, f"tab:paired-{value}"))
     paths.append(write_text(out, "paired_diff.md", "\n".join(md)))
     paths.append(write_text(out, "paired_diff.tex", "\n".join(tex)))
-    return paths + accuracy_table(runs, out)
+    return paths + contrast_tables(runs, out) + accuracy_table(runs, out)
+
+
+def contrast_tables(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """paired_contrasts.{csv,md}: the grid's scopes and families against each other."""
+    contrasts = paired_contrasts(runs)
+    if contrasts.empty:
+        return []
+    Path(out).mkdir(parents=True, exist_ok=True)
+    contrasts.to_csv(Path(out) / "paired_contrasts.csv", index=False)
+    md = []
+    for value, what in (("best_value", "best validation accuracy"),
+                        ("test_at_best", "test accuracy at the best validation step")):
+        if (contrasts.value == value).any():
+            caption = (f"Paired difference a − b of the {what} × 100 between configurations, "
+                       "mean [95% t-interval] over seeds; * the interval excludes 0")
+            md.append(tables.to_markdown(paired_wide(contrasts, value, index=("contrast",)),
+                                         caption))
+    return [Path(out) / "paired_contrasts.csv", write_text(out, "paired_contrasts.md",
+                                                           "\n".join(md))]
 
 
 def accuracy_table(runs: pd.DataFrame, out: Path) -> list[Path]:

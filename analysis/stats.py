@@ -9,6 +9,8 @@ DataFrame in, DataFrame (or numbers) out; nothing here plots or reads files.
   mean d̄, sd s_d (ddof 1), the two-sided Student-t interval d̄ ± t_{(1+level)/2, n−1} s_d/√n and
   the p-value of the paired t-test (``scipy.stats.ttest_rel``); the difference is
   *distinguishable* from zero when the interval excludes 0.
+* :func:`paired_contrast`: the same statistics for any two configurations (a − b), e.g. one
+  scope against the other or one family against another at equal ρ.
 * :func:`rank_correlation`: Spearman's ρ between two per-configuration quantities, with a
   percentile bootstrap interval over configurations (seeded).
 """
@@ -59,23 +61,33 @@ def paired_differences(runs: pd.DataFrame, value: str = "best_value",
     base = exact.set_index("seed")[value]
     rows = []
     for key, group in runs[runs.family != EXACT].groupby(list(keys), sort=False):
-        pairs = group.set_index("seed")[value].to_frame("config").join(base.rename("exact"),
-                                                                       how="inner").dropna()
-        rows.append(dict(zip(keys, key), value=value, **_paired(pairs, level)))
+        stats_ = paired_contrast(group.set_index("seed")[value], base, level)
+        rows.append(dict(zip(keys, key), value=value, mean_config=stats_.pop("mean_a"),
+                         mean_exact=stats_.pop("mean_b"), **stats_))
     return pd.DataFrame(rows, columns=[*keys, *PAIRED_COLUMNS[3:]])
 
 
+def paired_contrast(a: pd.Series, b: pd.Series, level: float = 0.95) -> dict:
+    """Paired-t statistics of a − b over the seeds both have (Series indexed by seed).
+
+    Returns n, mean_a, mean_b, diff_mean, diff_sd, diff_ci_low, diff_ci_high, p_value and
+    distinguishable (the interval excludes 0); NaNs (and not distinguishable) below 2 pairs.
+    """
+    pairs = a.rename("a").to_frame().join(b.rename("b"), how="inner").dropna()
+    return _paired(pairs, level)
+
+
 def _paired(pairs: pd.DataFrame, level: float) -> dict:
-    d = (pairs.config - pairs.exact).to_numpy(dtype=float)
+    d = (pairs.a - pairs.b).to_numpy(dtype=float)
     n = d.size
-    out = dict(n=n, mean_config=float(pairs.config.mean()), mean_exact=float(pairs.exact.mean()),
+    out = dict(n=n, mean_a=float(pairs.a.mean()), mean_b=float(pairs.b.mean()),
                diff_mean=float(d.mean()) if n else np.nan, diff_sd=np.nan, diff_ci_low=np.nan,
                diff_ci_high=np.nan, p_value=np.nan, distinguishable=False)
     if n < 2:
         return out
     sd = float(d.std(ddof=1))
     half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / np.sqrt(n)
-    p = float(stats.ttest_rel(pairs.config, pairs.exact).pvalue) if sd > 0 else \
+    p = float(stats.ttest_rel(pairs.a, pairs.b).pvalue) if sd > 0 else \
         (1.0 if d.mean() == 0 else 0.0)
     out.update(diff_sd=sd, diff_ci_low=float(d.mean() - half), diff_ci_high=float(d.mean() + half),
                p_value=p, distinguishable=bool(d.mean() - half > 0 or d.mean() + half < 0))

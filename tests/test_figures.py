@@ -351,6 +351,8 @@ def test_figures_build_from_synthetic_results(synthetic_results: Path, tmp_path:
     paired = pd.read_csv(out / "paired_diff.csv")
     assert set(paired.value) == {"best_value", "test_at_best"} and (paired.n == 3).all()
     assert "*" in (out / "paired_diff.md").read_text()  # distinguishable cells are marked
+    contrasts = pd.read_csv(out / "paired_contrasts.csv")
+    assert "gaussian: all − encoder" in set(contrasts.contrast) and (contrasts.n == 3).all()
     link = pd.read_csv(out / "variance_accuracy_link.csv")
     assert set(link.when) == {"step 0", "end of training"} and len(link) == 12
     assert "head" in (out / "scope_table.md").read_text()

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.stats import paired_differences, rank_correlation
+from analysis.stats import paired_contrast, paired_differences, rank_correlation
 from varstudy.errors import VarstudyError
 
 EXACT = [0.80, 0.82, 0.79, 0.81, 0.83]
@@ -74,3 +74,33 @@ def test_paired_table_cells_show_intervals_and_lone_pairs():
     assert wide.loc["rows", "10%"].startswith(f"{d.mean():+.2f} [{low:+.2f}, {high:+.2f}]*")
     assert wide.loc["rows", "50%"].startswith("-1.00 [one seed]")
     assert "nan" not in wide.to_string()
+
+
+def test_paired_contrast_matches_scipy_and_pairs_by_seed():
+    a = pd.Series(ROWS, index=range(5))
+    b = pd.Series(GAUSS[::-1], index=range(4, -1, -1))  # the same seeds, listed in reverse
+    out = paired_contrast(a, b)
+    d = np.subtract(ROWS, GAUSS)
+    low, high = stats.t.interval(0.95, 4, loc=d.mean(), scale=stats.sem(d))
+    assert out["n"] == 5 and out["diff_mean"] == pytest.approx(d.mean(), abs=1e-15)
+    assert (out["diff_ci_low"], out["diff_ci_high"]) == pytest.approx((low, high), abs=1e-12)
+    assert out["p_value"] == pytest.approx(stats.ttest_rel(ROWS, GAUSS).pvalue, rel=1e-12)
+    assert out["mean_a"] == pytest.approx(np.mean(ROWS))
+    assert out["distinguishable"] == (high < 0 or low > 0)
+    lone = paired_contrast(a, pd.Series([0.5], index=[2]))
+    assert lone["n"] == 1 and np.isnan(lone["diff_ci_low"]) and not lone["distinguishable"]
+
+
+def test_paired_contrasts_compare_scopes_and_families_at_equal_ratio():
+    from analysis.figures_accuracy import paired_contrasts
+    rows = [dict(family=f, ratio=r, scope=sc, seed=s, best_value=v, test_at_best=v)
+            for f, r, sc, values in (("rows", 0.1, "all", ROWS), ("rows", 0.1, "encoder", EXACT),
+                                     ("gaussian", 0.1, "all", GAUSS),
+                                     ("gaussian", 0.2, "encoder", GAUSS))
+            for s, v in enumerate(values)]
+    table = paired_contrasts(pd.DataFrame(rows)).query("value == 'best_value'")
+    got = {(c, r): m for c, r, m in zip(table.contrast, table.ratio, table.diff_mean)}
+    # gaussian 0.2 encoder has no rows 0.2 encoder and no all-scope twin: no contrast
+    assert set(got) == {("rows: all − encoder", 0.1), ("gaussian − rows, all", 0.1)}
+    assert got["rows: all − encoder", 0.1] == pytest.approx(np.mean(np.subtract(ROWS, EXACT)))
+    assert got["gaussian − rows, all", 0.1] == pytest.approx(np.mean(np.subtract(GAUSS, ROWS)))
