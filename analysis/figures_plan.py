@@ -10,7 +10,7 @@ import pandas as pd
 
 from analysis import tables
 from analysis.results import FIGURES, RESULTS, MissingResultsError, load, save, write_text
-from analysis.stats import paired_differences
+from analysis.stats import paired_contrast, paired_differences
 from analysis.style import family_style, new_figure, order_families, percent_ticks, style_axes
 
 OBJECTIVE_MARKERS = {"uniform": ("o", "-"), "absolute": ("s", "--"), "relative": ("^", ":")}
@@ -152,19 +152,16 @@ def _config_label(scope: str) -> str:
 
 def _against_uniform(runs: pd.DataFrame, family: str, budgets) -> pd.DataFrame:
     """Paired differences of every configuration to uniform ρ (scope all) at the same bytes."""
-    frames = []
+    rows = []
     for budget in budgets:
         at = runs[(runs.family == family) & (runs.ratio == budget)]
-        if not (at.scope == "all").any():
-            continue
-        base = at.scope == "all"
-        relabelled = at.assign(family=np.where(base, "exact", at.family))
-        frames.append(paired_differences(relabelled, "best_value"))
-    if not frames:
-        return pd.DataFrame(columns=["config", "ratio", "diff_mean", "diff_ci_low",
-                                     "diff_ci_high", "n"])
-    paired = pd.concat(frames, ignore_index=True)
-    return paired.assign(config=[_config_label(s) for s in paired.scope])
+        uniform = at[at.scope == "all"].set_index("seed").best_value
+        rows += [dict(config=_config_label(scope), ratio=budget,
+                      **paired_contrast(g.set_index("seed").best_value, uniform))
+                 for scope, g in at[at.scope != "all"].groupby("scope", sort=False)
+                 if not uniform.empty]
+    return pd.DataFrame(rows, columns=["config", "ratio", "diff_mean", "diff_ci_low",
+                                       "diff_ci_high", "n"] if not rows else None)
 
 
 ONLINE_RUN = "online/rows0.1_replan25_seed0"
