@@ -26,10 +26,12 @@ def _axes(ax: Axes | None) -> Axes:
     return new_figure()[1][0, 0] if ax is None else ax
 
 
-def _dodge(families: Sequence[str], width: float = 0.06) -> dict[str, float]:
-    """Multiplicative x offsets (log axes) so error bars of families do not overlap."""
+def _dodge(families: Sequence[str], width: float = 0.06, spread: float = 0.2) -> dict[str, float]:
+    """Multiplicative x offsets (log axes) so error bars of families do not overlap: ``width``
+    apart in log x, the outermost at most ``spread`` / 2 from the true x in log x (≈ ±10 %)."""
     n = len(families)
-    return {f: float(np.exp(width * (i - (n - 1) / 2))) for i, f in enumerate(families)}
+    step = min(width, spread / max(n - 1, 1))
+    return {f: float(np.exp(step * (i - (n - 1) / 2))) for i, f in enumerate(families)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +264,8 @@ def plot_paired_vs_ratio(paired: pd.DataFrame, *, ax: Axes | None = None, scale:
     (family, scope): colour by family, line style by scope; 0 (no cost) as a black line."""
     ax = _axes(ax)
     fams = order_families(paired["family"])
-    dodge = _dodge([f"{f}/{s}" for f in fams for s in SCOPE_LINES])
+    present = set(zip(paired["family"], paired["scope"]))
+    dodge = _dodge([f"{f}/{s}" for f in fams for s in SCOPE_LINES if (f, s) in present])
     for fam in fams:
         st = family_style(fam)
         for scope, d in paired[paired["family"] == fam].groupby("scope", sort=False):

@@ -329,6 +329,20 @@ def test_plot_memory_and_metric_vs_ratio():
     assert ax.get_xscale() == "log" and ax.get_ylabel() == "matthews"
 
 
+def test_paired_vs_ratio_keeps_every_point_near_its_ratio():
+    """Dodging separates the series but moves no point more than 0.1 in log ρ (about ±10 %)."""
+    rows = [dict(family=f, scope=sc, ratio=r, diff_mean=-0.01, diff_ci_low=-0.02,
+                 diff_ci_high=0.0)
+            for f in ("gaussian", "rows", "countsketch", "rows-norm")
+            for sc in ("all", "encoder") for r in (0.05, 0.1, 0.5)]
+    ax = plots.plot_paired_vs_ratio(pd.DataFrame(rows))
+    xs = [np.asarray(c.lines[0].get_xdata(), dtype=float) for c in ax.containers]
+    assert len(xs) == 8
+    shift = np.log(np.array(xs) / np.array([0.05, 0.1, 0.5]))
+    assert np.abs(shift).max() <= 0.1 + 1e-12  # ±0.1 in log ρ: about ±10 %
+    assert len({round(float(s), 9) for s in shift[:, 0]}) == 8  # each series its own offset
+
+
 # --------------------------------------------------------------------------------------------
 # Figure command
 # --------------------------------------------------------------------------------------------
