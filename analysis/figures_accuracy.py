@@ -20,6 +20,8 @@ BUDGET_STEPS = 200  # the recipe's budget (varstudy.study preset "cpu"), marked 
 TARGET = 0.80
 GRID_SCOPES = ("all", "encoder")  # uniform ρ; plan scopes are "plan:<name>"
 BASE_FAMILY = "rows"  # the family every other one is contrasted with at equal ρ and scope
+SCORES = {"best_value": "best validation accuracy",  # per-run score -> what it is, in captions
+          "test_at_best": "test accuracy at the best validation step"}
 
 
 def learning_curve(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
@@ -59,8 +61,7 @@ def learning_curve(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
 
 def paired_tables(runs: pd.DataFrame) -> pd.DataFrame:
     """Paired differences to exact of the best validation score and of the test score at it."""
-    parts = [paired_differences(runs, value) for value in ("best_value", "test_at_best")
-             if value in runs]
+    parts = [paired_differences(runs, value) for value in SCORES if value in runs]
     return pd.concat(parts, ignore_index=True)
 
 
@@ -70,7 +71,7 @@ def paired_contrasts(runs: pd.DataFrame) -> pd.DataFrame:
     (one family against the base family), for the best validation and the test score."""
     grid = runs[runs.scope.isin(GRID_SCOPES)]
     rows = []
-    for value in ("best_value", "test_at_best"):
+    for value in SCORES:
         if value not in grid:
             continue
         by = {key: g.set_index("seed")[value]
@@ -130,8 +131,7 @@ def accuracy_vs_ratio(results: Path = RESULTS, out: Path = FIGURES) -> list[Path
     paired.to_csv(Path(out) / "paired_diff.csv", index=False)
     paths.append(Path(out) / "paired_diff.csv")
     md, tex = [], []
-    for value, what in (("best_value", "best validation accuracy"),
-                        ("test_at_best", "test accuracy at the best validation step")):
+    for value, what in SCORES.items():
         if (paired.value == value).any():
             wide = paired_wide(paired, value)
             caption = (f"Paired difference to exact of the {what} × 100, mean [95% t-interval] "
@@ -151,8 +151,7 @@ def contrast_tables(runs: pd.DataFrame, out: Path) -> list[Path]:
     Path(out).mkdir(parents=True, exist_ok=True)
     contrasts.to_csv(Path(out) / "paired_contrasts.csv", index=False)
     md = []
-    for value, what in (("best_value", "best validation accuracy"),
-                        ("test_at_best", "test accuracy at the best validation step")):
+    for value, what in SCORES.items():
         if (contrasts.value == value).any():
             caption = (f"Paired difference a − b of the {what} × 100 between configurations, "
                        "mean [95% t-interval] over seeds; * the interval excludes 0")
