@@ -1,4 +1,4 @@
-"""Durable result files: atomic writes, append-only chunks, writability checks, checkpoints.
+"""Durable result files: atomic writes, append-only chunks, staged results, locks, checkpoints.
 
 NOTE [durability]: a final file is written to a temporary file in the same directory, flushed,
 fsynced and moved into place with ``os.replace``, so its name appears only once its content is
@@ -15,18 +15,37 @@ run (``fcntl.flock`` on ``<folder>/.lock``, non-blocking); a second run on the s
 with one line naming the holder's pid instead of appending duplicate rows next to the first.
 The OS drops the lock when its process ends, however it ends, so a crash never leaves the folder
 locked (at most an unlocked ``.lock`` file, reused by the next run); a run that ends normally,
-with or without an error, removes the file.
+with or without an error, removes the file. The lock file is opened with ``O_NOFOLLOW``: a
+``.lock`` that is a symlink or not a regular file is refused, never written through.
+
+NOTE [staged results]: a finished result is replaced only by a finished result. Every command
+writes into a staging folder (:func:`staged`): ``<parent>/.<name>.staging`` beside a folder it
+replaces as a whole, or ``<out>/.<command>.staging/`` for the files it owns in a shared folder.
+An interrupted or failed run leaves the finished result byte for byte and its own partial
+state in the staging folder, where ``--resume`` continues; a run without ``--resume`` discards
+only that staging folder; ``--resume`` with no staging folder starts from a copy of the finished
+result. Once the run has finished, a mark is written and the result moves in: a whole folder
+by one ``renameat2(RENAME_EXCHANGE)`` (two renames where the OS lacks it), a file set one
+``os.replace`` per name (a name the new run no longer produces is removed). A crash after the
+mark is rolled forward by the next run on that folder, so the folder never mixes two results.
+
+NOTE [data, never code]: checkpoints load with ``torch.load(weights_only=True)`` (tensors and
+plain containers only) and result folders are read as data: a folder handed over by someone
+else can make a run refuse, never run code or write outside the folder through a symlink.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import secrets
+import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from varstudy.errors import VarstudyError
 
@@ -140,14 +159,16 @@ def load_checkpoint(path) -> dict:
 
     with _wrapped("reading", path):
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
+            saved = torch.load(path, map_location="cpu", weights_only=True)  # data, never code
         except OSError:
             raise
         except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors of a damaged file
+            why = (f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+                   if "weights only load failed" not in str(err).lower() else
+                   "damaged, or it holds more than tensors and plain data; nothing in it was run")
             raise VarstudyError(
-                f"checkpoint {path} is unreadable ({type(err).__name__}: "
-                f"{' '.join(str(err).split())[:200]}); valid choices: delete it and rerun (the "
-                "run starts over from its last finished part), or rerun without --resume") \
+                f"checkpoint {path} is unreadable ({why}); valid choices: delete it and rerun "
+                "(the run starts over from its last finished part), or rerun without --resume") \
                 from None
     if not isinstance(saved, dict):
         raise VarstudyError(f"checkpoint {path} holds a {type(saved).__name__}, not a "
@@ -268,9 +289,7 @@ def output_lock(folder: str | os.PathLike, name: str = ".lock"):
     folder = Path(folder)
     path = folder / name
     while True:
-        with _wrapped("locking", path):
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(folder, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -282,11 +301,7 @@ def output_lock(folder: str | os.PathLike, name: str = ".lock"):
         except OSError as err:
             os.close(fd)
             raise _fail("locking", path, err) from err
-        try:  # the holder before us may have removed the file between our open and flock
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
+        if _same_file(fd, path):  # the holder before us may have removed it meanwhile
             break
         os.close(fd)
     try:
@@ -295,9 +310,214 @@ def output_lock(folder: str | os.PathLike, name: str = ".lock"):
         os.ftruncate(fd, len(pid))
         yield path
     finally:
-        with _ignored():
-            os.unlink(path)  # still locked: a run that opened it now sees another file
+        if _same_file(fd, path):  # a published swap may have moved ours away: never unlink
+            with _ignored():     # the lock file of a run that came after
+                os.unlink(path)  # still locked: a run that opened it now sees another file
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _open_lock(folder: Path, path: Path) -> int:
+    """Open (create) lock file ``path`` without following a symlink; a ``.lock`` that is a
+    symlink or not a regular file is refused (it is never written through)."""
+    refused = VarstudyError(f"lock file {path} is a symlink or not a regular file; valid "
+                            "choices: remove it (no run of varstudy makes one), or another --out")
+    with _wrapped("locking", path):
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                raise refused from None
+            raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refused
+    return fd
+
+
+STAGING = ".staging"  # suffix of a staging folder (NOTE [staged results])
+
+
+def staging_path(final: str | os.PathLike, *, files=None, name: str | None = None) -> Path:
+    """Where :func:`staged` stages ``final``: ``<parent>/.<final's name>.staging`` for a whole
+    folder, ``<final>/.<name>.staging`` for a file set (``name`` defaults to the stem of the
+    first file), so an interrupted run's state is found again by the next ``--resume``."""
+    if files is None:
+        final = _real(Path(final))
+        return final.parent / f".{final.name}{STAGING}"
+    return Path(final) / f".{name or Path(files[0]).stem}{STAGING}"
+
+
+def resume_source(final, *, files=None, name: str | None = None) -> Path:
+    """The folder whose state a ``--resume`` continues: the staging folder an interrupted run
+    left, else ``final`` (which :func:`staged` copies); for checks made before the lock."""
+    stage = staging_path(final, files=files, name=name)
+    return stage if _is_dir(stage) else Path(final)
+
+
+@contextmanager
+def staged(final, *, resume: bool = False, files=None,
+           name: str | None = None) -> Iterator[Path]:
+    """Yield the staging folder to write into; publish on normal exit (files=None: the whole
+    folder ``final`` is replaced; files=(names...): only those names inside folder ``final``
+    are replaced, or removed where the staging folder has none); on an exception leave
+    ``final`` untouched and keep the staging folder for --resume (NOTE [staged results]).
+
+    The staging folder is, with ``resume``, the one an interrupted run left, else a copy of
+    ``final`` (whole folder: all of it but locks and temporary files; file set: the names in
+    ``files``; regular files and folders only, symlinks are skipped); without ``resume`` it
+    starts empty (an old staging folder is discarded, ``final`` is not touched). Call it
+    holding :func:`output_lock` of the folder that holds the result. ``files`` may name folders
+    (``chunks``); they are moved into place in order, so list the completion marker last.
+    ``name`` names a file set's staging folder (``<final>/.<name>.staging``).
+    """
+    whole = files is None
+    final = _real(Path(final)) if whole else Path(final)
+    if whole and final.parent == final:
+        raise VarstudyError(f"cannot replace {final} as a whole; valid choices: a folder "
+                            "below it (--out)")
+    stage = staging_path(final, files=files, name=name)
+    with _wrapped("staging", stage):
+        _recover(final, stage, files)
+        if not resume or not _is_dir(stage):
+            _discard(stage)
+            stage.mkdir(parents=True)
+            if resume and _is_dir(final):
+                _copy_tree(final, stage, None if whole else set(files))
+    yield stage
+    with _wrapped("publishing", final):
+        if whole:
+            ident = os.lstat(stage)
+            atomic_write_json(_folder_mark(final), dict(dev=ident.st_dev, ino=ident.st_ino))
+        else:
+            present = [f for f in files if os.path.lexists(stage / f)]
+            atomic_write_json(stage / _MARK, dict(present=present))
+        _recover(final, stage, files)  # from the mark on, a crash rolls forward
+
+
+_MARK = ".publishing.json"  # in a file set's staging folder: finished, being moved into place
+
+
+def _folder_mark(final: Path) -> Path:
+    return final.parent / f".{final.name}.publishing.json"
+
+
+def _real(final: Path) -> Path:
+    """``final`` absolute, its last part not a symlink (a linked folder is replaced where it
+    lies)."""
+    final = Path(os.path.abspath(final))
+    return final.resolve() if final.is_symlink() else final
+
+
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _discard(path: Path) -> None:
+    """Delete a file, a symlink (never its target) or a folder tree, if there."""
+    if _is_dir(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _put(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, deleting what ``dst`` held (a folder: renamed aside first)."""
+    if _is_dir(src) or _is_dir(dst):
+        old = dst.parent / f".{dst.name.lstrip('.')}.old-{secrets.token_hex(4)}"
+        if os.path.lexists(dst):
+            os.rename(dst, old)  # a crash here: the marked publication moves src in next time
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+    _fsync_dir(dst.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False when unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):  # pragma: no cover
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # pragma: no cover - glibc < 2.28
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # pragma: no cover - fs lacks it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _recover(final: Path, stage: Path, files) -> None:
+    """Finish a publication that was marked (its result is complete) and perhaps interrupted:
+    move the rest in (roll forward) and delete what it replaced; no mark: nothing to do."""
+    if files is None:
+        mark = _folder_mark(final)
+        if not mark.is_file():
+            return
+        new = read_json(mark)
+        ident = os.lstat(stage) if _is_dir(stage) else None
+        if ident is not None and (ident.st_dev, ident.st_ino) == (new.get("dev"), new.get("ino")):
+            if not (_is_dir(final) and _exchange(stage, final)):  # atomic where Linux can
+                _put(stage, final)
+        shutil.rmtree(stage, ignore_errors=True)  # after the exchange: the replaced result
+        _fsync_dir(final.parent)
+        with _ignored():
+            os.unlink(mark)
+        return
+    if not (stage / _MARK).is_file():
+        return
+    present = set(read_json(stage / _MARK).get("present", ()))
+    for entry in files:  # the caller's names only: the mark never names a path
+        src, dst = stage / entry, final / entry
+        if entry in present and os.path.lexists(src):
+            _put(src, dst)
+        elif entry not in present and os.path.lexists(dst):
+            _discard(dst)
+    shutil.rmtree(stage)
+    _fsync_dir(final)
+
+
+def _copy_tree(src: Path, dst: Path, only: set | None) -> None:
+    """Copy the regular files and folders of ``src`` into folder ``dst`` (fsynced); symlinks
+    and special files are skipped, never followed; ``only``: these top-level names, else all
+    but locks, temporary files and staging folders."""
+    for entry in os.scandir(src):
+        if only is not None and entry.name not in only:
+            continue
+        if only is None and (entry.name.endswith((".lock", STAGING, _MARK))
+                             or entry.name.startswith(".tmp-")):
+            continue
+        target = dst / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            target.mkdir()
+            _copy_tree(Path(entry.path), target, None)
+        elif entry.is_file(follow_symlinks=False):
+            _copy_file(entry.path, target)
+    _fsync_dir(dst)
+
+
+def _copy_file(src, dst: Path) -> None:
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK
+    with open(os.open(src, os.O_RDONLY | flags), "rb") as fin, \
+            open(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flags, 0o666), "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
 
 
 def remove(*paths) -> None:
