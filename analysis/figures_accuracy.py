@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots, tables
-from analysis.results import FIGURES, RESULTS, MissingResultsError, load, save, write_text
-from analysis.stats import paired_contrast, paired_differences
+from analysis.results import (FIGURES, RESULTS, MissingResultsError, load, require_rows,
+                              save, write_text)
+from analysis.stats import paired_contrast, paired_differences, with_holm
 from analysis.style import new_figure
-from analysis.summaries import SUMMARIES, link, variance_summaries
+from analysis.summaries import SUMMARIES, link, link_differences, variance_summaries
 
 RUNS = "study/accuracy/runs.csv"
 RUN_COLUMNS = ("task", "family", "ratio", "scope", "seed", "metric", "best_value")
@@ -22,6 +23,12 @@ GRID_SCOPES = ("all", "encoder")  # uniform ρ; plan scopes are "plan:<name>"
 BASE_FAMILY = "rows"  # the family every other one is contrasted with at equal ρ and scope
 SCORES = {"best_value": "best validation accuracy",  # per-run score -> what it is, in captions
           "test_at_best": "test accuracy at the best validation step"}
+# NOTE [multiple comparisons] (analysis.stats): the Holm families of the paired tables, one per
+# score: every configuration against exact (paired_diff), and in paired_contrasts the scope
+# contrasts (what the exact head buys) apart from the family contrasts (one family against rows)
+AGAINST_EXACT = "configuration − exact"
+SCOPE_CONTRAST, FAMILY_CONTRAST = "all − encoder", f"family − {BASE_FAMILY}"
+HOLM_MARK = "†"
 
 
 def learning_curve(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
@@ -62,7 +69,8 @@ def learning_curve(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
 def paired_tables(runs: pd.DataFrame) -> pd.DataFrame:
     """Paired differences to exact of the best validation score and of the test score at it."""
     parts = [paired_differences(runs, value) for value in SCORES if value in runs]
-    return pd.concat(parts, ignore_index=True)
+    paired = pd.concat(parts, ignore_index=True).assign(holm_family=AGAINST_EXACT)
+    return with_holm(paired, ["value", "holm_family"])
 
 
 def paired_contrasts(runs: pd.DataFrame) -> pd.DataFrame:
@@ -79,28 +87,34 @@ def paired_contrasts(runs: pd.DataFrame) -> pd.DataFrame:
         for (family, scope, ratio), a in by.items():
             against = []
             if scope == "all" and (family, "encoder", ratio) in by:
-                against.append((f"{family}: all − encoder", by[family, "encoder", ratio]))
+                against.append((f"{family}: all − encoder", SCOPE_CONTRAST,
+                                by[family, "encoder", ratio]))
             if family != BASE_FAMILY and (BASE_FAMILY, scope, ratio) in by:
-                against.append((f"{family} − {BASE_FAMILY}, {scope}",
+                against.append((f"{family} − {BASE_FAMILY}, {scope}", FAMILY_CONTRAST,
                                 by[BASE_FAMILY, scope, ratio]))
-            rows += [dict(contrast=name, ratio=ratio, value=value, **paired_contrast(a, b))
-                     for name, b in against]
-    return pd.DataFrame(rows).sort_values(["value", "contrast"], kind="stable",
-                                          ignore_index=True) if rows else pd.DataFrame()
+            rows += [dict(contrast=name, ratio=ratio, value=value, **paired_contrast(a, b),
+                          holm_family=kind) for name, kind, b in against]
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows).sort_values(["value", "contrast"], kind="stable",
+                                           ignore_index=True)
+    return with_holm(table, ["value", "holm_family"])
 
 
 def paired_wide(paired: pd.DataFrame, value: str, scale: float = 100.0,
                 index: tuple[str, ...] = ("family", "scope")) -> pd.DataFrame:
     """Rows ``index`` (family, scope), columns ρ; cells "mean [low, high]" × scale, "*" when the
-    95% interval excludes 0 ("[one seed]" where one pair has no interval; "(n=…)" when seeds
-    differ)."""
+    95% interval excludes 0, "†" (:data:`HOLM_MARK`) when the Holm-adjusted p-value of the row's
+    family is below 0.05 (where ``paired`` has ``distinguishable_holm``) ("[one seed]" where one
+    pair has no interval; "(n=…)" when seeds differ)."""
     p = paired[paired.value == value].copy()
     show_n = p.n.nunique() > 1
+    holm = p.distinguishable_holm if "distinguishable_holm" in p else [False] * len(p)
     p["cell"] = [(f"{m * scale:+.2f} [{lo * scale:+.2f}, {hi * scale:+.2f}]" if n >= 2
                   else f"{m * scale:+.2f} [one seed]")
-                 + ("*" if d else "") + (f" (n={n})" if show_n else "")
-                 for m, lo, hi, d, n in zip(p.diff_mean, p.diff_ci_low, p.diff_ci_high,
-                                            p.distinguishable, p.n)]
+                 + ("*" if d else "") + (HOLM_MARK if h else "") + (f" (n={n})" if show_n else "")
+                 for m, lo, hi, d, h, n in zip(p.diff_mean, p.diff_ci_low, p.diff_ci_high,
+                                               p.distinguishable, holm, p.n)]
     p["col"] = [f"{100 * r:g}%" for r in p.ratio]
     wide = p.pivot_table(index=list(index), columns="col", values="cell",
                          aggfunc="first", fill_value="", sort=False)
@@ -135,7 +149,7 @@ def accuracy_vs_ratio(results: Path = RESULTS, out: Path = FIGURES) -> list[Path
         if (paired.value == value).any():
             wide = paired_wide(paired, value)
             caption = (f"Paired difference to exact of the {what} × 100, mean [95% t-interval] "
-                       "over seeds; * the interval excludes 0")
+                       f"over seeds; * the interval excludes 0; {_holm_note(paired, value)}")
             md.append(tables.to_markdown(wide, caption))
             tex.append(tables.to_latex(wide, caption, f"tab:paired-{value}"))
     paths.append(write_text(out, "paired_diff.md", "\n".join(md)))
@@ -154,11 +168,20 @@ def contrast_tables(runs: pd.DataFrame, out: Path) -> list[Path]:
     for value, what in SCORES.items():
         if (contrasts.value == value).any():
             caption = (f"Paired difference a − b of the {what} × 100 between configurations, "
-                       "mean [95% t-interval] over seeds; * the interval excludes 0")
+                       "mean [95% t-interval] over seeds; * the interval excludes 0; "
+                       f"{_holm_note(contrasts, value)}")
             md.append(tables.to_markdown(paired_wide(contrasts, value, index=("contrast",)),
                                          caption))
     return [Path(out) / "paired_contrasts.csv", write_text(out, "paired_contrasts.md",
                                                            "\n".join(md))]
+
+
+def _holm_note(table: pd.DataFrame, value: str) -> str:
+    """Caption text for the Holm mark: the families of ``value``'s rows and their sizes."""
+    sizes = table[table.value == value].groupby("holm_family", sort=False).holm_m.first()
+    families = " or ".join(f"the {m} '{name}' contrasts" for name, m in sizes.items())
+    return (f"{HOLM_MARK} Holm-adjusted p < 0.05 in its Holm family of this score ({families}; "
+            "p_holm in the CSV)")
 
 
 def accuracy_table(runs: pd.DataFrame, out: Path) -> list[Path]:
@@ -198,6 +221,8 @@ def variance_vs_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[P
     summaries = pd.concat(summaries, ignore_index=True)
     linked = link(paired, summaries)
     merged = paired.merge(summaries, on=["family", "ratio", "scope"])
+    require_rows(merged, f"no (family, ratio) of {RUNS} is in measure/recipe_*/layers.csv",
+                 "measure runs over the accuracy grid's families and ratios")
     whens = list(dict.fromkeys(merged.when))
     fig, axes = new_figure(len(whens), len(SUMMARIES), panel=(3.1, 2.9), squeeze=False)
     for i, when in enumerate(whens):
@@ -219,6 +244,25 @@ def variance_vs_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[P
                   for r, a, b in zip(linked.spearman, linked.ci_low, linked.ci_high)],
         spearman=[f"{r:+.2f}" if np.isfinite(r) else "" for r in linked.spearman])[
         ["when", "summary", "n_configs", "spearman", "interval"]]
+    diffs = link_differences(paired, summaries)
+    diffs.to_csv(Path(out) / "variance_accuracy_link_diff.csv", index=False)
+    text = [tables.to_markdown(shown, caption), tables.to_markdown(_shown_differences(diffs), (
+        "Does one summary rank the costs better than another? Spearman ρ(a) − ρ(b) over the "
+        "same configurations with a paired bootstrap 95% interval (the same resamples for "
+        "both); ρ is negative here, so a negative difference means a ranks them more "
+        "strongly; an interval that includes 0: not distinguishable"))]
     paths += [Path(out) / "variance_accuracy_link.csv",
-              write_text(out, "variance_accuracy_link.md", tables.to_markdown(shown, caption))]
+              Path(out) / "variance_accuracy_link_diff.csv",
+              write_text(out, "variance_accuracy_link.md", "\n".join(text))]
     return paths
+
+
+def _shown_differences(diffs: pd.DataFrame) -> pd.DataFrame:
+    finite = np.isfinite(diffs.difference)
+    return diffs.assign(
+        difference=[f"{d:+.2f}" if ok else "" for d, ok in zip(diffs.difference, finite)],
+        interval=[f"[{a:+.2f}, {b:+.2f}]" if ok else "fewer than 3 configurations"
+                  for a, b, ok in zip(diffs.ci_low, diffs.ci_high, finite)],
+        distinguishable=["yes" if ok and (a > 0 or b < 0) else "no"
+                         for a, b, ok in zip(diffs.ci_low, diffs.ci_high, finite)])[
+        ["a", "b", "n_configs", "difference", "interval", "distinguishable"]]

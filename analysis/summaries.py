@@ -16,6 +16,12 @@ variance and the others none, so from one measure run, per (family, ratio, scope
   variance, Var_total,l / Var_sampling,l − 1.
 
 Means are over the run's minibatches (sketch_l and sampling_l are per-layer means first).
+
+:func:`link` gives each summary's Spearman correlation with the accuracy cost;
+:func:`link_differences` whether one summary ranks the costs better than another: the
+difference of the two correlations over the same configurations, with a paired bootstrap
+interval (:func:`analysis.stats.rank_correlation_difference`). "a predicts better than b" is
+claimed only when that interval excludes 0.
 """
 
 from __future__ import annotations
@@ -79,3 +85,37 @@ def link(paired: pd.DataFrame, summaries: pd.DataFrame, *, n_boot: int = 2000,
             rows.append(dict(when=when, summary=name, n_configs=len(g), spearman=rho,
                              ci_low=low, ci_high=high))
     return pd.DataFrame(rows)
+
+
+REFERENCE = ("step 0", "ratio_model")  # the model total at step 0: what a measure run reports first
+
+
+def link_differences(paired: pd.DataFrame, summaries: pd.DataFrame, pairs=None, *,
+                     n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """ρ_s(a) − ρ_s(b) between two (when, summary) predictors of the paired accuracy difference
+    over the same configurations, with a paired bootstrap interval (seeded).
+
+    ``pairs``: ((when_a, summary_a), (when_b, summary_b)) tuples; default every summary against
+    the model total at the same ``when``, and the model total at the last ``when`` against
+    :data:`REFERENCE`. Spearman's ρ here is negative (more variance, larger cost), so a negative
+    difference means a ranks the costs more strongly than b. Returns one row per pair: a, b
+    ("<when>: <summary>"), n_configs, difference, ci_low, ci_high.
+    """
+    from analysis.stats import rank_correlation_difference
+
+    merged = paired.merge(summaries, on=["family", "ratio", "scope"], how="inner")
+    wide = merged.pivot_table(index=["family", "ratio", "scope"], columns="when",
+                              values=[*SUMMARIES, "diff_mean"], sort=False)
+    whens = list(dict.fromkeys(merged.when))
+    if pairs is None:
+        pairs = [((w, name), (w, "ratio_model")) for w in whens for name in SUMMARIES
+                 if name != "ratio_model"]
+        pairs += [((w, "ratio_model"), REFERENCE) for w in whens[1:] if REFERENCE[0] in whens]
+    rows = []
+    for a, b in pairs:
+        y = wide["diff_mean", a[0]]
+        diff, low, high = rank_correlation_difference(wide[a[1], a[0]], wide[b[1], b[0]], y,
+                                                      n_boot=n_boot, seed=seed)
+        rows.append(dict(a=f"{a[0]}: {a[1]}", b=f"{b[0]}: {b[1]}", n_configs=len(wide),
+                         difference=diff, ci_low=low, ci_high=high))
+    return pd.DataFrame(rows, columns=["a", "b", "n_configs", "difference", "ci_low", "ci_high"])
