@@ -164,3 +164,19 @@ def test_a_failed_fresh_run_leaves_the_finished_result_alone(tmp_path):
     assert sorted(set(pd.read_csv(tmp_path / "varstudy" / "layers.csv").train_step)) == \
         [0, 2, 4]
     assert not (tmp_path / "varstudy" / ".callback.staging").exists()
+
+
+def test_resume_keeps_rows_up_to_its_step_and_refuses_an_incomplete_measurement(tmp_path):
+    from varstudy.hf import rows_up_to
+
+    lines = ["train_step,batch,family,ratio\n"] + [f"{t},{b},rows,0.25\n" for t in (0, 2, 4)
+                                                  for b in (0, 1)]
+    assert rows_up_to(lines, 3) == lines[:5] and rows_up_to(lines, 4) == lines
+    with pytest.raises(VarstudyError, match="no train_step.*valid choices: a fresh run"):
+        rows_up_to(lines[:1] + ["rows,0,0.25\n"], 3)
+    cb = _callback()
+    cb._check_resumed("".join(lines))  # the same options, complete steps
+    with pytest.raises(VarstudyError, match="incomplete measurement; valid choices"):
+        cb._check_resumed("".join(lines[:-1]))  # step 4 lost its batch 1
+    with pytest.raises(VarstudyError, match="other families, ratios or num_batches"):
+        cb._check_resumed("".join(lines).replace("0.25", "0.5"))

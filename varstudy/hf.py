@@ -7,9 +7,11 @@ fixed for the whole run (drawn once with the run's seed, batch size and data col
 * per (family, ratio) the sketch/sampling variance ratio of the encoder, the head and the whole
   model, and of every layer kind, plus the sampling variance of each scope, logged through
   ``trainer.log`` (so TensorBoard, W&B, CSV loggers and ``trainer.state.log_history`` get them);
-* every per-layer row appended to ``<output_dir>/varstudy/layers.csv`` in the measure schema
-  (:mod:`varstudy.measure`), with ``summary.csv`` and ``scopes.csv`` written when training ends,
-  so :mod:`analysis` plots them like a ``python -m varstudy.measure`` run.
+* every per-layer row in ``<output_dir>/varstudy/layers.csv`` in the measure schema
+  (:mod:`varstudy.measure`), with ``summary.csv`` and ``scopes.csv``, so :mod:`analysis` plots
+  them like a ``python -m varstudy.measure`` run. The rows are appended during training to
+  ``<output_dir>/varstudy/.callback.staging/layers.csv`` and the three tables replace the
+  folder's earlier ones when training ends (NOTE [callback tables]).
 
 The measurement is :func:`varstudy.measure.measure_now`: exact gradients (a randomized model is
 measured through its exact layers), dropout off, no ``.grad`` touched, train mode restored.
@@ -168,19 +170,25 @@ class VarianceCallback(TrainerCallback):
         return stage
 
     def _check_resumed(self, text: str) -> None:
-        """Refuse to append to rows measured with other families, ratios or held batches."""
+        """Refuse to append to rows measured with other families, ratios or held batches, or
+        to an incomplete measurement."""
         import io
 
         import pandas as pd
 
-        earlier = pd.read_csv(io.StringIO(text))[["family", "ratio", "batch"]]
+        earlier = pd.read_csv(io.StringIO(text))
         want = {(f, float(r), b) for f in self.families for r in self.ratios
                 for b in range(self.num_batches)}
-        if set(earlier.itertuples(index=False, name=None)) != want:
+        have = earlier[["family", "ratio", "batch"]].itertuples(index=False, name=None)
+        if set(have) != want:
             raise VarstudyError(
                 f"the rows in {self.folder} of the run this one resumes were measured with "
                 "other families, ratios or num_batches; valid choices: the same VarianceCallback "
                 "options as that run, or a fresh run (another output_dir, or out=...)")
+        if earlier.groupby("train_step").size().nunique() != 1:
+            raise VarstudyError(
+                f"the rows in {self.folder} of the run this one resumes hold an incomplete "
+                "measurement; valid choices: resume from an earlier checkpoint, or a fresh run")
 
     def _publish(self) -> None:
         """summary.csv and scopes.csv from all staged rows, then the staged tables into place."""
@@ -235,7 +243,14 @@ def cuda_devices(args, model) -> list[int]:
 def rows_up_to(lines: list[str], step: int) -> list[str]:
     """The header and the rows of train_step <= ``step`` of layers.csv ``lines`` (each line as
     written; train_step is the first column, NOTE [callback tables])."""
-    return lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
+    def step_of(line: str) -> int:
+        try:
+            return int(line.split(",", 1)[0])
+        except ValueError:
+            raise VarstudyError(f"a row of the resumed run's layers.csv starts with no "
+                                f"train_step ({line[:40]!r}); valid choices: a fresh run "
+                                "(train() without resume_from_checkpoint)") from None
+    return lines[:1] + [line for line in lines[1:] if step_of(line) <= step]
 
 
 def held_batches(dataset, collate, num_batches: int, batch_size: int, seed: int):
