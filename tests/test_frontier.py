@@ -4,6 +4,7 @@ the engine's plan argument, the selection functions on a hand-made table, the fi
 import contextlib
 import json
 import math
+from unittest import mock
 
 import matplotlib
 import numpy as np
@@ -14,20 +15,25 @@ import torch
 matplotlib.use("Agg")
 
 from analysis import figures  # noqa: E402
-from analysis.figures_frontier import choose, frontier_points, pareto  # noqa: E402
+from analysis.figures_frontier import choose, frontier_points, pareto, within_tau  # noqa: E402
 from varstudy import study  # noqa: E402
-from varstudy.study import StudyConfig  # noqa: E402
+from varstudy.study import StudyConfig, frontier_study, frontier_variance  # noqa: E402
 
 TINY = dict(model="tiny-bert", task="synthetic", families=("gaussian", "rows"), ratios=(0.5,),
             batch_size=8, max_length=16, slots=(1, 2), num_batches=2, frontier_ratio=0.5,
             repeats=2, warmup_steps=0, progress=False)
 
 
+MC_DRAWS = 16  # NOTE [combined variance]: more draws than the default, for a tighter check
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     config = StudyConfig(out=str(out), **TINY)
-    return config, study.frontier(config).set_index("config"), out / "frontier"
+    with mock.patch.object(frontier_variance, "MC_DRAWS", MC_DRAWS):
+        table = study.frontier(config).set_index("config")
+    return config, table, out / "frontier"
 
 
 def test_one_row_per_configuration(run):
@@ -114,12 +120,83 @@ def test_sketches_add_variance_and_save_forward_bytes(run):
     assert (noisy.var_ratio_all > 0).all() and (noisy.var_ratio_encoder > 0).all()
     assert (noisy.forward_ratio < 1).all() and (noisy.peak_ratio < 1).all()
     assert set(table.loc[table.kind == "plan", "var_source"]) == {"closed form, planned rows"}
-    # checkpointing is exact: the combination has its sketch's variance and less memory
-    for combo in ("revolve s=2 + rows 0.5", "torch + rows 0.5"):
-        assert table.loc[combo, "var_ratio_all"] == table.loc["rows 0.5", "var_ratio_all"]
+    for combo in ("revolve s=2 + rows 0.5", "torch + rows 0.5"):  # less memory than either
         assert table.loc[combo, "peak_bytes"] < table.loc["rows 0.5", "peak_bytes"]
     assert table.loc["revolve s=2 + rows 0.5", "peak_bytes"] < \
         table.loc["revolve s=2", "peak_bytes"]
+
+
+COMBOS = {"revolve s=2 + rows 0.5": "revolve", "torch + rows 0.5": "torch"}
+
+
+def test_combined_variance_is_measured_and_agrees_with_the_closed_form(run):
+    """NOTE [combined variance]: checkpointing + sketch is measured by Monte Carlo on the real
+    checkpointed gradients, independently of the sketch-only row's closed form; checkpointing
+    is exact, so the two agree within the Monte Carlo error. z = 4.5 per comparison (6 of
+    them: family-wise false-alarm rate about 4e-5 under the normal approximation)."""
+    _, table, _ = run
+    closed = table.loc["rows 0.5"]
+    assert closed.var_source == "closed form, uniform" and np.isnan(closed.var_sketch_se_all)
+    for combo, strategy in COMBOS.items():
+        row = table.loc[combo]
+        assert row.var_source == (f"monte carlo under {strategy} checkpointing, {MC_DRAWS} "
+                                  "draws per minibatch")
+        for scope in ("encoder", "head", "all"):
+            se = row[f"var_sketch_se_{scope}"]
+            assert 0 < se < 0.25 * closed[f"var_sketch_{scope}"], (combo, scope)
+            z = (row[f"var_sketch_{scope}"] - closed[f"var_sketch_{scope}"]) / se
+            assert abs(z) < 4.5, (combo, scope, z)
+            assert row[f"var_sampling_{scope}"] == closed[f"var_sampling_{scope}"]
+            assert row[f"var_ratio_{scope}"] == pytest.approx(
+                row[f"var_sketch_{scope}"] / row[f"var_sampling_{scope}"], rel=1e-12)
+    # both recompute exactly and draw the same sketches (the same seed): the same numbers
+    columns = [c for c in table.columns if c.startswith(("var_sketch", "var_ratio"))]
+    assert (table.loc["torch + rows 0.5", columns] ==
+            table.loc["revolve s=2 + rows 0.5", columns]).all()
+
+
+@pytest.fixture(scope="module")
+def held():
+    """A tiny-bert model and two held minibatches, as the study makes them."""
+    config = StudyConfig(out="-", **TINY)
+    model, _, _, batches, _ = frontier_study._inputs(config, "cpu")
+    return model, batches
+
+
+def _scaled_logits(factor):
+    """A 'checkpoint' that changes the gradient: the classifier's output scaled by ``factor``."""
+    @contextlib.contextmanager
+    def block(model, setup):
+        classifier = model.classifier  # the randomized one, looked up when the block starts
+        forward = classifier.forward
+        classifier.forward = lambda x: forward(x) * factor
+        try:
+            with frontier_study._checkpointed(model, setup):
+                yield
+        finally:
+            del classifier.forward
+    return block
+
+
+def test_combined_measurement_is_the_sketch_only_one_bit_for_bit(held):
+    """With the same seed every sketch is the same, so exact recomputation gives the sketch-only
+    model's Monte Carlo estimate bit for bit; a checkpoint that changed the gradient (here by
+    0.1 %) would not."""
+    model, batches = held
+    sampling = {f"var_sampling_{s}": 1.0 for s in ("encoder", "head", "all")}
+    plain = frontier_study.Setup("rows 0.5", "sketch", family="rows", ratio=0.5)
+    setups = [("plain", plain)] + [(s.name, s) for s in frontier_study.setups(
+        StudyConfig(out="-", **TINY)) if s.kind == "combined"]
+    got = {name: frontier_variance.monte_carlo(model, setup, batches, sampling,
+                                               frontier_study._checkpointed)
+           for name, setup in setups}
+    numbers = {k: {c: v for c, v in g.items() if c != "var_source"} for k, g in got.items()}
+    assert numbers["plain"]["var_sketch_all"] > 0
+    for combo in COMBOS:
+        assert numbers[combo] == numbers["plain"], combo
+    broken = frontier_variance.monte_carlo(model, plain, batches, sampling,
+                                           _scaled_logits(1.001))
+    assert broken["var_sketch_head"] != numbers["plain"]["var_sketch_head"]
 
 
 def test_measure_now_with_a_plan_uses_each_layers_rows(tmp_path):
@@ -208,6 +285,26 @@ def test_choose_by_hand():
     assert loose.loc["variance", "config"] == "torch + rows 0.1"  # 1.25 beats 1.55
 
 
+def test_choose_by_scope_by_hand():
+    """The τ criterion by the encoder total as well as the model total: a plan that keeps the
+    head exact is within τ by the model total (0.8) but not by its encoder's 5.6."""
+    assert set(choose(frontier_points(HAND)).criterion) == {"exact", "variance"}  # no encoder
+    hand = HAND.assign(var_ratio_encoder=HAND.var_ratio_all.where(HAND.config != "rows plan",
+                                                                  5.6))
+    points = frontier_points(hand)
+    got = choose(points).set_index(["budget", "criterion"])
+    assert got.loc[(0.75, "variance"), "config"] == "rows plan"
+    # 75 %: by the encoder only rows 0.5 (0.95×, 0.5) adds variance within τ; it beats torch
+    assert got.loc[(0.75, "encoder variance"), "config"] == "rows 0.5"
+    assert got.loc[(0.75, "encoder variance"), "var_ratio"] == 0.5
+    # 50 %: rows 0.5 (peak 0.70) does not fit; the plan is out by its encoder: revolve s=2
+    assert got.loc[(0.5, "variance"), "config"] == "rows plan"
+    assert got.loc[(0.5, "encoder variance"), "config"] == "revolve s=2"
+    assert pd.isna(got.loc[(0.25, "encoder variance"), "config"])
+    assert within_tau(points) == {"variance": ["rows 0.5", "rows plan"],
+                                  "encoder variance": ["rows 0.5"]}
+
+
 def test_figure_and_table_from_a_frontier_csv(tmp_path):
     res = tmp_path / "results" / "study" / "frontier"
     res.mkdir(parents=True)
@@ -226,4 +323,9 @@ def test_figure_and_table_from_a_frontier_csv(tmp_path):
            "0.8× sampling |" in md
     assert "| 25 % | none fits | none fits |" in md
     assert "load average at the end 3.5" in md
+    # the encoder totals are half the model's here: rows 0.5 (0.25) and the plan (0.4) fit both
+    assert "| 75 % | torch: peak 0.55, time 1.30× | rows plan: peak 0.46, time 0.92×, variance " \
+           "0.8× sampling | rows plan: peak 0.46, time 0.92×, variance 0.4× sampling |" in md
+    assert ("within τ = 1 × sampling, by the model total: rows 0.5, rows plan; by the encoder "
+            "total: rows 0.5, rows plan.") in md
     assert md.count("| yes |") >= 1 and "revolve s=3" in md

@@ -24,9 +24,9 @@ Per configuration, one row of ``frontier.csv`` (``FRONTIER_COLUMNS``):
   ``all``): ``var_sketch_<scope>`` and ``var_sampling_<scope>`` (means over minibatches of the
   sums over the scope's layers) and ``var_ratio_<scope>`` = their quotient (Σ sketch / Σ
   sampling). Checkpointing is exact: zero. A plan is measured with each layer's planned rows
-  (``measure_now(plan=...)``, ``var_source`` "planned rows"); checkpointing + sketch has the
-  sketch's variance (recomputation draws the same sketches, NOTE [sketch seeds] in
-  :mod:`varstudy.checkpointing.encoder`).
+  (``measure_now(plan=...)``, ``var_source`` "planned rows"). Checkpointing + sketch is measured
+  as it runs, by Monte Carlo (NOTE [combined variance] in :mod:`varstudy.study.frontier_variance`,
+  where this phase lives; ``var_sketch_se_<scope>``: its standard error, NaN for closed forms).
 
 The plans (``plan_rows_<objective>.json``, written next to the table) come from ``measure_now``
 statistics on ``num_batches`` other minibatches (``varstudy.plan.stats_from_layers``, then
@@ -64,17 +64,19 @@ import pandas as pd
 import torch
 
 from varstudy import io as vio
+from varstudy.study import frontier_variance
 from varstudy.study.config import StudyConfig, write_config
+from varstudy.study.frontier_variance import SCOPES
 
 PLAN_FAMILY = "rows"
 OBJECTIVES = ("absolute", "relative")
-SCOPES = ("encoder", "head", "all")
 FRONTIER_COLUMNS = (
     "task", "model", "config", "kind", "strategy", "slots", "family", "ratio", "objective",
     "batch_size", "seq_len", "peak_bytes", "peak_phase", "peak_held_bytes", "peak_ratio",
     "peak_method", "forward_bytes", "forward_held_bytes", "forward_ratio", "cuda_max_allocated",
     "cuda_peak_ratio", "step_ms", "step_ms_min", "time_ratio", "repeats",
-    *(f"var_{what}_{scope}" for what in ("sketch", "sampling", "ratio") for scope in SCOPES),
+    *(f"var_{what}_{scope}" for what in ("sketch", "sampling", "ratio", "sketch_se")
+      for scope in SCOPES),
     "var_source", "num_batches", "load_avg_1m", "device")
 
 
@@ -129,7 +131,8 @@ def frontier(config: StudyConfig) -> pd.DataFrame:
         walls["load_s"] = _lap(start)
         plans = _make_plans(config, model, plan_batches, population, folder)
         walls["plans_s"] = _lap(start)
-        variance = _variance(config, model, held, population, configs, folder)
+        variance = frontier_variance.variance(config, model, held, population, configs, folder,
+                                              plan_family=PLAN_FAMILY, checkpointed=_checkpointed)
         walls["variance_s"] = _lap(start)
         memory = {c: _peak(model, c, plans, timed) for c in configs}
         walls["memory_s"] = _lap(start)
@@ -203,52 +206,6 @@ def _make_plans(config: StudyConfig, model, batches, population: float, folder: 
                                           "minibatches")
         vio.atomic_write_json(folder / f"plan_{PLAN_FAMILY}_{objective}.json", plans[objective])
     return plans
-
-
-def _variance(config: StudyConfig, model, batches, population: float, configs: list[Setup],
-              folder: Path) -> dict:
-    """{(family, ratio, objective): {column: value}} of the added variance by scope on the held
-    minibatches; (``exact``, 1.0, None): zero sketch variance and the sampling variance."""
-    from varstudy.measure.engine import measure_now
-    from varstudy.measure.tables import scope_summary
-
-    uniform = sorted({(c.family, c.ratio) for c in configs
-                      if c.family != "exact" and c.objective is None})
-    families = tuple(dict.fromkeys(f for f, _ in uniform))
-    ratios = tuple(sorted({r for _, r in uniform}))
-    out = {}
-    if uniform:
-        scopes = scope_summary(measure_now(model, batches, families, ratios,
-                                           population=population))
-        for f, r in uniform:
-            out[(f, r, None)] = _scope_columns(scopes[(scopes.family == f)
-                                                      & np.isclose(scopes.ratio, r)],
-                                               "closed form, uniform")
-    for objective in sorted({c.objective for c in configs if c.objective}):
-        path = folder / f"plan_{PLAN_FAMILY}_{objective}.json"
-        scopes = scope_summary(measure_now(model, batches, population=population,
-                                           plan=str(path)))
-        out[(PLAN_FAMILY, float(config.frontier_ratio), objective)] = _scope_columns(
-            scopes, "closed form, planned rows")
-    if not out:  # no sketch at all: the sampling variance from any family
-        scopes = scope_summary(measure_now(model, batches, ("rows",), (1.0,),
-                                           population=population))
-        out[("rows", 1.0, None)] = _scope_columns(scopes, "closed form, uniform")
-    anyone = next(iter(out.values()))
-    out[("exact", 1.0, None)] = {**anyone, **{f"var_{w}_{s}": 0.0 for w in ("sketch", "ratio")
-                                              for s in SCOPES}, "var_source": "none (exact)"}
-    return out
-
-
-def _scope_columns(scopes: pd.DataFrame, source: str) -> dict:
-    """var_sketch_/var_sampling_/var_ratio_<scope> from scope_summary rows of one sketch."""
-    by = scopes.set_index("scope")
-    cols = {}
-    for s in SCOPES:
-        sk, sa = float(by.loc[s, "var_sketch_mean"]), float(by.loc[s, "var_sampling_mean"])
-        cols.update({f"var_sketch_{s}": sk, f"var_sampling_{s}": sa,
-                     f"var_ratio_{s}": sk / sa if sa > 0 else math.nan})
-    return {**cols, "var_source": source}
 
 
 def _configure(model, setup: Setup, plans: dict) -> None:
@@ -371,7 +328,8 @@ def _table(config: StudyConfig, configs: list[Setup], memory: dict, times: dict,
     rows = []
     for c in configs:
         m, t = memory[c], np.asarray(times[c])
-        var = variance[c.sketch if c.family != "exact" else ("exact", 1.0, None)]
+        var = variance.get(c.name) or \
+            variance[c.sketch if c.family != "exact" else ("exact", 1.0, None)]
         cuda = m.cuda_max_allocated
         rows.append(dict(
             task=config.task, model=config.model, config=c.name, kind=c.kind,
