@@ -202,7 +202,7 @@ def append_csv(path, frame: pd.DataFrame) -> Path:
     path = Path(path)
     with _wrapped("appending to", path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
         try:
             header = os.fstat(fd).st_size == 0
             _write(fd, frame.to_csv(index=False, header=header).encode("utf-8"))
@@ -250,7 +250,11 @@ def trim_partial_line(path) -> None:
     with _wrapped("repairing", path):
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):
-            os.truncate(path, data.rfind(b"\n") + 1)
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)  # never truncate a link's target
+            try:
+                os.ftruncate(fd, data.rfind(b"\n") + 1)
+            finally:
+                os.close(fd)
 
 
 def check_writable(folder: str | os.PathLike) -> Path:
@@ -367,16 +371,17 @@ def staged(final, *, resume: bool = False, files=None,
            name: str | None = None) -> Iterator[Path]:
     """Yield the staging folder to write into; publish on normal exit (files=None: the whole
     folder ``final`` is replaced; files=(names...): only those names inside folder ``final``
-    are replaced, or removed where the staging folder has none); on an exception leave
+    are replaced, or removed where the staging folder has none; names may be paths such as
+    ``chunks/step_000000.csv`` or folders); on an exception leave
     ``final`` untouched and keep the staging folder for --resume (NOTE [staged results]).
 
     The staging folder is, with ``resume``, the one an interrupted run left, else a copy of
     ``final`` (whole folder: all of it but locks and temporary files; file set: the names in
     ``files``; regular files and folders only, symlinks are skipped); without ``resume`` it
     starts empty (an old staging folder is discarded, ``final`` is not touched). Call it
-    holding :func:`output_lock` of the folder that holds the result. ``files`` may name folders
-    (``chunks``); they are moved into place in order, so list the completion marker last.
-    ``name`` names a file set's staging folder (``<final>/.<name>.staging``).
+    holding :func:`output_lock` of the folder that holds the result. ``files`` move into place
+    in their order, so list the completion marker last; ``name`` names a file set's staging
+    folder (``<final>/.<name>.staging``).
     """
     whole = files is None
     final = _real(Path(final)) if whole else Path(final)
@@ -389,8 +394,12 @@ def staged(final, *, resume: bool = False, files=None,
         if not resume or not _is_dir(stage):
             _discard(stage)
             stage.mkdir(parents=True)
-            if resume and _is_dir(final):
-                _copy_tree(final, stage, None if whole else set(files))
+            try:
+                for entry in ([None] if whole else files) if resume and _is_dir(final) else ():
+                    _copy(final if whole else final / entry, stage if whole else stage / entry)
+            except BaseException:  # a half-made copy is no run's state
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
     yield stage
     with _wrapped("publishing", final):
         if whole:
@@ -475,6 +484,8 @@ def _recover(final: Path, stage: Path, files) -> None:
             if not (_is_dir(final) and _exchange(stage, final)):  # atomic where Linux can
                 _put(stage, final)
         shutil.rmtree(stage, ignore_errors=True)  # after the exchange: the replaced result
+        for old in final.parent.glob(f".{final.name.lstrip('.')}.old-*"):  # after two renames
+            shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(final.parent)
         with _ignored():
             os.unlink(mark)
@@ -485,29 +496,30 @@ def _recover(final: Path, stage: Path, files) -> None:
     for entry in files:  # the caller's names only: the mark never names a path
         src, dst = stage / entry, final / entry
         if entry in present and os.path.lexists(src):
+            dst.parent.mkdir(parents=True, exist_ok=True)
             _put(src, dst)
         elif entry not in present and os.path.lexists(dst):
             _discard(dst)
+        for old in dst.parent.glob(f".{dst.name.lstrip('.')}.old-*"):  # a folder's, renamed
+            shutil.rmtree(old, ignore_errors=True)                     # aside by _put
     shutil.rmtree(stage)
     _fsync_dir(final)
 
 
-def _copy_tree(src: Path, dst: Path, only: set | None) -> None:
-    """Copy the regular files and folders of ``src`` into folder ``dst`` (fsynced); symlinks
-    and special files are skipped, never followed; ``only``: these top-level names, else all
-    but locks, temporary files and staging folders."""
+def _copy(src: Path, dst: Path) -> None:
+    """Copy regular file or folder ``src`` to ``dst`` (fsynced), if there; symlinks and special
+    files are skipped, never followed; a folder's locks, temporary and staging files too."""
+    info = os.lstat(src) if os.path.lexists(src) else None
+    if info is None or not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if stat.S_ISREG(info.st_mode):
+        _copy_file(src, dst)
+        return
+    dst.mkdir(exist_ok=True)
     for entry in os.scandir(src):
-        if only is not None and entry.name not in only:
-            continue
-        if only is None and (entry.name.endswith((".lock", STAGING, _MARK))
-                             or entry.name.startswith(".tmp-")):
-            continue
-        target = dst / entry.name
-        if entry.is_dir(follow_symlinks=False):
-            target.mkdir()
-            _copy_tree(Path(entry.path), target, None)
-        elif entry.is_file(follow_symlinks=False):
-            _copy_file(entry.path, target)
+        if not (entry.name.endswith((".lock", STAGING, _MARK)) or entry.name.startswith(".tmp-")):
+            _copy(Path(entry.path), dst / entry.name)
     _fsync_dir(dst)
 
 
