@@ -343,8 +343,9 @@ def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaus
     read the same input tensor in one forward pass share one stored sketch (NOTE [shared
     sketches]). ``plan`` (a plan.json path or its dict, from ``python -m varstudy.plan``) gives
     the family and each layer's own ratio instead of ``sketch``/``ratio``: its "exact" layers
-    become CompactLinear (exact, storing only their own input: NOTE [compact exact]) and the
-    linears it does not name stay as they are (``include``/``exclude`` still apply).
+    become CompactLinear (exact, storing only their own input: NOTE [compact exact]); it must
+    name exactly the linears ``include``/``exclude`` select (NOTE [a plan names exactly its
+    layers] in varstudy.randomized.planfile).
     Everything is validated before the first module is replaced, so a failed conversion leaves
     the model unchanged.
     """
@@ -352,14 +353,10 @@ def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaus
     names = _select(model, include, exclude)
     per_layer = {}
     if plan is not None:
-        from varstudy.randomized.plan import EXACT, load_plan
+        from varstudy.randomized.planfile import EXACT, check_plan_layers, load_plan
 
         family_name, planned, _ = load_plan(plan)
-        unknown = sorted(set(planned) - set(_select(model, None, None)))
-        if unknown:
-            raise VarstudyError(f"plan names {len(unknown)} layer(s) the model lacks, e.g. "
-                                f"{unknown[0]!r}; valid choices: a plan made from a measure run "
-                                "of this model")
+        check_plan_layers(planned, names)  # NOTE [a plan names exactly its layers]
         family = get_sketch(family_name)
         per_layer = {n: check_ratio(planned[n]) for n in names if planned.get(n, EXACT) != EXACT}
         exact = [n for n in names if planned.get(n) == EXACT]

@@ -46,9 +46,9 @@ from typing import Sequence
 import numpy as np
 
 from varstudy.errors import VarstudyError
+from varstudy.randomized.planfile import EXACT, check_plan_layers, load_plan  # noqa: F401
 
 OBJECTIVES = ("absolute", "relative")
-EXACT = "exact"
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,11 @@ def _units(layers: Sequence[LayerStats], family: str, min_rows: int) -> _Units:
         raise VarstudyError("no layers to plan; valid choices: a measure run with linear layers")
     groups: dict[str, list[LayerStats]] = {}
     for s in layers:
+        if not (0 <= s.c < math.inf and 0 <= s.v < math.inf and 1 <= s.n < math.inf
+                and s.d >= 1):
+            raise VarstudyError(f"layer {s.name} has c={s.c!r}, v={s.v!r}, n={s.n!r}, "
+                                f"d={s.d!r}; valid: finite variances c, v >= 0, rows n >= 1, "
+                                "width d >= 1")
         groups.setdefault(s.unit, []).append(s)
     for unit, members in groups.items():
         if len({(m.d, m.n) for m in members}) > 1:
@@ -143,9 +148,21 @@ def _rho_for(a: np.ndarray, d: np.ndarray, lo: np.ndarray, lam: float) -> np.nda
         return np.clip(np.sqrt(a / (lam * d)), lo, 1.0)
 
 
-def _bisect(f, target: float, increasing: bool) -> float:
-    """λ > 0 with f(λ) = target for a monotone f, by bisection on log λ (to float precision)."""
-    lo, hi = -60.0, 60.0
+def _bracket(a: np.ndarray, d: np.ndarray, lo: np.ndarray) -> tuple[float, float]:
+    """log λ below which every ρ(λ) is 1 and above which every ρ(λ) is its floor, widened by 1.
+
+    NOTE [scale-free]: the bracket comes from the data (λ = A/D puts ρ at 1, λ = A/(D ρ_min²) at
+    ρ_min), so multiplying every variance constant by any factor scales λ and nothing else."""
+    pos = a > 0
+    if not pos.any():
+        return 0.0, 0.0
+    la, ld = np.log(a[pos]), np.log(d[pos])
+    return float((la - ld).min()) - 1.0, float((la - ld - 2 * np.log(lo[pos])).max()) + 1.0
+
+
+def _bisect(f, target: float, increasing: bool, bracket: tuple[float, float]) -> float:
+    """λ > 0 with f(λ) = target for a monotone f, by bisection on log λ within ``bracket``."""
+    lo, hi = bracket
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if (f(math.exp(mid)) < target) == increasing:
@@ -167,7 +184,7 @@ def _solve_budget(u: _Units, a: np.ndarray, budget: float, exact: np.ndarray):
             rho[free] = 1.0
         else:
             lam = _bisect(lambda x: float((u.d * _rho_for(a, u.d, u.lo, x))[free].sum()), left,
-                          increasing=False)
+                          increasing=False, bracket=_bracket(a, u.d, u.lo))
             rho[free] = _rho_for(a, u.d, u.lo, lam)[free]
     return rho, float(u.variance(a, rho, exact).sum())
 
@@ -209,11 +226,17 @@ def _local_search(u: _Units, solve) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plan_budget(layers: Sequence[LayerStats], family: str, budget: float, *,
-                objective: str = "absolute", min_rows: int = 1) -> Plan:
-    """Fewest sketch variance (absolute or relative) within ``budget`` stored numbers."""
+                objective: str = "absolute", min_rows: int = 1,
+                uniform_ratio: float | None = None) -> Plan:
+    """Fewest sketch variance (absolute or relative) within ``budget`` stored numbers.
+
+    ``uniform_ratio``: uniform ρ's own rounding is one more candidate, returned when the solved
+    plan's objective is higher (NOTE [integer rows]), so a plan at uniform's bytes is never
+    worse than uniform."""
     if objective not in OBJECTIVES:
         raise VarstudyError(f"unknown objective {objective!r}; valid choices: "
                             f"{', '.join(OBJECTIVES)}")
+    _check_finite("budget", budget)
     u = _units(layers, family, min_rows)
     a = u.weights(objective)
     exact, rho = _local_search(u, lambda e: _solve_budget(u, a, budget, e))
@@ -225,19 +248,32 @@ def plan_budget(layers: Sequence[LayerStats], family: str, budget: float, *,
         exact2, rho2 = _local_search(u, lambda e: _solve_budget(u, a, slack, e))
     except VarstudyError:
         exact2 = None
+    candidates = {"solver": (k, exact)}
     if exact2 is not None:
-        k2 = np.where(exact2, u.n, np.minimum(np.ceil(rho2 * u.n - 1e-9), u.n))
-        if _objective(u, a, k2, exact2) < _objective(u, a, k, exact):
-            k, exact = k2, exact2
-    return _plan(layers, u, family, k, exact, dict(problem="budget", objective=objective,
-                                                   budget=budget, min_rows=min_rows))
+        candidates["slack"] = (np.where(exact2, u.n, np.minimum(np.ceil(rho2 * u.n - 1e-9), u.n)),
+                               exact2)
+    if uniform_ratio is not None:
+        ku = _uniform_k(u, uniform_ratio, min_rows)
+        if float((ku * u.d / u.n).sum()) <= budget * (1 + 1e-12):
+            candidates["uniform"] = (ku, np.zeros(len(ku), dtype=bool))
+    # the first of the least objective: the solver's rounding wins ties
+    best = min(candidates, key=lambda c: _objective(u, a, *candidates[c]))
+    return _plan(layers, u, family, *candidates[best], dict(
+        problem="budget", objective=objective, budget=budget, min_rows=min_rows,
+        rounding=best))
+
+
+def _check_finite(what: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value < math.inf:
+        raise VarstudyError(f"{what} must be > 0 and finite, got {value!r}; valid: "
+                            f"0 < {what} < inf")
 
 
 def plan_target(layers: Sequence[LayerStats], family: str, tau: float, *,
                 per_layer: bool = False, min_rows: int = 1) -> Plan:
     """Fewest stored numbers with sketch variance ≤ τ × sampling variance (total or per layer)."""
-    if not tau > 0:
-        raise VarstudyError(f"target ratio must be > 0, got {tau!r}")
+    _check_finite("target ratio", tau)
     u = _units(layers, family, min_rows)
     if per_layer:
         k, exact = _per_layer_target(u, tau)
@@ -253,13 +289,17 @@ def plan_target(layers: Sequence[LayerStats], family: str, tau: float, *,
 def uniform(layers: Sequence[LayerStats], family: str, ratio: float, *,
             min_rows: int = 1, exact_units: Sequence[str] = ()) -> Plan:
     """One ρ for every layer (k = rows_for(n, ρ)), optionally with some units exact."""
+    u = _units(layers, family, min_rows)
+    exact = np.array([name in exact_units for name in u.names])
+    return _plan(layers, u, family, _uniform_k(u, ratio, min_rows), exact,
+                 dict(problem="uniform", ratio=ratio, min_rows=min_rows))
+
+
+def _uniform_k(u: _Units, ratio: float, min_rows: int) -> np.ndarray:
+    """k = rows_for(round(n), ρ) per unit, at most the (possibly fractional) mean rows n."""
     from varstudy.randomized.sketches import rows_for
 
-    u = _units(layers, family, min_rows)
-    k = np.array([rows_for(int(round(n)), ratio, min_rows) for n in u.n], dtype=float)
-    exact = np.array([name in exact_units for name in u.names])
-    return _plan(layers, u, family, k, exact, dict(problem="uniform", ratio=ratio,
-                                                   min_rows=min_rows))
+    return np.minimum([rows_for(int(round(n)), ratio, min_rows) for n in u.n], u.n)
 
 
 def _solve_target(u: _Units, a: np.ndarray, cap: float, exact: np.ndarray):
@@ -271,8 +311,9 @@ def _solve_target(u: _Units, a: np.ndarray, cap: float, exact: np.ndarray):
         if floor_var > cap:
             return None
         var_at = lambda lam: float(u.variance(a, _rho_for(a, u.d, u.lo, lam), exact)[free].sum())
-        if var_at(1e300) > cap:  # the fewest rows overshoot: solve for λ
-            lam = _bisect(var_at, cap, increasing=True)
+        bracket = _bracket(a, u.d, u.lo)
+        if var_at(math.exp(bracket[1])) > cap:  # the fewest rows overshoot: solve for λ
+            lam = _bisect(var_at, cap, increasing=True, bracket=bracket)
             rho[free] = _rho_for(a, u.d, u.lo, lam)[free]
         else:
             rho[free] = u.lo[free]
@@ -302,7 +343,17 @@ def _per_layer_target(u: _Units, tau: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _k_var(u: _Units, a: np.ndarray, k: np.ndarray) -> np.ndarray:
-    return u.variance(a, np.maximum(k, 1) / u.n, np.zeros(len(k), dtype=bool))
+    return u.variance(a, np.clip(k, 1, u.n) / u.n, np.zeros(len(k), dtype=bool))
+
+
+def _up(k: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """One row more, at most the mean rows n (NOTE [integer rows]: n may be fractional)."""
+    return np.minimum(np.floor(k + 1e-9) + 1, n)
+
+
+def _down(k: np.ndarray) -> np.ndarray:
+    """One row fewer: the integer below k (k = n fractional steps down to floor(n))."""
+    return np.ceil(k - 1e-9) - 1
 
 
 def _objective(u: _Units, a: np.ndarray, k: np.ndarray, exact: np.ndarray) -> float:
@@ -310,19 +361,20 @@ def _objective(u: _Units, a: np.ndarray, k: np.ndarray, exact: np.ndarray) -> fl
 
 
 def _round_budget(u, a, rho, exact, budget) -> np.ndarray:
-    k = np.maximum(np.floor(rho * u.n + 1e-9), np.ceil(u.lo * u.n - 1e-9))
+    k = np.minimum(np.maximum(np.floor(rho * u.n + 1e-9), np.ceil(u.lo * u.n - 1e-9)), u.n)
     k[exact] = u.n[exact]
     width = u.d / u.n
     spent = float((k * width).sum())
     while True:
+        step = (_up(k, u.n) - k) * width  # stored numbers of the next row (part of one at n)
         gain = np.where(exact | (k >= u.n), -np.inf,
-                        (_k_var(u, a, k) - _k_var(u, a, k + 1)) / width)
-        gain[spent + width > budget * (1 + 1e-12)] = -np.inf
+                        (_k_var(u, a, k) - _k_var(u, a, _up(k, u.n))) / np.maximum(step, 1e-300))
+        gain[spent + step > budget * (1 + 1e-12)] = -np.inf
         i = int(np.argmax(gain))
         if not np.isfinite(gain[i]):
             return k
-        k[i] += 1
-        spent += width[i]
+        spent += step[i]
+        k[i] = _up(k, u.n)[i]
 
 
 def _round_target(u, a, rho, exact, cap) -> tuple[np.ndarray, np.ndarray]:
@@ -332,67 +384,28 @@ def _round_target(u, a, rho, exact, cap) -> tuple[np.ndarray, np.ndarray]:
     var = _k_var(u, a, k)
     # ceil keeps the variance under the cap; give back rows while it stays under
     while True:
-        cost = np.where(exact | (k <= np.ceil(u.lo * u.n - 1e-9)), np.inf,
-                        (_k_var(u, a, k - 1) - var) / width)
+        added = np.where(exact | (k <= np.ceil(u.lo * u.n - 1e-9)), np.inf,
+                         _k_var(u, a, _down(k)) - var)
         total = float(np.where(exact, 0.0, var).sum())
-        ok = total + cost * width <= cap * (1 + 1e-12)
-        saving = np.where(ok, width, -np.inf)
+        ok = total + added <= cap * (1 + 1e-12)
+        saving = np.where(ok, (k - _down(k)) * width, -np.inf)
         i = int(np.argmax(saving))
         if not np.isfinite(saving[i]):
             return k, exact | ((k >= u.n) & ~np.bool_(u.wor))
-        k[i] -= 1
+        k[i] = _down(k)[i]
         var = _k_var(u, a, k)
 
 
 def _plan(layers, u: _Units, family: str, k: np.ndarray, exact: np.ndarray, meta: dict) -> Plan:
     ratios, ks, var, stored = {}, {}, {}, {}
+    k = np.minimum(k, u.n)  # ρ ≤ 1 also at a fractional mean n (NOTE [integer rows])
     exact = exact | (k >= u.n) if not u.wor else exact
     for i, members in enumerate(u.members):
         for j, s in enumerate(members):
-            ks[s.name] = int(round(u.n[i])) if exact[i] else int(k[i])
+            ks[s.name] = int(round(u.n[i] if exact[i] else k[i]))
             ratios[s.name] = EXACT if exact[i] else float(k[i] / u.n[i])
             single = replace(u, members=[[s]], d=u.d[i:i + 1], lo=u.lo[i:i + 1], n=u.n[i:i + 1])
             var[s.name] = 0.0 if exact[i] else float(_k_var(single, np.array([s.c]),
                                                             k[i:i + 1])[0])
             stored[s.name] = float(u.n[i] if exact[i] else k[i]) * s.d if j == 0 else 0.0
     return Plan(family, ratios, ks, var, stored, meta)
-
-
-# --------------------------------------------------------------------------------------------
-# Plans as written by ``python -m varstudy.plan``
-# --------------------------------------------------------------------------------------------
-
-
-def load_plan(source) -> tuple[str, dict[str, float | str], float | None]:
-    """(family, {layer: ρ or "exact"}, nominal ratio) of a plan: a plan.json path or its dict.
-
-    The nominal ratio is the uniform ρ that stores as many numbers (the plan's budget), or None.
-    """
-    import json
-    from pathlib import Path
-
-    data = source
-    if not isinstance(source, dict):
-        try:
-            data = json.loads(Path(source).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise VarstudyError(f"plan {source} cannot be read as JSON ({' '.join(str(err).split())}"
-                                "); valid choices: a plan.json written by python -m "
-                                "varstudy.plan") from None
-    if not isinstance(data, dict) or "family" not in data or "layers" not in data:
-        raise VarstudyError("not a varstudy plan: expected keys 'family' and 'layers'; valid "
-                            "choices: a plan.json written by python -m varstudy.plan")
-    from varstudy.names import SKETCH_NAMES
-    if data["family"] not in SKETCH_NAMES:
-        raise VarstudyError(f"plan family {data['family']!r} is unknown; valid choices: "
-                            f"{', '.join(SKETCH_NAMES)}")
-    ratios = {}
-    for name, entry in data["layers"].items():
-        r = entry.get("ratio") if isinstance(entry, dict) else entry
-        if r != EXACT and not (isinstance(r, (int, float)) and not isinstance(r, bool)
-                               and 0 < r <= 1):
-            raise VarstudyError(f"plan layer {name!r} has ratio {r!r}; valid choices: a number "
-                                "in (0, 1] or 'exact'")
-        ratios[name] = r
-    nominal = data.get("nominal_ratio")
-    return data["family"], ratios, (float(nominal) if nominal is not None else None)
