@@ -34,11 +34,12 @@ def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: 
                mc: bool, step: int, b: int, mask=None) -> list[dict]:
     """Rows of one layer of one batch: every (family, ratio). x (B, L, d_in) or (B, d_in);
     ``mask`` (B, L), the attention mask, gives the real rows of the row-real families."""
+    x, y, grad = upcast(x, y, grad)
     m = V.moments(x, y, grad)
     row_mask = real_row_mask(cfg, name, x, y, mask)
     if row_mask is not None:
         m = dataclasses.replace(m, real=int(row_mask.sum()))
-    sampling = V.sampling_from_norms(V.per_example_sq_norms(x, y), m.a, population)
+    sampling = V.sampling_from_norms(V.per_example_sq_norms(x, y), m.a, population, m.a_err)
     base = dict(train_step=step, batch=b, layer=name, layer_kind=layer_kind(name),
                 layer_index=layer_index(name), d_in=x.shape[-1], d_out=y.shape[-1],
                 batch_size=x.shape[0], n_rows=m.n, grad_sq_norm=m.a,
@@ -62,6 +63,20 @@ def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: 
                              mc_draws=cfg.mc_draws if mc else 0, **paper,
                              ratio_sketch_sampling=_div(var, sampling.var_batch)))
     return rows
+
+
+def upcast(x, y, grad):
+    """NOTE [low-precision capture]: X and Y of a float16/bfloat16 model are cast to float32
+    (exactly: float32 holds every such value) before any statistic, and the model's own weight
+    gradient, rounded to 8 or 11 significant bits, is dropped: a = ‖YᵀX‖² is recomputed from X
+    and Y in float64 (varstudy.randomized.variance.moments). Every moment of a layer then comes
+    from one (X, Y), so the differences of large terms in the closed forms and in the sampling
+    variance cancel as they do in exact arithmetic (the model's gradient made them negative,
+    NOTE [never negative]). The statistics are those of the low-precision model's X and Y;
+    the Monte Carlo sketches run in float32."""
+    if x.dtype.itemsize >= 4 and y.dtype.itemsize >= 4:
+        return x, y, grad
+    return x.float(), y.float(), None
 
 
 def real_row_mask(cfg: MeasureConfig, name: str, x, y, mask):
@@ -138,6 +153,10 @@ def measure_batch(model, encoded: dict, cfg: MeasureConfig, names: list[str],
 def rows_of(cap, cfg: MeasureConfig, names: list[str], mc_names: set[str], step: int, b: int,
             population: float, mask=None) -> pd.DataFrame:
     """layers.csv rows of one captured minibatch: every selected layer, then the model totals."""
+    if cfg.plan:  # NOTE [a plan names exactly its layers] (varstudy.randomized.planfile)
+        from varstudy.randomized.planfile import check_plan_layers
+
+        check_plan_layers(planned_ratios(cfg.plan), names, "the measured model")
     rows = []
     for pos, name in enumerate(names):
         x, y = cap.layers[name]
@@ -160,9 +179,10 @@ def measure_now(model, batches, families=None, ratios=(0.05, 0.1, 0.2, 0.5), *,
     layers (NOTE [exact view]); the model's modules, mode, gradients and RNG states are as before.
 
     ``plan`` (a plan.json path of ``python -m varstudy.plan``): as ``measure --plan``, the plan's
-    family with each layer's planned rows (its "exact" layers and the layers it does not name:
-    no sketch variance); ``families`` and ``ratios`` are then the plan's family and nominal ratio.
-    The file is read afresh at every call.
+    family with each layer's planned rows (its "exact" layers: no sketch variance); it must name
+    exactly the selected layers (NOTE [a plan names exactly its layers]); ``families`` and
+    ``ratios`` are then the plan's family and nominal ratio. The file is read afresh at every
+    call. X and Y of a low-precision model: NOTE [low-precision capture].
     """
     if plan is not None:
         from varstudy.randomized.plan import load_plan

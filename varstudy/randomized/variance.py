@@ -42,6 +42,29 @@ from varstudy.randomized.sketches import Sketch, get_sketch
 
 GRAM_CHUNK_BYTES = 64 * 2**20  # per-example Gram blocks are computed in chunks of this size
 
+# NOTE [never negative]: every variance here is an expected squared norm, so ≥ 0, but most are
+# computed as a difference of non-negative terms (Σ‖g_i‖² − B‖g_B‖², n·p − a, s + a − 2p, ...)
+# that cancels when the examples' (or rows') gradients agree. The moments are float64 sums of
+# inputs that are exact in float64, except a = ‖YᵀX‖² when G comes from autograd in the
+# model's dtype (Moments.a_err bounds that error; low-precision models do not pass G at all,
+# NOTE [low-precision capture] in varstudy.measure.engine). A computed value below zero is
+# clipped to 0 only within its rounding bound, |coef_a|·a_err + FLOAT64_SLACK × the terms'
+# magnitude; that never moves it away from the true value (which is ≥ 0). A value further
+# below zero cannot come from rounding, so it is refused (VarstudyError), not published.
+FLOAT64_SLACK = 1e-8  # float64 sums of up to ~1e8 terms: γ_N = N·2⁻⁵³ ≈ 1e-8 relative
+
+
+def nonnegative(value: float, bound: float, what: str) -> float:
+    """``value`` if ≥ 0; 0.0 if within ``bound`` below 0 (rounding); else VarstudyError
+    (NOTE [never negative])."""
+    if value >= 0 and math.isfinite(value):
+        return float(value)
+    if -bound <= value < 0:
+        return 0.0
+    raise VarstudyError(f"{what} came out {value:.6g}, negative beyond its rounding bound "
+                        f"{bound:.3g} (or not finite); valid choices: finite captured X and Y, "
+                        "--dtype float32 or float64")
+
 
 def as_examples(t: Tensor) -> Tensor:
     """(B, L, d) unchanged; (B, d) -> (B, 1, d) (one row per example)."""
@@ -101,13 +124,20 @@ def fpc(batch_size: int, population: float) -> float:
     return 1.0 - batch_size / population
 
 
-def sampling_from_norms(sq_norms: Tensor, grad_sq_norm: float, population: float) -> Sampling:
-    """:func:`sampling_variance` from (B,) per-example ‖g_i‖² and ‖g_B‖²."""
+def sampling_from_norms(sq_norms: Tensor, grad_sq_norm: float, population: float,
+                        a_err: float = 0.0) -> Sampling:
+    """:func:`sampling_variance` from (B,) per-example ‖g_i‖² and ‖g_B‖² (the latter known to
+    within ``a_err``, :attr:`Moments.a_err`); NOTE [never negative]."""
     b = int(sq_norms.shape[0])
     if b < 2:
         raise VarstudyError(f"sampling variance needs a batch of B >= 2 examples, got {b}")
-    sigma2 = (float(sq_norms.sum()) - b * grad_sq_norm) / (b - 1)
+    total = float(sq_norms.sum())
+    spread = nonnegative(total - b * grad_sq_norm,
+                         b * a_err + FLOAT64_SLACK * (total + b * grad_sq_norm),
+                         "the sampling variance")
+    sigma2 = spread / (b - 1)
     return Sampling(sigma2, sigma2 / b * fpc(b, population), grad_sq_norm)
+
 
 
 def sampling_variance(x: Tensor, y: Tensor, population: float = math.inf) -> Sampling:
@@ -122,13 +152,15 @@ def sampling_variance(x: Tensor, y: Tensor, population: float = math.inf) -> Sam
 @dataclass(frozen=True)
 class Moments:
     """s = ‖X‖²‖Y‖², a = ‖YᵀX‖², p = Σ_l ‖x_l‖²‖y_l‖² over n token rows (sketches.moments);
-    ``real``: the rows that are not padding (NOTE [real rows] in sketches; n when unknown)."""
+    ``real``: the rows that are not padding (NOTE [real rows] in sketches; n when unknown);
+    ``a_err``: a bound on the rounding error of a (NOTE [never negative]; 0: float64)."""
 
     s: float
     a: float
     p: float
     n: int
     real: int | None = None
+    a_err: float = 0.0
 
     @property
     def m(self) -> int:
@@ -139,13 +171,33 @@ def moments(x: Tensor, y: Tensor, grad: Tensor | None = None) -> Moments:
     """Moments of the flattened rows X (n, d_in), Y (n, d_out), in float64.
 
     ``grad`` (d_out, d_in), the exact YᵀX when already known (e.g. from autograd in
-    :mod:`varstudy.randomized.capture`), saves the n·d_in·d_out product; a is then ‖grad‖² in float64.
+    :mod:`varstudy.randomized.capture`), saves the n·d_in·d_out product; a is then ‖grad‖² in
+    float64, and ``a_err`` bounds what computing grad in its own dtype cost (:func:`grad_error`).
+    A float16/bfloat16 grad (8 or 11 significant bits, summed over n rows) is not used: G is
+    recomputed from X and Y in float64 (NOTE [never negative]).
     """
+    if grad is not None and grad.dtype.itemsize < 4:
+        grad = None
     xf, yf = flat_rows(x).double(), flat_rows(y).double()
     xn, yn = xf.square().sum(1), yf.square().sum(1)
     g = (yf.T @ xf) if grad is None else grad.double()
-    a = float(g.square().sum())
-    return Moments(float(xn.sum() * yn.sum()), a, float((xn * yn).sum()), int(xf.shape[0]))
+    s, a, n = float(xn.sum() * yn.sum()), float(g.square().sum()), int(xf.shape[0])
+    a_err = 0.0 if grad is None else grad_error(grad, n, s, a)
+    return Moments(s, a, float((xn * yn).sum()), n, a_err=a_err)
+
+
+def grad_error(grad: Tensor, n: int, s: float, a: float) -> float:
+    """Bound on |‖fl(YᵀX)‖² − ‖YᵀX‖²| for a gradient computed in ``grad.dtype``: each entry is
+    a sum of n products, so ‖δG‖ ≤ γ_n‖|Y|ᵀ|X|‖ + u‖G‖ ≤ γ_n√s + u√a =: e with γ_n = n·u/(1 − n·u)
+    (Higham, Accuracy and Stability, §3.1), and |δa| ≤ 2√a·e + e². TF32 matmuls (CUDA,
+    allow_tf32) round to 10 bits."""
+    u = torch.finfo(grad.dtype).eps / 2
+    if grad.is_cuda and grad.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        u = 2.0 ** -11
+    if n * u >= 0.5:
+        return math.inf
+    e = n * u / (1 - n * u) * math.sqrt(s) + u * math.sqrt(a)
+    return 2 * math.sqrt(a) * e + e * e
 
 
 # Closed forms in terms of the moments, one per registered family (sketches.py's table).
@@ -165,12 +217,18 @@ CLOSED_FORMS = {
 
 
 def closed_form(family: str | Sketch, m: Moments, k: int) -> float:
-    """E‖Ĝ − G‖²_F given the batch, from precomputed moments (shared across families)."""
+    """E‖Ĝ − G‖²_F given the batch, from precomputed moments (shared across families); never
+    negative (NOTE [never negative])."""
     name = get_sketch(family).name
     if name not in CLOSED_FORMS:
         raise VarstudyError(f"no moment closed form for sketch {name!r}; use sketch_variance; "
                             f"valid choices: {', '.join(CLOSED_FORMS)}")
-    return float(CLOSED_FORMS[name](m, k))
+    form = CLOSED_FORMS[name]
+    zero = Moments(0.0, 0.0, 0.0, m.n, m.real)
+    coef_a = float(form(Moments(0.0, 1.0, 0.0, m.n, m.real), k)) - float(form(zero, k))
+    scale = (m.s + m.a + m.n * m.p) / k  # every term of every closed form is at most this
+    return nonnegative(float(form(m, k)), abs(coef_a) * m.a_err + FLOAT64_SLACK * scale,
+                       f"the {name} sketch variance at k={k}")
 
 
 def sketch_variance(family: str | Sketch, x: Tensor, y: Tensor, k: int) -> float:
