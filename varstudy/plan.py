@@ -19,6 +19,7 @@ layer: at another batch shape a layer keeps k = round(ρ_l · n) rows (NOTE [int
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,11 +71,18 @@ class PlanConfig:
         cli.check_distinct("budgets", self.budgets)
         if self.budget is not None and not 0 < self.budget <= 1:
             raise VarstudyError(f"--budget must be a ratio in (0, 1], got {self.budget}")
-        if self.target_ratio is not None and not self.target_ratio > 0:
-            raise VarstudyError(f"--target-ratio must be > 0, got {self.target_ratio}")
+        if self.target_ratio is not None and not 0 < self.target_ratio < math.inf:
+            raise VarstudyError(f"--target-ratio must be > 0 and finite, got "
+                                f"{self.target_ratio}; valid: 0 < TAU < inf, e.g. 1")
+        if isinstance(self.min_rows, bool) or not isinstance(self.min_rows, int) \
+                or self.min_rows < 1:
+            raise VarstudyError(f"--min-rows must be an integer >= 1, got {self.min_rows!r}")
         if self.per_layer and self.target_ratio is None:
             raise VarstudyError("--per-layer applies to --target-ratio; valid choices: drop "
                                 "--per-layer, or use --target-ratio")
+        if not self.out.strip():
+            raise VarstudyError("--out '' is empty; valid choices: a file path such as plan.json "
+                                "(a folder with --budgets)")
 
 
 FRONTIER_COLUMNS = ("family", "budget", "objective", "stored_numbers", "var_sketch_uniform",
@@ -96,7 +104,7 @@ def frontier(cfg: PlanConfig):
         uniform = P.uniform(stats, cfg.family, budget, min_rows=cfg.min_rows)
         for objective in OBJECTIVES:
             plan = P.plan_budget(stats, cfg.family, uniform.total_stored, objective=objective,
-                                 min_rows=cfg.min_rows)
+                                 min_rows=cfg.min_rows, uniform_ratio=budget)
             rel_u, rel_p = uniform.relative(stats), plan.relative(stats)
             rows.append(dict(
                 family=cfg.family, budget=budget, objective=objective,
@@ -119,7 +127,12 @@ def _layers(cfg: PlanConfig):
     if not path.is_file():
         raise VarstudyError(f"--from {cfg.source}: no layers.csv there; valid choices: the "
                             "folder of a finished python -m varstudy.measure run")
-    return pd.read_csv(path)
+    try:
+        return pd.read_csv(path)
+    except ValueError as err:  # empty, not UTF-8, not CSV (pandas' errors are ValueErrors)
+        raise VarstudyError(f"--from {cfg.source}: layers.csv cannot be read as CSV "
+                            f"({cli.one_line(err)[:120]}); valid choices: the folder of a "
+                            "finished python -m varstudy.measure run") from None
 
 
 def make_plan(cfg: PlanConfig):
@@ -130,7 +143,7 @@ def make_plan(cfg: PlanConfig):
     if cfg.budget is not None:
         uniform = P.uniform(stats, cfg.family, cfg.budget, min_rows=cfg.min_rows)
         plan = P.plan_budget(stats, cfg.family, uniform.total_stored, objective=cfg.objective,
-                             min_rows=cfg.min_rows)
+                             min_rows=cfg.min_rows, uniform_ratio=cfg.budget)
     else:
         plan = P.plan_target(stats, cfg.family, cfg.target_ratio, per_layer=cfg.per_layer,
                              min_rows=cfg.min_rows)
@@ -189,6 +202,7 @@ def stats_from_layers(layers, family: str, train_step: int | None = None) -> lis
     if rows.empty:
         raise VarstudyError(f"no rows at train step {train_step}; valid choices: "
                             f"{', '.join(map(str, sorted(set(layers.train_step))))}")
+    _check_numbers(rows)
     out = []
     for name, g in rows.groupby("layer", sort=False):
         g = g[g.ratio == g.ratio.min()]
@@ -200,6 +214,23 @@ def stats_from_layers(layers, family: str, train_step: int | None = None) -> lis
         out.append(LayerStats(name, unit_name(name), int(g.d_in.iloc[0]), float(n.mean()),
                               float(c.mean()), float(g.var_sampling.mean())))
     return out
+
+
+def _check_numbers(rows) -> None:
+    """Refuse a measure run whose variances are negative or not finite (NOTE [never negative]
+    in varstudy.randomized.variance: a published variance is >= 0), or whose rows are not."""
+    import numpy as np
+
+    for column in ("var_sketch", "var_sampling", "n_rows", "k", "d_in"):
+        values = rows[column].to_numpy(dtype=float)
+        bad = ~np.isfinite(values) | (values < 0)
+        if bad.any():
+            first = rows[bad].iloc[0]
+            raise VarstudyError(
+                f"the measure run has {int(bad.sum())} negative or non-finite {column} "
+                f"value(s), e.g. {values[bad][0]!r} at layer {first.layer}, batch "
+                f"{first.get('batch')}; valid choices: a run measured by this version of "
+                "python -m varstudy.measure (it refuses such numbers)")
 
 
 def to_json(plan, layers, **extra) -> dict:
@@ -257,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if cfg.budgets:
             table, files = frontier(cfg)
-            folder = vio.check_writable(cfg.out)
-            for name, data in files.items():
-                vio.atomic_write_json(folder / name, data)
-            vio.atomic_write_csv(folder / "frontier.csv", table)
+            folder = vio.check_writable(cfg.out)  # NOTE [staged results] (varstudy.io)
+            with vio.output_lock(folder, ".plan.lock"), vio.staged(
+                    folder, files=(*files, "frontier.csv"), name="plan") as stage:
+                for name, data in files.items():
+                    vio.atomic_write_json(stage / name, data)
+                vio.atomic_write_csv(stage / "frontier.csv", table)
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             print(f"wrote {len(files)} plans and frontier.csv to {folder}")
             return
