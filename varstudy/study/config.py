@@ -178,6 +178,69 @@ def accuracy_grid(config: StudyConfig) -> list[tuple[str, float, str]]:
 
 
 PLAN_SCOPE = "plan:"
+MEMORY_COLUMNS = ("task", "model", "family", "ratio", "batch_size", "seq_len")
+
+
+def check_memory_from(config: StudyConfig) -> None:
+    """Refuse a ``memory_from`` table of another model, task or length, or one that lacks a
+    configuration of this study's grid at one of its batch sizes (one line naming the first
+    mismatch). The fit then uses this study's rows only (:func:`memory_rows`), as measuring
+    memory again would."""
+    path = config.memory_from
+    got, have = _memory_keys(path)
+    want = {"model": {config.model}, "task": {config.task},
+            "seq_len (max_length)": {config.max_length}}
+    for key, value in want.items():
+        if got[key] != value:
+            raise VarstudyError(f"memory_from {path} was measured for another {key}: "
+                                f"{sorted(got[key])} where this study has {sorted(value)}; "
+                                f"valid choices: {MEMORY_VALID}")
+    lacking = [(f, r, b) for f, r in grid(config) for b in config.batch_sizes
+               if (f, r, b) not in have]
+    if lacking:
+        shown = ", ".join(f"{f} {r:g} at B={b}" for f, r, b in lacking[:4])
+        raise VarstudyError(f"memory_from {path} lacks {len(lacking)} configuration(s) of this "
+                            f"study's grid: {shown}{', ...' if len(lacking) > 4 else ''}; "
+                            f"valid choices: {MEMORY_VALID}")
+
+
+def _memory_keys(path: str) -> tuple[dict, set]:
+    """({"model", "task", "seq_len (max_length)": values}, {(family, ratio, batch size)}) of a
+    memory.csv, read with the csv module (no pandas here)."""
+    import csv
+
+    bad = "valid choices: a memory.csv written by `study memory`"
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        why = " ".join(str(err).split())
+        raise VarstudyError(f"memory_from {path} cannot be read ({why}); {bad}") from None
+    lacking = [c for c in MEMORY_COLUMNS if not rows or c not in rows[0]]
+    if lacking:
+        raise VarstudyError(f"memory_from {path} has no rows or lacks {', '.join(lacking)}; "
+                            f"{bad}")
+    try:
+        return ({"model": {r["model"] for r in rows}, "task": {r["task"] for r in rows},
+                 "seq_len (max_length)": {int(float(r["seq_len"])) for r in rows}},
+                {(r["family"], float(r["ratio"]), int(float(r["batch_size"]))) for r in rows})
+    except (ValueError, TypeError) as err:
+        raise VarstudyError(f"memory_from {path} holds a value that is not a number ({err}); "
+                            f"{bad}") from None
+
+
+MEMORY_VALID = ("a memory.csv of `study memory` with the same model, task and max_length whose "
+                "families, ratios and batch_sizes include this study's, or no --memory-from "
+                "(measure again)")
+
+
+def memory_rows(config: StudyConfig, table):
+    """The rows of a memory table (DataFrame) at this study's configurations and batch sizes
+    (:func:`check_memory_from`): another grid's rows never enter the fit."""
+    keys = set(grid(config))
+    keep = [(f, float(r)) in keys and int(b) in config.batch_sizes
+            for f, r, b in zip(table.family, table.ratio, table.batch_size)]
+    return table[keep].reset_index(drop=True)
 
 
 def finetune_config(config: StudyConfig, family: str, ratio: float, seed: int,
@@ -203,7 +266,8 @@ def write_config(config: StudyConfig, study: str, folder: Path, **extra) -> None
     from varstudy.models import resolve_device
 
     folder.mkdir(parents=True, exist_ok=True)
-    resolved = {"study": study, **asdict(config), "torch": torch.__version__,
+    resolved = {cli.COMMAND_KEY: cli.command_name(StudyConfig), "study": study,
+                **asdict(config), "torch": torch.__version__,
                 "device_resolved": resolve_device(config.device),
                 "threads": config.num_threads or torch.get_num_threads(), **extra}
     vio.atomic_write_json(folder / "config.json", resolved)

@@ -13,7 +13,8 @@ import pandas as pd
 import torch
 
 from varstudy import io as vio
-from varstudy.study.config import KEYS, StudyConfig, grid, write_config
+from varstudy.study.config import (KEYS, StudyConfig, check_memory_from, grid, memory_rows,
+                                   write_config)
 from varstudy.study.inputs import convert, model_and_batches
 
 
@@ -23,13 +24,16 @@ def throughput(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     from varstudy.models import resolve_device
     from varstudy.study.memory_study import memory
 
+    if config.memory_from:  # before the timing, which takes minutes
+        check_memory_from(config)
     device = resolve_device(config.device)
     with threads(config.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         times = _time_steps(config, device)
     table = _throughput_table(config, times, device)
     table["load_avg_1m"] = _load_average()
-    mem = pd.read_csv(config.memory_from) if config.memory_from else memory(config, write=False)
+    mem = (memory_rows(config, pd.read_csv(config.memory_from)) if config.memory_from
+           else memory(config, write=False))
     fit = max_batch(mem, config.budget_mib)
     folder = Path(config.out) / "throughput"
     write_config(config, "throughput", folder)
