@@ -1,29 +1,34 @@
 """Publication figures: one entry point per figure, each rebuilding ``figures/<name>.{png,pdf}``
 from the CSVs under ``results/`` on CPU.
 
-    python -m analysis.figures [NAME|all] [--results DIR] [--out DIR] [--list]
+    python -m analysis.figures [NAME|all] [--results DIR] [--out DIR] [--list] [--debug]
 
 ``all`` builds every figure whose results exist and skips the others with a message (exit 0:
 results not produced yet are expected); a figure asked for by name whose inputs are missing is
-an error (exit 1). A figure whose inputs are present but bad (an empty CSV, a missing column, a
-non-numeric value) or whose files cannot be written (a read-only ``--out``) is skipped with one
-line ``error: <figure> skipped: ...``, the other figures are still built, and the command exits
-2. Each entry point ``<name>(results, out, **options) -> list[Path]`` loads its inputs (checking
-their columns), calls :mod:`analysis.tables` for the numbers and :mod:`analysis.plots` for the
-drawing, and writes the files; ``build_<name>(...)`` does the same from DataFrames and returns
-the Figure.
+an error (exit 1). A figure that fails (an input present but damaged: empty, cut short by an
+interrupted write, lacking a column, a non-number or an empty cell where a value belongs, rows
+missing such as a configuration with fewer seeds than the others; an input it cannot draw; files
+that cannot be written) is reported in one line ``error: <figure> skipped: <reason>``, writes
+nothing (NOTE [whole figures]), the other figures are still built, and the command exits 2.
+Each entry point ``<name>(results, out, **options) -> list[Path]`` loads its inputs (checked by
+:func:`analysis.results.load`), calls :mod:`analysis.tables` for the numbers and
+:mod:`analysis.plots` for the drawing, and writes the files; ``build_<name>(...)`` does the same
+from DataFrames and returns the Figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from varstudy import cli
 from varstudy.errors import VarstudyError
+from varstudy.io import atomic_write_bytes
 
 from analysis.figures_checkpoint import checkpoint_vs_n, checkpoint_vs_ratio
 from analysis.figures_accuracy import accuracy_vs_ratio, learning_curve, variance_vs_accuracy
@@ -75,30 +80,62 @@ FIGURE_ENTRIES: dict[str, FigureEntry] = {
 }
 
 
+def build_one(name: str, results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
+    """Build figure ``name`` into ``out``; returns the paths written.
+
+    NOTE [whole figures]: the entry point writes into a fresh staging folder inside ``out``
+    (``.tmp-<name>-*``); only when it has returned, with every file of the figure and its
+    tables complete, is each file copied into ``out`` atomically (:mod:`varstudy.io`). A figure
+    that fails (a bad input, a bug) leaves ``out`` as it was: no half-drawn PNG, no table
+    without its figure. The staging folder is removed either way.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out))
+    try:
+        staged = FIGURE_ENTRIES[name].build(results, stage)
+        return [atomic_write_bytes(out / p.relative_to(stage), p.read_bytes()) for p in staged]
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _reason(err: Exception, out: Path) -> str:
+    """One line saying why a figure was not built."""
+    if isinstance(err, VarstudyError):
+        why = str(err)
+    elif isinstance(err, OSError):
+        why = (f"cannot write {getattr(err, 'filename', None) or out}: {err.strerror or err}; "
+               "valid choices: a writable --out")
+    else:  # a bug met by an input the figure does not handle
+        why = (f"failed with {type(err).__name__}: {err}; valid choices: report it (rerun with "
+               "--debug for the traceback)")
+    return " ".join(why.split())
+
+
 def build(names: list[str], results: Path = RESULTS, out: Path = FIGURES,
-          strict: bool = True, errors: dict[str, str] | None = None
+          strict: bool = True, errors: dict[str, str] | None = None, debug: bool = False
           ) -> tuple[list[Path], dict[str, str]]:
     """Build the named figures; returns (written paths, {skipped name: reason}).
 
-    With ``strict`` a missing input raises MissingResultsError and a bad input or an unwritable
-    ``out`` raises VarstudyError / OSError; otherwise the figure is skipped (its reason in
-    ``skipped``, or for bad inputs and unwritable files in ``errors`` when that dict is given).
+    With ``strict`` the first failure is raised (MissingResultsError for a missing input,
+    VarstudyError for a bad one, OSError for an unwritable ``out``, anything else as it is);
+    otherwise a figure whose input is missing is skipped (its reason in ``skipped``) and one
+    that fails for any other reason too, its one-line reason in ``errors`` when that dict is
+    given (else in ``skipped``); the other figures are still built. ``debug`` re-raises a
+    failure that is neither a VarstudyError nor an OSError (a bug), with its traceback.
     """
     written, skipped = [], {}
     for name in names:
         try:
-            written += FIGURE_ENTRIES[name].build(results, out)
+            written += build_one(name, results, out)
         except MissingResultsError as err:
             if strict:
                 raise
-            skipped[name] = str(err)
-        except (VarstudyError, OSError) as err:
-            if strict:
+            skipped[name] = " ".join(str(err).split())
+        except Exception as err:  # noqa: BLE001 - one figure's failure never stops the others
+            if strict or (debug and not isinstance(err, (VarstudyError, OSError))):
                 raise
-            why = err if isinstance(err, VarstudyError) else (
-                f"cannot write {getattr(err, 'filename', None) or out}: "
-                f"{err.strerror or err}; valid choices: a writable --out")
-            (skipped if errors is None else errors)[name] = " ".join(str(why).split())
+            (skipped if errors is None else errors)[name] = _reason(err, out)
     return written, skipped
 
 
@@ -109,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--out", type=Path, default=FIGURES, help="output directory")
     parser.add_argument("--list", action="store_true", help="list the figures and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a figure that fails with a bug")
     args = parser.parse_args(argv)
     if args.list:
         for name, entry in FIGURE_ENTRIES.items():
@@ -122,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(FIGURE_ENTRIES)}", file=sys.stderr)
         return 2
     errors: dict[str, str] = {}
-    written, skipped = build(names, args.results, args.out, strict=False, errors=errors)
+    written, skipped = build(names, args.results, args.out, strict=False, errors=errors,
+                             debug=args.debug)
     for path in written:
         print(f"wrote {path}")
     for name, reason in skipped.items():

@@ -128,7 +128,9 @@ def plan_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
 
 
 def _cells(paired: pd.DataFrame) -> pd.DataFrame:
-    return paired.assign(cell=[f"{100 * m:+.2f} [{100 * a:+.2f}, {100 * b:+.2f}] (n={n})"
+    """"mean [low, high] (n=…)" × 100; "[one seed]" where one pair gives no interval."""
+    return paired.assign(cell=[(f"{100 * m:+.2f} [{100 * a:+.2f}, {100 * b:+.2f}]" if n >= 2
+                                else f"{100 * m:+.2f} [one seed]") + f" (n={n})"
                                for m, a, b, n in zip(paired.diff_mean, paired.diff_ci_low,
                                                      paired.diff_ci_high, paired.n)])
 

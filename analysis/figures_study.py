@@ -7,6 +7,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from varstudy.errors import VarstudyError
+
 from analysis import plots, tables
 from analysis.results import FIGURES, RESULTS, MissingResultsError, config, load, most_common, save
 from analysis.style import new_figure
@@ -20,7 +22,11 @@ def build_memory_vs_batch(memory: pd.DataFrame, model: str | None = None,
     if "seq_len" in d:
         d = d[d["seq_len"] == most_common(d, "seq_len")]
     if family not in set(d["family"]):
-        family = next(f for f in d["family"] if f != tables.EXACT)
+        family = next((f for f in d["family"] if f != tables.EXACT), None)
+    if family is None:
+        raise VarstudyError(f"memory table has no randomized family for model {model} (only "
+                            "exact); valid choices: a memory study with at least one sketch "
+                            "family (python -m varstudy.study memory)")
     shown = d[d["family"].isin([tables.EXACT, family])]
     panels = [("saved_mib", "saved for backward (MiB)", "whole training step")]
     if "saved_linear_mib" in d:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from varstudy.errors import VarstudyError
 
 from analysis import plots, tables
 from analysis.results import (FIGURES, RESULTS, MissingResultsError, load, outer_labels, save,
@@ -68,6 +71,9 @@ def variance_by_scope(results: Path = RESULTS, out: Path = FIGURES) -> list[Path
                   ("train_step", "family", "ratio", "scope", "ratio_mean", "ratio_ci_low",
                    "ratio_ci_high", "layer_ratio_q1", "layer_ratio_median", "layer_ratio_q3"))
     scopes = scopes[scopes.train_step == scopes.train_step.min()]
+    if not (scopes.scope == "all").any():
+        raise VarstudyError(f"{MEASURE_DEFAULT}/scopes.csv has no scope 'all' rows; valid "
+                            "choices: scopes.csv as python -m varstudy.measure writes it")
     fams = order_families(scopes.family)
     fig, axes, panels = facet_grid(len(fams), 4, panel=(3.4, 3.0))
     for fam, ax in zip(fams, panels):
@@ -78,23 +84,38 @@ def variance_by_scope(results: Path = RESULTS, out: Path = FIGURES) -> list[Path
     fig.suptitle("Sketch / sampling variance by scope: encoder, head (pooler + classifier), "
                  "whole model, and per layer")
     paths = save(fig, out, "variance_by_scope")
-    table = scopes.assign(cell=[f"{m:.3g} [{lo:.3g}, {hi:.3g}]" for m, lo, hi in
-                                zip(scopes.ratio_mean, scopes.ratio_ci_low,
-                                    scopes.ratio_ci_high)])
-    wide = table.pivot_table(index=["family", "ratio"], columns="scope", values="cell",
-                             aggfunc="first", sort=False)[["encoder", "head", "all"]]
-    allrows = scopes[scopes.scope == "all"].set_index(["family", "ratio"])
-    wide["per-layer median [q1, q3]"] = [
-        f"{m:.3g} [{a:.3g}, {b:.3g}]" for m, a, b in zip(
-            allrows.layer_ratio_median, allrows.layer_ratio_q1, allrows.layer_ratio_q3)]
-    wide = wide.reset_index()
-    wide.columns.name = None
+    wide = scope_table(scopes)
     caption = ("Sketch / sampling variance ratio by scope (Σ sketch / Σ sampling, mean and 95% "
                "t-interval over minibatches) and the per-layer ratio, default measure run")
     paths.append(write_text(out, "scope_table.md", tables.to_markdown(wide, caption)))
     paths.append(write_text(out, "scope_table.tex", tables.to_latex(wide, caption,
                                                                     "tab:scopes")))
     return paths
+
+
+def _interval(mean: float, low: float, high: float) -> str:
+    """``m [low, high]``; ``m (one minibatch)`` where a single minibatch gives no interval."""
+    if np.isfinite(low) and np.isfinite(high):
+        return f"{mean:.3g} [{low:.3g}, {high:.3g}]"
+    return f"{mean:.3g} (one minibatch)"
+
+
+def scope_table(scopes: pd.DataFrame) -> pd.DataFrame:
+    """One row per (family, ρ): the scope totals present (encoder, head, all; a run over the
+    encoder alone has no head) with their intervals, and the per-layer median [q1, q3]."""
+    table = scopes.assign(cell=[_interval(m, lo, hi) for m, lo, hi in
+                                zip(scopes.ratio_mean, scopes.ratio_ci_low,
+                                    scopes.ratio_ci_high)])
+    present = [s for s in ("encoder", "head", "all") if (scopes.scope == s).any()]
+    wide = table.pivot_table(index=["family", "ratio"], columns="scope", values="cell",
+                             aggfunc="first", sort=False)[present]
+    allrows = scopes[scopes.scope == "all"].set_index(["family", "ratio"]).reindex(wide.index)
+    wide["per-layer median [q1, q3]"] = [
+        f"{m:.3g} [{a:.3g}, {b:.3g}]" for m, a, b in zip(
+            allrows.layer_ratio_median, allrows.layer_ratio_q1, allrows.layer_ratio_q3)]
+    wide = wide.reset_index()
+    wide.columns.name = None
+    return wide
 
 
 def build_variance_vs_ratio(summary: pd.DataFrame, train_step: int | None = None) -> Figure:

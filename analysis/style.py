@@ -16,6 +16,8 @@ from matplotlib.axes import Axes
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 
+from varstudy.errors import VarstudyError
+
 # Okabe & Ito (2008), "Color Universal Design".
 OKABE_ITO = {
     "black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9", "green": "#009E73",
@@ -100,7 +102,11 @@ def ratio_shades(family: str, ratios: Iterable[float]) -> dict[float, tuple[floa
 
 def new_figure(nrows: int = 1, ncols: int = 1, *, panel: tuple[float, float] = FIGSIZE_PANEL,
                sharex: bool = False, sharey: bool = False, squeeze: bool = False):
-    """A (Figure, axes array) pair, constrained layout, without pyplot state."""
+    """A (Figure, axes array) pair, constrained layout, without pyplot state; a grid without
+    panels (the inputs left nothing to draw) is a one-line VarstudyError."""
+    if nrows < 1 or ncols < 1:
+        raise VarstudyError(f"nothing to draw: the inputs leave a {nrows} × {ncols} grid of "
+                            "panels; valid choices: inputs with rows for this figure")
     fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, sharex=sharex, sharey=sharey, squeeze=squeeze)
     return fig, axes

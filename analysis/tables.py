@@ -38,6 +38,58 @@ def require_columns(df: pd.DataFrame, columns: Iterable[str], source: str = "tab
         )
 
 
+def _shown(value) -> str:
+    """A key value as a message shows it: ``0.1``, ``gaussian``, ``NaN``."""
+    if isinstance(value, (float, np.floating)):
+        return "NaN" if np.isnan(value) else f"{float(value):g}"
+    return str(value.item() if isinstance(value, np.generic) else value)
+
+
+def _named(columns: Sequence[str], values) -> str:
+    values = values if isinstance(values, tuple) else (values,)
+    return ", ".join(f"{c} {_shown(v)}" for c, v in zip(columns, values))
+
+
+def require_complete(df: pd.DataFrame, keys: Sequence[str], over: Sequence[str],
+                     source: str = "table") -> None:
+    """Raise VarstudyError (one line, naming ``source``) unless ``df`` is a full grid.
+
+    NOTE [complete inputs]: a series is one value of the ``keys`` columns (a configuration, a
+    layer); every series must have exactly one row for each value of the ``over`` columns
+    that any series has (the seeds of an accuracy study, the steps and minibatches of a
+    measure run). A configuration with fewer seeds than the others, or a step missing from one
+    layer, would otherwise turn into a shorter mean, a gap in a curve or an empty table cell
+    with no word said. Key columns absent from ``df`` are left out; without an ``over`` column
+    only duplicates of the keys are refused; empty keys check duplicates of ``over`` alone.
+    """
+    keys = [k for k in keys if k in df.columns]
+    over = [o for o in over if o in df.columns]
+    if not over:
+        over, keys = keys, []
+    if not over or df.empty:
+        return
+    counts = df.groupby(keys + over, dropna=False, sort=False).size()
+    if (counts > 1).any():
+        first = counts[counts > 1].index[0]
+        raise VarstudyError(f"{source} has {int(counts.max())} rows for "
+                            f"{_named(keys + over, first)} (a run written twice?); valid "
+                            "choices: one row each (rerun the command that writes it)")
+    if not keys:
+        return
+    every = df[over].drop_duplicates()
+    for key, group in df.groupby(keys, dropna=False, sort=False):
+        if len(group) < len(every):
+            have = {tuple(map(_shown, t)) for t in group[over].itertuples(index=False)}
+            missing = [t for t in every.itertuples(index=False, name=None)
+                       if tuple(map(_shown, t)) not in have]
+            shown = "; ".join(_named(over, t) for t in missing[:3])
+            raise VarstudyError(
+                f"{source} is missing rows: {_named(keys, key)} has {len(group)} of the "
+                f"{len(every)} {'/'.join(over)} values the other rows have (missing {shown}"
+                f"{'; ...' if len(missing) > 3 else ''}); valid choices: finish that run (rerun "
+                f"the command that writes it) or remove its rows")
+
+
 def nearest(values: Iterable[float], target: float) -> float:
     """The element of ``values`` closest to ``target`` (in log space for positive numbers)."""
     vals = np.array(sorted(set(float(v) for v in values if pd.notna(v))))
@@ -137,7 +189,7 @@ def pick_layer(df: pd.DataFrame, kind: str = "ffn_in", index: int | None = None)
     require_columns(df, ["layer", "layer_kind", "layer_index"], "layer table")
     cand = df[df["layer_kind"] == kind].drop_duplicates("layer")
     if cand.empty:
-        raise VarstudyError(f"no layer of kind {kind!r}; kinds present: "
+        raise VarstudyError(f"no layer of kind {kind!r} in the table; valid choices: "
                             f"{', '.join(order_kinds(df['layer_kind'].dropna().unique()))}")
     idx = cand["layer_index"].astype(float)
     if index is None:
@@ -145,8 +197,9 @@ def pick_layer(df: pd.DataFrame, kind: str = "ffn_in", index: int | None = None)
             if idx.notna().any() else None
     hit = cand[idx == index] if index is not None else cand
     if hit.empty:
-        raise VarstudyError(f"no {kind!r} layer with index {index}; indices: "
-                            f"{sorted(idx.dropna().astype(int).unique())}")
+        raise VarstudyError(f"no {kind!r} layer with index {index} in the table; valid "
+                            "choices: "
+                            f"{', '.join(map(str, sorted(idx.dropna().astype(int).unique())))}")
     return str(hit["layer"].iloc[0])
 
 
