@@ -266,8 +266,7 @@ def write_config(config: StudyConfig, study: str, folder: Path, **extra) -> None
     from varstudy.models import resolve_device
 
     folder.mkdir(parents=True, exist_ok=True)
-    resolved = {cli.COMMAND_KEY: cli.command_name(StudyConfig), "study": study,
-                **asdict(config), "torch": torch.__version__,
+    resolved = {"study": study, **asdict(config), "torch": torch.__version__,
                 "device_resolved": resolve_device(config.device),
                 "threads": config.num_threads or torch.get_num_threads(), **extra}
     vio.atomic_write_json(folder / "config.json", resolved)
