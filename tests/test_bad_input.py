@@ -2,7 +2,9 @@
 one line ``error: ...`` naming the problem and the valid choices, no traceback (unless --debug),
 and no partial result that looks complete."""
 
+import dataclasses
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -222,6 +224,161 @@ def test_bad_input_exits_2_with_one_line(command, argv, words, tmp_path, capsys,
     err = _check_one_line(_main(command)(argv), capsys, words, out, command)
     assert "valid" in err or not issue_11
     assert not list(cwd.iterdir())  # nothing written to (or removed from) the current directory
+
+
+# Trust II, items 4 and 7: typed --config / --resume configs and inputs that ended in a traceback
+# (or exit 0 with a nonsense result) before. "@name" is built by FILES_22 below from the case's
+# folder; each line must name the valid choices.
+CASES_22 = [
+    ("measure", ["--config", "@cfg_fpc_string"], 'fpc is a string "false", not true or false'),
+    ("measure", ["--config", "@cfg_ratios_string"], 'ratios is a string "abc", not a list of'),
+    ("measure", ["--config", "@cfg_families_int"], "families is an integer 5, not a list of"),
+    ("measure", ["--config", "@cfg_layers_int"], "layers is an integer 5, not a string"),
+    ("measure", ["--config", "@cfg_device_int"], "device is an integer 5, not a string"),
+    ("measure", ["--config", "@cfg_nested_deep"], "cannot be read as JSON (maximum recursion"),
+    ("measure", ["--config", "@cfg_out_nul"], "holding a NUL character"),
+    ("measure", ["--config", "@cfg_out_surrogate"], "or an unpaired surrogate"),
+    ("measure", ["--config", "@cfg_of_finetune"], 'written by "finetune", not by measure'),
+    ("measure", ["--resume", "--out", "@measure_resumed_fpc_string"],
+     'config.json: fpc is a string "yes", not true or false'),
+    ("measure", ["--num-threads", str(10**12)], "num_threads must be an integer in [1, 1024]"),
+    ("measure", ["--train-steps", str(10**30)], "train_steps must be an integer >= 0 and < 2**31"),
+    ("finetune", ["--config", "@cfg_betas_int"], "betas is an integer 5, not a list of 2 numbers"),
+    ("finetune", ["--config", "@cfg_ratio_string"], 'ratio is a string "0.5", not a number'),
+    ("finetune", ["--config", "@cfg_name_int"], "name is an integer 5, not a string"),
+    ("finetune", ["--config", "@cfg_max_steps_float"], "max_steps is a number 3.5, not an integer"),
+    ("study memory", ["--config", "@cfg_batch_sizes_nested"], "batch_sizes[0] is a list [2]"),
+    ("study memory", ["--config", "@cfg_of_bench_layers"],
+     'written by "bench layers", not by study'),
+    ("study throughput", ["--batch-sizes", "2,4", "--budget-mib", "nan"],
+     "budget_mib must be > 0 and finite, got nan"),
+    ("study throughput", ["--batch-sizes", "2,4", "--budget-mib", "-5"],
+     "budget_mib must be > 0 and finite, got -5.0"),
+    ("study throughput", [], "batch_sizes (2,) holds one"),
+    ("study accuracy", ["--resume", "--out", "@accuracy_runs_binary"], "cannot be read as CSV"),
+    ("study accuracy", ["--resume", "--out", "@accuracy_runs_columns"], "lacks column(s) family"),
+    ("bench layers", ["--batch-size", str(10**30)], "--batch-size must be in [1, 2**31 - 1]"),
+    ("bench layers", ["--seq-len", str(10**30)], "--seq-len must be in [1, 2**31 - 1]"),
+    ("bench layers", ["--device", "tpu"], "unknown device 'tpu'"),
+    ("bench layers", ["--resume", "--out", "@layers_parts_binary"], "is damaged"),
+    ("bench measure", ["--resume", "--out", "@measure_parts_binary"], "is damaged"),
+    ("bench measure", ["--resume", "--out", "@measure_parts_columns"],
+     "is not a table of (round, kind, value) rows"),
+    ("bench checkpoint", ["--hidden", str(10**30)], "--hidden 10000"),
+    ("bench checkpoint", ["--config", "@cfg_legacy_ns_string"], 'ns is a string "abc"'),
+    ("bench callback", ["--config", "@cfg_batch_size_string"], 'batch_size is a string "a"'),
+    ("plan", ["--from", "@plan_layers_empty"], "layers.csv cannot be read as CSV"),
+    ("plan", ["--from", "@plan_layers_binary"], "layers.csv cannot be read as CSV"),
+    ("plan", ["--out", ""], "--out '' is empty"),
+]
+BASE_22 = {"measure": MEASURE, "finetune": FINETUNE, "study": STUDY, "plan": ["--budget", "0.1"],
+           "bench layers": BENCH_LAYERS, "bench measure": BENCH_MEASURE,
+           "bench checkpoint": ["--preset", "smoke", "--no-progress"],
+           "bench callback": ["--model", "tiny-bert", "--steps", "1", "--max-length", "8"]}
+
+
+def _config(obj, raw: str | None = None):
+    def build(folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(raw if raw is not None else json.dumps(obj))
+        return str(folder / "config.json")
+    return build
+
+
+def _bench_parts(benchmark: str, files: dict):
+    """``--out`` of an interrupted bench run: its resume marker (this case's config) and a
+    damaged parts file."""
+    def build(folder: Path) -> str:
+        from varstudy.bench import layers as bench_layers
+        from varstudy.bench import measure as bench_measure
+
+        parse = {"layers": bench_layers.parse, "measure": bench_measure.parse}[benchmark]
+        argv = BASE_22[f"bench {benchmark}"] + ["--resume", "--out", str(folder)]
+        marker = {"layers": "layers.parts/config.json", "measure": "measure.parts.json"}
+        config = json.dumps(dataclasses.asdict(parse(argv)))
+        return _write(folder, {marker[benchmark]: config, **files})
+    return build
+
+
+FILES_22 = {
+    "cfg_fpc_string": _config({"model": "tiny-bert", "fpc": "false"}),
+    "cfg_ratios_string": _config({"ratios": "abc"}),
+    "cfg_families_int": _config({"families": 5}),
+    "cfg_layers_int": _config({"layers": 5}),
+    "cfg_device_int": _config({"device": 5}),
+    "cfg_nested_deep": _config(None, "[" * 100_000 + "]" * 100_000),
+    "cfg_out_nul": _config({"out": "a\u0000b"}),
+    "cfg_out_surrogate": _config({"out": "a\ud800b"}),
+    "cfg_of_finetune": _config({"command": "finetune", "model": "tiny-bert", "sketch": "rows"}),
+    "measure_resumed_fpc_string": lambda d: _write(d, {"config.json": json.dumps(
+        {"command": "measure", "model": "tiny-bert", "fpc": "yes"})}),
+    "cfg_betas_int": _config({"betas": 5}),
+    "cfg_ratio_string": _config({"ratio": "0.5"}),
+    "cfg_name_int": _config({"name": 5}),
+    "cfg_max_steps_float": _config({"max_steps": 3.5}),
+    "cfg_batch_sizes_nested": _config({"batch_sizes": [[2]]}),
+    "cfg_of_bench_layers": _config({"command": "bench layers", "model": "tiny-bert"}),
+    "accuracy_runs_binary": lambda d: _write(d, {"accuracy/runs.csv": b"\xff\x00junk\n1,2\n"}),
+    "accuracy_runs_columns": lambda d: _write(d, {"accuracy/runs.csv": "a,b\n1,2\n"}),
+    "layers_parts_binary": _bench_parts("layers",
+                                        {"layers.parts/memory.csv": b"\xff\x00\n1,2\n"}),
+    "measure_parts_binary": _bench_parts("measure", {"measure.parts.csv": b"\xff\x00\n1,2\n"}),
+    "measure_parts_columns": _bench_parts("measure", {"measure.parts.csv": "a,b\n1,2\n"}),
+    "cfg_legacy_ns_string": _config({"config": {"ns": "abc"}, "wall_s": 1}),
+    "cfg_batch_size_string": _config({"batch_size": "a"}),
+    "plan_layers_empty": lambda d: _write(d, {"layers.csv": ""}),
+    "plan_layers_binary": lambda d: _write(d, {"layers.csv": b"\xff\xfe\x00" * 40}),
+}
+
+
+def _main_22(command: str, argv: list[str]):
+    from varstudy import plan
+
+    words = command.split()
+    if words[0] == "plan":
+        main = plan.main
+    elif words[0] == "bench":
+        main = lambda a: bench.main([words[1]] + a)  # noqa: E731
+    else:
+        main = {"measure": M.main, "finetune": finetune.main,
+                "study": lambda a: study.main([words[1]] + a)}[words[0]]
+    try:
+        return main(BASE_22[command if command in BASE_22 else words[0]] + argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+@pytest.mark.parametrize("command, argv, words", CASES_22,
+                         ids=[f"{c}-{' '.join(a)[:60]}" for c, a, _ in CASES_22])
+def test_bad_input_22_exits_2_with_one_line(command, argv, words, tmp_path, capsys, no_cuda,
+                                            monkeypatch):
+    """Each of these ended in a traceback without --debug (or exited 0 with a result taken
+    from a truthy string) before; now: status 2, one line naming it and the valid choices,
+    nothing that looks like a finished result, nothing written to the current directory."""
+    out, cwd = tmp_path / "out", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    argv = [FILES_22[a[1:]](tmp_path / a[1:]) if a.startswith("@") else a for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(out / "plan.json" if command == "plan" else out)]
+    capsys.readouterr()  # what building the inputs printed
+    code = _main_22(command, argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert words in err and "Traceback" not in err, err
+    assert "valid" in err, err
+    for name in FINAL_22[command]:  # nothing that looks like a finished result
+        assert not list(tmp_path.rglob(Path(name).name)), name
+    assert not list(cwd.iterdir())
+
+
+FINAL_22 = {"measure": FINAL["measure"], "finetune": FINAL["finetune"],
+            "study memory": ["memory.csv"], "study throughput": ["throughput.csv", "max_batch.csv"],
+            "study accuracy": ["summary.csv"], "bench layers": ["layers.csv", "layers.json"],
+            "bench measure": ["measure.csv", "measure.json"],
+            "bench checkpoint": ["summary.csv", "env.json"], "bench callback": ["callback.json"],
+            "plan": ["plan.json", "frontier.csv"]}
 
 
 @pytest.mark.parametrize("command", ["measure", "finetune", "study", "bench"])

@@ -177,3 +177,140 @@ def test_readme_and_reproduction_link_only_files_that_exist():
             if not (ROOT / path).exists():
                 missing.append(f"{doc}: {path}")
     assert not missing, missing
+
+
+# Typed config.json (NOTE [typed configs] in varstudy.cli) ---------------------------------------
+
+TYPED = [  # (key, JSON value, words of the one line)
+    ("fpc", "false", 'fpc is a string "false", not true or false; valid choices: true or false'),
+    ("fpc", 0, "fpc is an integer 0, not true or false"),
+    ("batch_size", 3.5, "batch_size is a number 3.5, not an integer; valid choices: an integer"),
+    ("batch_size", True, "batch_size is a boolean true, not an integer"),
+    ("batch_size", "4", 'batch_size is a string "4", not an integer'),
+    ("batch_size", None, "batch_size is null, not an integer; valid choices: an integer"),
+    ("num_threads", 2.0, "num_threads is a number 2.0, not an integer; valid choices: an "
+                         "integer, or null"),
+    ("lr", "1e-5", 'lr is a string "1e-5", not a number'),
+    ("lr", 10**400, "lr is an integer 1000000000"),
+    ("model", {"name": "tiny-bert"}, 'model is an object {"name": "tiny-bert"}, not a string'),
+    ("model", ["tiny-bert"], 'model is a list ["tiny-bert"], not a string'),
+    ("dataset", "mnist", 'dataset is a string "mnist", not a valid choice; valid choices: '
+                         "rotten_tomatoes"),
+    ("train_sketch", "nope", "valid choices: gaussian, rademacher"),
+    ("ratios", 0.5, "ratios is a number 0.5, not a list of numbers; valid choices: a list of "
+                    "numbers"),
+    ("ratios", [0.5, "0.1"], 'ratios[1] is a string "0.1", not a number'),
+    ("ratios", [[0.5]], "ratios[0] is a list [0.5], not a number"),
+    ("families", "rows", "families is a string \"rows\", not a list of strings; valid choices: "
+                         "a list of strings among gaussian"),
+    ("families", ["rows", "nope"], 'families[1] is a string "nope", not a valid choice'),
+    ("measure_at", [0, 1.5], "measure_at[1] is a number 1.5, not an integer"),
+    ("out", "a\u0000b", "holding a NUL character or an unpaired surrogate"),
+    ("data_dir", "a\ud800b", "holding a NUL character or an unpaired surrogate"),
+]
+
+
+@pytest.mark.parametrize("key, value, words", TYPED, ids=[f"{k}={v!r}" for k, v, _ in TYPED])
+def test_config_json_is_typed_like_the_command_line(key, value, words, tmp_path):
+    """A config.json value of the wrong JSON type is refused with one line naming the file,
+    the key, the value and the valid choices (never taken by truthiness)."""
+    from varstudy.errors import VarstudyError
+    from varstudy.measure.command import parse
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model": "tiny-bert", key: value}))
+    with pytest.raises(VarstudyError) as err:
+        parse(["--config", str(path)])
+    line = str(err.value)
+    assert line.startswith(f"--config {path}: {key}") and words in line, line
+    assert "\n" not in line and "valid choices: " in line
+
+
+def test_config_json_values_of_the_right_type_are_taken(tmp_path):
+    """Every hint kind in one file: null for optionals, lists for tuples, an integer for a
+    float field, NaN-free numbers; the result equals the command line's."""
+    from varstudy.finetune.command import parse
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(model="tiny-bert", betas=[0.8, 0.9], ratio=1, max_steps=None,
+                                    epochs=2, eval_every=None, test=False, name="x")))
+    got = parse(["--config", str(path)])
+    assert got == parse(["--model", "tiny-bert", "--betas", "0.8,0.9", "--ratio", "1",
+                         "--epochs", "2", "--eval-every", "none", "--no-test", "--name", "x"])
+    assert got.betas == (0.8, 0.9) and isinstance(got.ratio, float)
+    path.write_text(json.dumps(dict(betas=[0.9])))  # a fixed-length tuple keeps its length
+    with pytest.raises(Exception, match=r"betas is a list \[0.9\], not a list of 2 numbers"):
+        parse(["--config", str(path)])
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_command_names_match_the_command_line(command):
+    """config.json's "command" key is the command line's words after varstudy."""
+    assert cli.command_name(_config_class(command)) == command
+
+
+@pytest.mark.parametrize("writer, reader", [("finetune", "measure"), ("bench layers", "study"),
+                                            ("measure", "bench measure"), ("study", "finetune")])
+def test_another_commands_config_is_refused(writer, reader, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"command": writer, "model": "tiny-bert", "seed": 1}))
+    with pytest.raises(Exception) as err:
+        _module(COMMANDS[reader][1]).parse(["memory"] * (reader == "study")
+                                           + ["--config", str(path)])
+    assert str(err.value) == (f'--config {path} was written by "{writer}", not by {reader}; '
+                              f"valid choices: a config.json of a {reader} run")
+
+
+def test_a_config_without_command_falls_back_to_the_key_overlap(tmp_path):
+    """Configs written before the "command" key still rerun when they share a field; one
+    sharing none is refused."""
+    from varstudy.measure.command import parse
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model": "tiny-bert", "population": 3.0}))
+    assert parse(["--config", str(path)]).model == "tiny-bert"
+    path.write_text(json.dumps({"ns": [1, 2], "wave_n": 3}))
+    with pytest.raises(Exception, match="holds none of this command's options"):
+        parse(["--config", str(path)])
+    path.write_text("[" * 100_000)  # nesting past the parser's recursion limit: one line too
+    with pytest.raises(Exception, match="cannot be read as JSON"):
+        parse(["--config", str(path)])
+
+
+def test_a_written_config_names_its_command_and_reruns(tmp_path):
+    """A real run's config.json carries "command" and reruns through --config; another
+    command refuses it."""
+    from varstudy import finetune
+    from varstudy.measure import command as measure_command
+
+    out = tmp_path / "m"
+    argv = ["--model", "tiny-bert", "--dataset", "synthetic", "--batch-size", "4",
+            "--max-length", "16", "--num-batches", "1", "--families", "rows", "--ratios", "0.5",
+            "--mc-draws", "0", "--no-fpc", "--no-progress", "--out", str(out)]
+    assert measure_command.main(argv) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["command"] == "measure" and saved["fpc"] is False
+    again = measure_command.parse(["--config", str(out / "config.json")])
+    assert again.resolved() == measure_command.parse(argv).resolved()
+    with pytest.raises(Exception, match='written by "measure", not by finetune'):
+        finetune.parse(["--config", str(out / "config.json")])
+
+
+def test_an_allocation_no_machine_has_is_one_line(capsys):
+    """A size that cannot be allocated (1 EiB, past any address space) is one line and status 2,
+    not a traceback; other RuntimeErrors stay tracebacks (they are defects), and --debug
+    re-raises."""
+    import torch
+
+    def huge():
+        torch.empty(2**60, dtype=torch.uint8)
+
+    assert cli.guarded(huge) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: out of memory")
+    assert "valid choices: smaller sizes" in err
+    assert cli.guarded(lambda: (_ for _ in ()).throw(MemoryError())) == 2
+    with pytest.raises(RuntimeError, match="a defect"):
+        cli.guarded(lambda: (_ for _ in ()).throw(RuntimeError("a defect")))
+    with pytest.raises(RuntimeError):
+        cli.guarded(huge, debug=True)

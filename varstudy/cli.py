@@ -10,7 +10,9 @@ into an argparse parser with one option per field:
 * help text from the field's documentation, with its default and its valid choices, plain text;
 * ``--config results/<run>/config.json`` to rerun a saved run exactly (options given on the
   command line override it; keys of the JSON that are not fields, such as resolved extras, are
-  ignored), ``--preset`` where a command has presets, ``--debug`` for tracebacks.
+  ignored; the fields are typed like the command line's, and another command's config is
+  refused: NOTE [typed configs]), ``--preset`` where a command has presets, ``--debug`` for
+  tracebacks.
 
 Parsing imports nothing heavy: config modules import neither torch, transformers nor pandas,
 so ``--help`` answers at once.
@@ -58,8 +60,9 @@ def one_line(message: object) -> str:
 
 
 def guarded(body: Callable[[], int | None], *, debug: bool = False) -> int:
-    """Run ``body``; a VarstudyError (or an OSError from the file system) becomes one line on
-    stderr and status 2 (re-raised with ``debug``); Ctrl-C becomes status 130."""
+    """Run ``body``; a VarstudyError (or an OSError from the file system, or an allocation that
+    fails: :func:`out_of_memory`) becomes one line on stderr and status 2 (re-raised with
+    ``debug``); Ctrl-C becomes status 130."""
     try:
         return int(body() or 0)
     except (VarstudyError, OSError) as err:
@@ -75,8 +78,22 @@ def guarded(body: Callable[[], int | None], *, debug: bool = False) -> int:
         print("error: interrupted; finished work is kept, rerun with --resume to continue",
               file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as err:
+        if debug or not out_of_memory(err):
+            raise
+        print(f"error: out of memory ({one_line(err)[:160]}); valid choices: smaller sizes "
+              "(batch, length, hidden, grid), or a machine with more memory", file=sys.stderr)
+        return 2
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """True for an allocation failure: MemoryError, torch's OutOfMemoryError (CUDA) or its CPU
+    allocator's RuntimeError ("can't allocate memory"), a size asked for that no machine has."""
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" \
+        or "can't allocate memory" in str(err)
+
+
+SIZE_LIMIT = 2**31 - 1  # a tensor dimension torch indexes with 32-bit integers
 SEED_LIMIT = 2**63  # seeds feed torch.manual_seed and numpy generators: 0 <= seed < 2**63
 
 
@@ -221,27 +238,117 @@ def config_parser(cls, prog: str, description: str, *, presets: Sequence[str] = 
     return parser
 
 
-def saved_options(path: Path, cls) -> dict:
-    """The fields of ``cls`` found in a saved ``config.json`` (other keys ignored; lists of
-    tuple fields made tuples)."""
+# --------------------------------------------------------------------------------------------
+# config.json -> options (NOTE [typed configs])
+# --------------------------------------------------------------------------------------------
+# NOTE [typed configs]: a saved config.json is read with the command line's types, never by
+# truthiness: a field's JSON value must have the JSON type of its hint (true/false for bool, an
+# integer for int, a number for float, a string for str, a list for a tuple, each element like a
+# command-line list element, choices included; null only for ``T | None``). A config.json names
+# the command that wrote it (``"command": "measure"``, :func:`command_name`); another command's
+# config is refused. One written before that key is taken when it holds one of the fields.
+
+COMMAND_KEY = "command"
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def command_name(cls) -> str:
+    """The command whose config class is ``cls``, as config.json records it: "measure",
+    "finetune", "study", "plan", "bench layers", ..."""
+    return cls.__module__.removeprefix("varstudy.").removesuffix(".config").replace(".", " ")
+
+
+def _brief(value) -> str:
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_kind(value) -> str:
+    """'a string "false"', 'a number 3.5', 'a list [1, 2]', 'null': a JSON value for errors."""
+    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+             (list, "a list"), (dict, "an object"))
+    kind = next((name for t, name in kinds if isinstance(value, t)), "a value")
+    return "null" if value is None else f"{kind} {_brief(value)}"
+
+
+def _json_scalar(kind, value, choices, where: str, valid: str):
+    ok = {bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}[kind](value)
+    if ok and kind is float:
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float's range
+            ok = False
+    if not ok:
+        raise VarstudyError(f"{where} is {_json_kind(value)}, not {_KINDS[kind]}; valid "
+                            f"choices: {valid}")
+    if kind is str and ("\0" in value or not _encodable(value)):  # no command line holds these
+        raise VarstudyError(f"{where} is {_json_kind(value)} holding a NUL character or an "
+                            f"unpaired surrogate; valid choices: {valid} without them")
+    if choices is not None and value not in choices:
+        raise VarstudyError(f"{where} is {_json_kind(value)}, not a valid choice; valid "
+                            f"choices: {valid}")
+    return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8", "surrogateescape")  # as os.fsencode: a command line's odd bytes
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def json_value(hint, value, choices, where: str):
+    """A field's value from a config.json, checked against its type ``hint`` and ``choices``
+    like the command line's text (NOTE [typed configs]); ``where`` starts the error line."""
+    inner, optional = _split(hint)
+    if value is None and optional:
+        return None
+    args = typing.get_args(inner) if typing.get_origin(inner) is tuple else None
+    item = args[0] if args else inner
+    valid = ", ".join(map(str, choices)) if choices else _KINDS[item]
+    if args is not None:
+        size = "" if len(args) == 2 and args[1] is Ellipsis else f"{len(args)} "
+        plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}[item]
+        if not isinstance(value, list) or (size and len(value) != len(args)):
+            raise VarstudyError(
+                f"{where} is {_json_kind(value)}, not a list of "
+                f"{size}{plural}; valid choices: a list of {size}{plural}"
+                f"{f' among {valid}' if choices else ''}{', or null' if optional else ''}")
+        return tuple(_json_scalar(item, v, choices, f"{where}[{i}]", valid)
+                     for i, v in enumerate(value))
+    return _json_scalar(inner, value, choices, where, valid + (", or null" if optional else ""))
+
+
+def config_options(data: dict, cls, source: str) -> dict:
+    """The fields of ``cls`` in the object ``data`` of a config.json (other keys ignored), typed
+    (NOTE [typed configs]); ``source`` names the file in errors ("--config run/config.json")."""
+    expected, written = command_name(cls), data.get(COMMAND_KEY)
+    if COMMAND_KEY in data and written != expected:
+        raise VarstudyError(f"{source} was written by {_brief(written)}, not by {expected}; "
+                            f"valid choices: a config.json of a {expected} run")
+    fields = dataclasses.fields(cls)
+    if COMMAND_KEY not in data and not {f.name for f in fields} & set(data):
+        raise VarstudyError(f"{source} holds none of this command's options; valid choices: a "
+                            f"config.json of a {expected} run")
+    hints = typing.get_type_hints(cls)
+    return {f.name: json_value(hints[f.name], data[f.name], f.metadata.get("choices"),
+                               f"{source}: {f.name}") for f in fields if f.name in data}
+
+
+def saved_options(path: Path, cls, role: str = "--config") -> dict:
+    """The typed fields of ``cls`` in a saved ``config.json`` (:func:`config_options`)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise VarstudyError(f"--config {path} cannot be read as JSON ({one_line(err)}); valid "
-                            "choices: a config.json written by a varstudy run") from None
+    except (OSError, ValueError, RecursionError) as err:  # JSON and UTF-8 errors are ValueErrors
+        raise VarstudyError(f"{role} {path} cannot be read as JSON ({one_line(err)[:200]}); "
+                            "valid choices: a config.json written by a varstudy run") from None
     if not isinstance(data, dict):
-        raise VarstudyError(f"--config {path} is not a JSON object; valid choices: a config.json "
+        raise VarstudyError(f"{role} {path} is not a JSON object; valid choices: a config.json "
                             "written by a varstudy run")
-    names = {f.name for f in dataclasses.fields(cls)}
-    if not names & set(data):
-        raise VarstudyError(f"--config {path} holds none of this command's options; valid "
-                            f"choices: a config.json of a run of this command")
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            value = data[f.name]
-            out[f.name] = tuple(value) if isinstance(value, list) else value
-    return out
+    return config_options(data, cls, f"{role} {path}")
 
 
 def config_from(cls, args: argparse.Namespace, presets: dict[str, dict] | None = None) -> Any:
@@ -265,14 +372,19 @@ def run_command(body: Callable[[], int | None], argv) -> int:
         return int(stop.code or 0) if not isinstance(stop.code, str) else 2
 
 
+THREADS_LIMIT = 1024  # torch.set_num_threads overflows past 2**31; a thousand is past any CPU
+
+
 def set_threads(num_threads: int | None) -> int:
     """Use ``num_threads`` CPU threads in torch (None: torch's default, the machine's cores);
     returns the count in effect, for env.json."""
     import torch
 
     if num_threads is not None:
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise VarstudyError(f"num_threads must be an integer >= 1, got {num_threads!r}; "
-                                "valid choices: 1 .. the machine's cores, or none")
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) \
+                or not 1 <= num_threads <= THREADS_LIMIT:
+            raise VarstudyError(f"num_threads must be an integer in [1, {THREADS_LIMIT}], got "
+                                f"{num_threads!r}; valid choices: 1 .. the machine's cores, or "
+                                "none")
         torch.set_num_threads(num_threads)
     return torch.get_num_threads()

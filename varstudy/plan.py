@@ -31,7 +31,7 @@ from varstudy.names import SKETCH_NAMES
 PROG = "python -m varstudy.plan"
 OBJECTIVES = ("absolute", "relative")
 # rows-wor-real's variance depends on the real rows m, which layers.csv does not hold
-PLAN_FAMILIES = tuple(f for f in SKETCH_NAMES if f != "rows-wor-real")
+PLAN_FAMILIES = tuple(f for f in SKETCH_NAMES if f not in ("rows-wor-real", "rows-live", "rows-adaptive"))
 DESCRIPTION = ("Per-layer sketch sizes that spend the memory where the variance is: from a measure "
                "run, the fewest sketch variance within a byte budget, or the fewest bytes within "
                "a variance target; writes plan.json and prints it against uniform ratios.")
@@ -80,6 +80,9 @@ class PlanConfig:
         if self.per_layer and self.target_ratio is None:
             raise VarstudyError("--per-layer applies to --target-ratio; valid choices: drop "
                                 "--per-layer, or use --target-ratio")
+        if not self.out.strip():
+            raise VarstudyError("--out '' is empty; valid choices: a file path such as plan.json "
+                                "(a folder with --budgets)")
 
 
 FRONTIER_COLUMNS = ("family", "budget", "objective", "stored_numbers", "var_sketch_uniform",
@@ -124,7 +127,12 @@ def _layers(cfg: PlanConfig):
     if not path.is_file():
         raise VarstudyError(f"--from {cfg.source}: no layers.csv there; valid choices: the "
                             "folder of a finished python -m varstudy.measure run")
-    return pd.read_csv(path)
+    try:
+        return pd.read_csv(path)
+    except ValueError as err:  # empty, not UTF-8, not CSV (pandas' errors are ValueErrors)
+        raise VarstudyError(f"--from {cfg.source}: layers.csv cannot be read as CSV "
+                            f"({cli.one_line(err)[:120]}); valid choices: the folder of a "
+                            "finished python -m varstudy.measure run") from None
 
 
 def make_plan(cfg: PlanConfig):
@@ -280,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if cfg.budgets:
             table, files = frontier(cfg)
-            folder = vio.check_writable(cfg.out)
-            for name, data in files.items():
-                vio.atomic_write_json(folder / name, data)
-            vio.atomic_write_csv(folder / "frontier.csv", table)
+            folder = vio.check_writable(cfg.out)  # NOTE [staged results] (varstudy.io)
+            with vio.output_lock(folder, ".plan.lock"), vio.staged(
+                    folder, files=(*files, "frontier.csv"), name="plan") as stage:
+                for name, data in files.items():
+                    vio.atomic_write_json(stage / name, data)
+                vio.atomic_write_csv(stage / "frontier.csv", table)
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             print(f"wrote {len(files)} plans and frontier.csv to {folder}")
             return

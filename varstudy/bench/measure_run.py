@@ -14,6 +14,7 @@ import torch
 from scipy.stats import norm
 
 from varstudy import io as vio
+from varstudy.errors import VarstudyError
 from varstudy.randomized.capture import mean_loss, select_layers
 from varstudy.randomized.layers import derandomize, randomize, reseed
 from varstudy.io import env_info
@@ -59,8 +60,7 @@ def bench(cfg: BenchConfig, parts: Path | None = None, loaded=None) -> pd.DataFr
 
     exact = torch.autograd.grad(mean_loss(model, batch), weights)
     per_round = math.ceil(cfg.naive_draws / cfg.repeats)
-    kept = vio.read_chunk(parts) if parts is not None else None
-    rows = [] if kept is None else list(kept.itertuples(index=False, name=None))
+    rows = kept_rounds(parts, cfg)
     done = {r[0] for r in rows}
     for i in range(cfg.repeats + 1):  # round 0 is warm-up; rounds interleave all costs
         if i in done:
@@ -81,6 +81,29 @@ def bench(cfg: BenchConfig, parts: Path | None = None, loaded=None) -> pd.DataFr
     med = statistics.median
     return table(cfg, mcfg, med(of["step"]), med(of["decomposition"]), med(of["exact_grad"]),
                  med(of["naive_draw"]), of["naive_err"])
+
+
+KINDS = ("step", "decomposition", "exact_grad", "naive_draw", "naive_err")
+
+
+def kept_rounds(parts: Path | None, cfg: BenchConfig) -> list[tuple]:
+    """The (round, kind, value) rows of rounds 1..repeats an interrupted run appended to
+    ``parts``; a file that is not that table is one line (it cannot be resumed)."""
+    bad = "valid choices: rerun without --resume (start over), or another --out"
+    try:
+        kept = vio.read_chunk(parts) if parts is not None else None
+    except ValueError as err:  # not UTF-8, not CSV (pandas' errors are ValueErrors)
+        raise VarstudyError(f"{parts} is damaged ({' '.join(str(err).split())[:120]}); {bad}") \
+            from None
+    if kept is None:
+        return []
+    if list(kept.columns) != ["round", "kind", "value"] or not (
+            pd.api.types.is_integer_dtype(kept["round"])
+            and pd.api.types.is_numeric_dtype(kept["value"])):
+        raise VarstudyError(f"{parts} is not a table of (round, kind, value) rows with integer "
+                            f"rounds and numeric values; {bad}")
+    return [r for r in kept.itertuples(index=False, name=None)
+            if 1 <= r[0] <= cfg.repeats and r[1] in KINDS]
 
 
 def naive_draws(model, batch, weights, exact, cfg: BenchConfig, first: int, count: int):
@@ -125,23 +148,29 @@ def table(cfg, mcfg, t_step, t_dec, t_exact, t_draw, errs) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["quantity", "value", "unit"])
 
 
+PARTS = ("measure.parts.csv", "measure.parts.json")  # the run's state: never published
+FILES = (*PARTS, "measure.csv", "measure.json")
+STAGE = "bench-measure"  # <out>/.bench-measure.staging/ (NOTE [staged results] in varstudy.io)
+
+
 def execute(cfg: BenchConfig) -> int:
-    """The benchmark: load, lock, run, write the tables (module docstring of bench.measure)."""
+    """The benchmark: load, lock, run into the staging folder, publish the tables (module
+    docstring of bench.measure)."""
     out = vio.check_writable(cfg.out)
-    parts, marker = out / "measure.parts.csv", out / "measure.parts.json"
+    marker = vio.resume_source(out, files=FILES, name=STAGE) / PARTS[1]
     resuming = cfg.resume and marker.is_file()
     if resuming:
         vio.refuse_changed(marker, vio.read_json(marker), asdict(cfg), ("out", "resume"))
     loaded = setup(cfg)  # before the folder changes: a bad --model leaves it as it was
-    with vio.output_lock(out, ".measure.lock"):  # NOTE [one run per folder] (varstudy.io)
+    with vio.output_lock(out, ".measure.lock"), \
+            vio.staged(out, resume=resuming, files=FILES, name=STAGE) as stage:
+        parts, marker = stage / PARTS[0], stage / PARTS[1]  # NOTE [one run per folder] (io)
         if not resuming:
-            vio.remove(parts)
             vio.atomic_write_json(marker, asdict(cfg))
-        vio.remove(out / "measure.csv", out / "measure.json")
         result = bench(cfg, parts, loaded)
-        vio.atomic_write_csv(out / "measure.csv", result)
+        vio.atomic_write_csv(stage / "measure.csv", result)
         env = env_info(MeasureConfig(device=cfg.device).resolved().device)
-        vio.atomic_write_json(out / "measure.json", dict(config=asdict(cfg), env=env))
+        vio.atomic_write_json(stage / "measure.json", dict(config=asdict(cfg), env=env))
         vio.remove(parts, marker)
     print(result.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0

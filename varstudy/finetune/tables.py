@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from varstudy import cli
 from varstudy import io as vio
 from varstudy.finetune.config import FinetuneConfig, run_name
 
@@ -71,6 +72,7 @@ def write(result: FinetuneResult, folder: Path) -> Path:
     vio.atomic_write_csv(folder / "evals.csv", result.evals)
     if result.plans is not None:
         vio.atomic_write_csv(folder / "plans.csv", result.plans)
-    vio.atomic_write_json(folder / "config.json", result.config)
+    vio.atomic_write_json(folder / "config.json",
+                          {cli.COMMAND_KEY: cli.command_name(FinetuneConfig), **result.config})
     vio.atomic_write_csv(folder / "run.csv", result.run)
     return folder

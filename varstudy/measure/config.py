@@ -113,8 +113,10 @@ class MeasureConfig:
                           ("min_rows", 1), ("mc_draws", 0), ("mc_batches", 0),
                           ("train_steps", 0)):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                   f"{name} must be an integer >= {low}, got {value!r}")
+            _check(isinstance(value, int) and not isinstance(value, bool)
+                   and low <= value <= cli.SIZE_LIMIT,
+                   f"{name} must be an integer >= {low} and < 2**31, got {value!r}; valid "
+                   f"choices: {low} .. 2**31 - 1")
         _check(self.num_threads is None or (isinstance(self.num_threads, int)
                                             and self.num_threads >= 1),
                f"num_threads must be an integer >= 1 or none, got {self.num_threads!r}")

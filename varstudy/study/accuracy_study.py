@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from varstudy import io as vio
+from varstudy.errors import VarstudyError
 from varstudy.study.config import (KEYS, RUN_KEYS, StudyConfig, accuracy_grid, finetune_config,
                                    write_config)
 
@@ -17,13 +18,20 @@ def accuracy(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fine-tune every (family, ratio, scope) for every seed; returns (runs, summary).
 
     Runs are paired by seed: a seed fixes the new head's initialisation, the minibatch order and
-    the dropout draws (NOTE [randomness] in varstudy.finetune), whatever the configuration.
+    the dropout draws (NOTE [randomness] in varstudy.finetune), whatever the configuration. The
+    study writes into a staging folder that replaces ``<out>/accuracy`` once every run has
+    finished (NOTE [staged results] in varstudy.io); ``resume`` continues it, or a copy of the
+    finished study's folder (to extend it).
     """
+    with vio.staged(Path(config.out) / "accuracy", resume=config.resume) as folder:
+        return _accuracy(config, folder)
+
+
+def _accuracy(config: StudyConfig, folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     from varstudy.progress import tqdm
 
     from varstudy.finetune.training import train
 
-    folder = Path(config.out) / "accuracy"
     write_config(config, "accuracy", folder)
     tables = load_partial(folder) if config.resume else {"runs": [], "steps": [], "evals": []}
     done = {tuple(r) for r in pd.concat(tables["runs"] or [pd.DataFrame(
@@ -49,7 +57,7 @@ def accuracy(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 def load_partial(folder: Path) -> dict[str, list[pd.DataFrame]]:
     """Tables of finished runs; steps/evals rows of a run missing from runs.csv (written last,
     so a crash in between leaves such rows) are dropped, as that run is redone."""
-    tables = {name: [pd.read_csv(folder / f"{name}.csv")] if (folder / f"{name}.csv").is_file()
+    tables = {name: [_kept_table(folder / f"{name}.csv")] if (folder / f"{name}.csv").is_file()
               else [] for name in ("runs", "steps", "evals")}
     if not tables["runs"]:
         return {"runs": [], "steps": [], "evals": []}
@@ -61,6 +69,21 @@ def load_partial(folder: Path) -> dict[str, list[pd.DataFrame]]:
     for name in ("steps", "evals"):
         tables[name] = [t.merge(done, on=RUN_KEYS) for t in tables[name]]
     return tables
+
+
+def _kept_table(path: Path) -> pd.DataFrame:
+    """A table of an interrupted study, or one line when it is not one (not CSV, or lacking
+    the columns of a run)."""
+    bad = "valid choices: rerun without --resume (start over), or another --out"
+    try:
+        frame = pd.read_csv(path)
+    except ValueError as err:  # empty, not UTF-8, not CSV (pandas' errors are ValueErrors)
+        raise VarstudyError(f"{path} cannot be read as CSV ({' '.join(str(err).split())[:120]}"
+                            f"); {bad}") from None
+    missing = [c for c in RUN_KEYS if c not in frame.columns and c != "scope"]
+    if missing:
+        raise VarstudyError(f"{path} lacks column(s) {', '.join(missing)}; {bad}")
+    return frame
 
 
 def save_tables(tables: dict, folder: Path) -> pd.DataFrame:

@@ -3,6 +3,7 @@ fast)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -149,6 +150,9 @@ def check(config: StudyConfig) -> None:
                             f"num_batches >= 1 (got {config.num_batches!r})")
     if not 0 < config.frontier_ratio <= 1:
         raise VarstudyError(f"frontier_ratio must be in (0, 1], got {config.frontier_ratio!r}")
+    if not 0 < config.budget_mib < math.inf:
+        raise VarstudyError(f"budget_mib must be > 0 and finite, got {config.budget_mib!r}; "
+                            "valid: 0 < budget_mib < inf (MiB of the max-batch fit)")
     for name in ("families", "ratios", "scopes", "seeds", "batch_sizes", "slots"):
         cli.check_distinct(name, getattr(config, name))
     for seed in config.seeds:
@@ -266,7 +270,8 @@ def write_config(config: StudyConfig, study: str, folder: Path, **extra) -> None
     from varstudy.models import resolve_device
 
     folder.mkdir(parents=True, exist_ok=True)
-    resolved = {"study": study, **asdict(config), "torch": torch.__version__,
+    resolved = {cli.COMMAND_KEY: cli.command_name(StudyConfig), "study": study,
+                **asdict(config), "torch": torch.__version__,
                 "device_resolved": resolve_device(config.device),
                 "threads": config.num_threads or torch.get_num_threads(), **extra}
     vio.atomic_write_json(folder / "config.json", resolved)

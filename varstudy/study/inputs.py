@@ -16,6 +16,10 @@ def check_inputs(config: StudyConfig, study: str) -> None:
     from varstudy.batching import encode
     from varstudy.models import load_model
 
+    if study == "throughput" and not config.memory_from and len(config.batch_sizes) < 2:
+        raise VarstudyError(f"the max-batch fit draws a line through the memory at each batch "
+                            f"size, and batch_sizes {config.batch_sizes} holds one; valid "
+                            "choices: two or more --batch-sizes, e.g. 4,8,16,32")
     sizes = {"accuracy": [config.batch_size], "memory": list(config.batch_sizes),
              "throughput": [config.batch_size] + ([] if config.memory_from
                                                   else list(config.batch_sizes)),
