@@ -31,7 +31,7 @@ from varstudy.names import SKETCH_NAMES
 PROG = "python -m varstudy.plan"
 OBJECTIVES = ("absolute", "relative")
 # rows-wor-real's variance depends on the real rows m, which layers.csv does not hold
-PLAN_FAMILIES = tuple(f for f in SKETCH_NAMES if f not in ("rows-wor-real", "rows-live", "rows-adaptive"))
+PLAN_FAMILIES = tuple(f for f in SKETCH_NAMES if f != "rows-wor-real")
 DESCRIPTION = ("Per-layer sketch sizes that spend the memory where the variance is: from a measure "
                "run, the fewest sketch variance within a byte budget, or the fewest bytes within "
                "a variance target; writes plan.json and prints it against uniform ratios.")
@@ -288,12 +288,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if cfg.budgets:
             table, files = frontier(cfg)
-            folder = vio.check_writable(cfg.out)  # NOTE [staged results] (varstudy.io)
-            with vio.output_lock(folder, ".plan.lock"), vio.staged(
-                    folder, files=(*files, "frontier.csv"), name="plan") as stage:
-                for name, data in files.items():
-                    vio.atomic_write_json(stage / name, data)
-                vio.atomic_write_csv(stage / "frontier.csv", table)
+            folder = vio.check_writable(cfg.out)
+            for name, data in files.items():
+                vio.atomic_write_json(folder / name, data)
+            vio.atomic_write_csv(folder / "frontier.csv", table)
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             print(f"wrote {len(files)} plans and frontier.csv to {folder}")
             return

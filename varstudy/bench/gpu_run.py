@@ -122,10 +122,11 @@ def markdown(summary: dict) -> str:
 def execute(cfg: GpuBenchConfig, device: torch.device) -> int:
     """Run the stages into ``<out>/<slug>/``; 0 when :func:`passed`, else 1."""
     name = device_name(device)
-    final = vio.check_writable(Path(cfg.out) / slug(name))
+    folder = vio.check_writable(Path(cfg.out) / slug(name))
+    run = Run(cfg, device, folder, REPO)
     start = time.perf_counter()
-    with vio.output_lock(final, ".gpu.lock"), vio.staged(final) as folder:  # NOTE [one run per
-        run = Run(cfg, device, folder, REPO)  # folder], [staged results] (varstudy.io)
+    with vio.output_lock(folder, ".gpu.lock"):  # NOTE [one run per folder] (varstudy.io)
+        vio.remove(folder / "summary.json", folder / "summary.md")
         vio.atomic_write_json(folder / "config.json", dict(
             command=cli.command_name(GpuBenchConfig), **asdict(cfg), device_resolved=str(
             device), device_name=name))
@@ -143,5 +144,5 @@ def execute(cfg: GpuBenchConfig, device: torch.device) -> int:
         vio.atomic_write_json(folder / "summary.json", summary)
         vio.atomic_write_text(folder / "summary.md", text)
     print(text, end="")
-    print(f"wrote {final}", file=sys.stdout)
+    print(f"wrote {folder}", file=sys.stdout)
     return 0 if summary["ok"] else 1
