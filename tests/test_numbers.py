@@ -190,6 +190,24 @@ def test_measure_and_finetune_commands_refuse_another_models_plan(tiny_plan, tmp
     assert "lacks 1 it names (other.dense)" in err and len(err.splitlines()) == 1
 
 
+def test_bench_layers_refuses_another_models_plan_before_timing(tiny_plan, monkeypatch):
+    """bench layers: the same shared check, before the first configuration is timed."""
+    from varstudy.bench import layers_run
+    from varstudy.bench.layers import LayerBenchConfig
+
+    _, _, plan, write = tiny_plan
+    layers = dict(plan["layers"])
+    layers["other.dense"] = layers.pop("classifier")
+    steps = []
+    monkeypatch.setattr(layers_run, "_step", lambda *a: steps.append(a) or 0.0)
+    cfg = LayerBenchConfig(model="tiny-bert", batch_size=2, seq_len=8, families=("rows",),
+                           ratios=(0.5,), plans=(write("other_bench", layers),), repeats=1,
+                           device="cpu", progress=False)
+    with pytest.raises(VarstudyError, match=r"benchmarked model lacks 1 it names \(other"):
+        layers_run.run(cfg)
+    assert steps == []
+
+
 # --------------------------------------------------------------------------------------------
 # The plan solver
 # --------------------------------------------------------------------------------------------

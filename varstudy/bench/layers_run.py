@@ -18,6 +18,7 @@ from varstudy import io as vio
 from varstudy.errors import VarstudyError
 from varstudy.randomized.layers import RandomizedLinear, derandomize, randomize
 from varstudy.randomized.memory import saved_bytes
+from varstudy.randomized.planfile import check_plan_layers, load_plan
 from varstudy.models import load_model, resolve_device
 from varstudy.bench.layers import LayerBenchConfig
 from varstudy.randomized.sketches import rows_for
@@ -139,6 +140,8 @@ def run(cfg: LayerBenchConfig, parts: Path | None = None, model=None) -> pd.Data
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     planned = plan_configs(cfg.plans)
     plans = {label: path for label, (_, path) in planned.items()}
+    for path in plans.values():  # before any timing (NOTE [a plan names exactly its layers])
+        check_plan_layers(load_plan(path)[1], linears, "the benchmarked model")
     configs = [("exact", 1.0)] + [(f, r) for f in cfg.families for r in cfg.ratios] + [
         (label, ratio) for label, (ratio, _) in planned.items()]
 
