@@ -59,13 +59,12 @@ def require_complete(df: pd.DataFrame, keys: Sequence[str], over: Sequence[str],
     that any series has (the seeds of an accuracy study, the steps and minibatches of a
     measure run). A configuration with fewer seeds than the others, or a step missing from one
     layer, would otherwise turn into a shorter mean, a gap in a curve or an empty table cell
-    with no word said. Key columns absent from ``df`` are left out; without an ``over`` column
-    only duplicates of the keys are refused; empty keys check duplicates of ``over`` alone.
+    with no word said. Key columns absent from ``df`` are left out; nothing is checked without
+    an ``over`` column; empty ``keys`` refuse duplicates of ``over`` alone (one row per
+    configuration).
     """
     keys = [k for k in keys if k in df.columns]
     over = [o for o in over if o in df.columns]
-    if not over:
-        over, keys = keys, []
     if not over or df.empty:
         return
     counts = df.groupby(keys + over, dropna=False, sort=False).size()
