@@ -19,16 +19,19 @@ batches already in ``chunks/step_<t>.csv`` (one chunk per measured step, appende
 assembled into the final tables at the end). Training batches use ``derive_seed(seed, t, 2**32,
 0)``; the classifier head is initialised from ``seed``.
 
-NOTE [durable results / resume]: every finished batch is appended to its step's chunk with one
-write + fsync (:mod:`varstudy.io`); final tables are written last, each through a temp file +
-``os.replace``, and ``env.json`` is written after them, so its presence marks a complete run
-(stale final tables are deleted when a run starts). Nothing in ``out`` changes before the model,
-the data and the layer patterns are loaded and checked, and only while the run holds the
-folder's lock (NOTE [one run per folder] in :mod:`varstudy.io`); only the run's own files are
-deleted. ``resume=True`` (``--resume``) refuses a config.json that differs (except
-``progress``/``resume``/``out``), drops from the chunks a trailing partial line and every batch
-that is incomplete or holds a row that fails :func:`finished_rows`' checks (a line cut or edited
-in the middle, a batch appended twice), and measures only the missing batches. Training over
+NOTE [durable results / resume]: a run writes into ``out/.measure.staging/`` and its files move
+into ``out`` only once it has finished (NOTE [staged results] in :mod:`varstudy.io`): a run that
+fails or is killed at any point leaves a finished ``out`` byte for byte, and its partial state
+in the staging folder. Every finished batch is appended to its step's chunk with one
+write + fsync; ``env.json`` is published last, so its presence marks a complete run. Nothing
+changes before the model, the data and the layer patterns are loaded and checked, and only
+while the run holds the folder's lock (NOTE [one run per folder] in :mod:`varstudy.io`); only
+the run's own files are replaced (other files in ``out`` stay). ``resume=True`` (``--resume``)
+continues the staging folder (else a copy of the finished run's), refuses a config.json that
+differs (except ``progress``/``resume``/``out``), drops from the chunks a trailing partial line
+and every batch that is incomplete or holds a row that fails :func:`finished_rows`' checks (a
+line cut or edited in the middle, a batch appended twice), and measures only the missing
+batches. Training over
 steps is resumed from a checkpoint, not replayed: after training up to each measured step
 t > 0, the model and AdamW state are saved atomically to ``state/train.pt`` (one file, replaced;
 the run measures step t only after that), and resume loads it; steps before t are complete by

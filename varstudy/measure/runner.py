@@ -30,6 +30,18 @@ from varstudy.randomized.layers import derandomize, derive_seed, randomize
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 FINAL = ("layers.csv", "summary.csv", "scopes.csv", "env.json")
+STAGE = "measure"  # <out>/.measure.staging/ (NOTE [staged results] in varstudy.io)
+STATE = "state/train.pt"
+
+
+def entries(out: Path, cfg: MeasureConfig) -> list[str]:
+    """The names a run owns in ``out``, published in this order (env.json, the mark of a
+    complete run, last): the step chunks (the configured ones and any older ones, which a run
+    that no longer makes them removes), the training state, config.json and the tables."""
+    steps = {f"chunks/step_{s:06d}.csv" for s in cfg.measure_at}
+    old = {f"chunks/{p.name}" for p in (out / "chunks").glob("step_*.csv")} \
+        if (out / "chunks").is_dir() else set()
+    return sorted(steps | old) + [STATE, "config.json", *FINAL]
 
 
 def train(model, optimizer, encoded: dict, cfg: MeasureConfig, start: int, stop: int) -> None:
@@ -91,11 +103,13 @@ def run(config: MeasureConfig | None = None) -> pd.DataFrame:
     ctx, device = dist.setup(cfg.device)
     started = time.perf_counter()
     out = Path(cfg.out)
-    resuming = cfg.resume and (out / "config.json").is_file()
+    source = vio.resume_source(out, files=FINAL, name=STAGE)  # an interrupted run, or out
+    resuming = cfg.resume and (source / "config.json").is_file()
     if resuming:
-        old = cli.config_options(vio.read_json(out / "config.json"), MeasureConfig,
-                                 f"--resume {out / 'config.json'}")
-        vio.refuse_changed(out, {k: old.get(k) for k in asdict(cfg)}, asdict(cfg), NOT_COMPARED)
+        old = cli.config_options(vio.read_json(source / "config.json"), MeasureConfig,
+                                 f"--resume {source / 'config.json'}")
+        vio.refuse_changed(source, {k: old.get(k) for k in asdict(cfg)}, asdict(cfg),
+                           NOT_COMPARED)
     if ctx.is_main:
         vio.check_writable(out)
     # Model, data and layer patterns are loaded and checked before anything in `out` changes.
@@ -103,10 +117,13 @@ def run(config: MeasureConfig | None = None) -> pd.DataFrame:
     names = select_layers(model, cfg.layers)
     mc_names = mc_layer_names(cfg, names)
     with contextlib.ExitStack() as held:
-        if ctx.is_main:
-            held.enter_context(vio.output_lock(out))  # NOTE [one run per folder] (io)
+        stage = vio.staging_path(out, files=FINAL, name=STAGE)
+        if ctx.is_main:  # NOTE [one run per folder], NOTE [staged results] (varstudy.io)
+            held.enter_context(vio.output_lock(out))
+            stage = held.enter_context(vio.staged(out, resume=resuming, name=STAGE,
+                                                  files=entries(out, cfg)))
         return _run(cfg, ctx, device, started, resuming, model, encoded, population, names,
-                    mc_names)
+                    mc_names, stage)
 
 
 def mc_layer_names(cfg: MeasureConfig, names: list[str]) -> set[str]:
@@ -121,14 +138,11 @@ def mc_layer_names(cfg: MeasureConfig, names: list[str]) -> set[str]:
     return picked
 
 
-def _run(cfg, ctx, device, started, resuming, model, encoded, population, names, mc_names):
-    """:func:`run` once its inputs are loaded and, on rank 0, the output folder is locked."""
-    out = Path(cfg.out)
-    chunks, state = out / "chunks", out / "state" / "train.pt"
-    if ctx.is_main:
-        vio.remove(*(out / name for name in FINAL))  # a partial run never looks complete
-        if not resuming:  # a fresh run
-            vio.remove(state, *chunks.glob("step_*.csv"))
+def _run(cfg, ctx, device, started, resuming, model, encoded, population, names, mc_names,
+         out: Path):
+    """:func:`run` once its inputs are loaded and, on rank 0, the output folder is locked;
+    everything is written to staging folder ``out``, published when the run has finished."""
+    chunks, state = out / "chunks", out / STATE
     dist.barrier(ctx)  # every rank reads the chunks only after rank 0 prepared them
     if ctx.is_main:
         vio.atomic_write_json(out / "config.json", dict(
