@@ -27,15 +27,18 @@ constant, its ratio and whether it is exact; with ``replan_check`` also the exac
 the plan the exact statistics give).
 
 NOTE [durable results / resume]: with ``out`` set, ``checkpoint.pt`` (model, AdamW, scheduler,
-RNG states, randomized-layer call counters, step, the steps/evals rows so far) is written
-atomically every ``checkpoint_every`` steps (default: at every evaluation) and deleted when the
-run ends; the final tables are written atomically, ``run.csv`` last (it marks a finished run).
-The run folder ``<out>/<name>`` changes only after the data, the model and the checkpoint to
-resume from are loaded, and while the run holds the folder's lock (NOTE [one run per folder] in
-:mod:`varstudy.io`).
-``resume=True`` (``--resume``) refuses a checkpoint made with a different config (except
-``progress``, ``resume``, ``checkpoint_every``, ``out``), restores it, replays only the
-minibatch order up to its step and continues; the tables then equal those of an uninterrupted
+RNG states, randomized-layer call counters, step, the steps/evals rows so far; tensors and plain
+data only, loaded with ``weights_only``) is written atomically every ``checkpoint_every`` steps
+(default: at every evaluation) and deleted when the run ends; ``run.csv`` marks a finished run.
+The run writes into ``<out>/.<name>.staging/``, which replaces the run folder ``<out>/<name>``
+as a whole only once the run has finished (NOTE [staged results] in :mod:`varstudy.io`): a run
+that fails or is killed at any point leaves a finished folder byte for byte. The staging folder
+is made only after the data, the model and the checkpoint to resume from are loaded, and while
+the run holds the folder's lock (NOTE [one run per folder] in :mod:`varstudy.io`).
+``resume=True`` (``--resume``) continues the staging folder an interrupted run left (else a copy
+of the finished folder; a finished run is returned as it is), refuses a checkpoint made with a
+different config (except ``progress``, ``resume``, ``checkpoint_every``, ``out``), restores it,
+replays only the minibatch order up to its step and continues; the tables then equal those of an uninterrupted
 run (bit for bit on CPU), except the wall-clock ``time_s``/``train_time_s``.
 
 NOTE [randomness]: every random choice comes from ``seed``: the new head's initialisation

@@ -17,12 +17,13 @@ from varstudy.finetune.tables import FinetuneResult
 CHECKPOINT = "checkpoint.pt"
 NOT_COMPARED = ("progress", "resume", "checkpoint_every", "out")  # a resume may change these
 FINAL = ("run.csv", "steps.csv", "evals.csv", "config.json")
-OPTIONAL = ("plans.csv",)  # written by runs with --replan-every
 
 
 def finished_run(folder: Path, config: FinetuneConfig) -> FinetuneResult | None:
-    """With ``resume``, the tables of a run that already finished in ``folder`` (else None)."""
-    if config.resume and not (folder / CHECKPOINT).is_file() and (folder / "run.csv").is_file():
+    """With ``resume``, the tables of a run that already finished in ``folder`` (else None;
+    an interrupted rerun's staging folder is continued instead, NOTE [staged results])."""
+    if config.resume and vio.resume_source(folder) == folder \
+            and not (folder / CHECKPOINT).is_file() and (folder / "run.csv").is_file():
         done = vio.read_json(folder / "config.json")
         cli.config_options(done, FinetuneConfig, f"--resume {folder / 'config.json'}")
         vio.refuse_changed(folder, {k: done.get(k) for k in asdict(config)}, asdict(config),
@@ -34,18 +35,11 @@ def finished_run(folder: Path, config: FinetuneConfig) -> FinetuneResult | None:
     return None
 
 
-def clear_folder(folder: Path, config: FinetuneConfig) -> None:
-    """Delete what a new run replaces (only the run's own files; a resumed run keeps its
-    checkpoint)."""
-    vio.remove(*(folder / n for n in FINAL + OPTIONAL))  # run.csv first: a partial run never
-    # looks done
-    if not config.resume:
-        vio.remove(folder / CHECKPOINT)
-
-
 def saved_state(folder: Path, config: FinetuneConfig) -> dict | None:
-    """The checkpoint to resume from (None when there is none), made with this config."""
-    path = folder / CHECKPOINT
+    """The checkpoint to resume from (None when there is none), made with this config: in the
+    staging folder an interrupted run left (else in ``folder``); loaded as data only
+    (``weights_only``, NOTE [data, never code] in varstudy.io)."""
+    path = vio.resume_source(folder) / CHECKPOINT
     if not path.is_file():
         return None
     saved = vio.load_checkpoint(path)

@@ -73,8 +73,8 @@ class FinetuneConfig:
     num_threads: int | None = option(None, "CPU threads (none: PyTorch's default, the machine's "
                                            "cores)")
     progress: bool = option(True, "progress bar")
-    resume: bool = option(False, "continue an interrupted run from <out>/<name>/checkpoint.pt "
-                                 "(same options)")
+    resume: bool = option(False, "continue an interrupted run from its checkpoint "
+                                 "in <out>/.<name>.staging/ (same options)")
     checkpoint_every: int | None = option(None, "steps between checkpoints (none: at every "
                                                 "evaluation)")
 

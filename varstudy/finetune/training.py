@@ -174,8 +174,10 @@ def threads(num_threads: int | None):
 def train(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as ``config`` says; write the tables when ``config.out`` is set.
 
-    The run folder changes only after the data, the model and a checkpoint to resume from have
-    been loaded, and while this run holds its lock (NOTE [one run per folder] in varstudy.io).
+    The run writes into a staging folder, which replaces the run folder once the run has
+    finished (NOTE [staged results] in varstudy.io); it is made only after the data, the model
+    and a checkpoint to resume from have been loaded, and while this run holds the folder's lock
+    (NOTE [one run per folder]).
     """
     check(config)
     if config.plan is not None:  # the plan's family and nominal ratio label the run
@@ -197,21 +199,22 @@ def train(config: FinetuneConfig) -> FinetuneResult:
             torch.manual_seed(config.seed)
             setup = build(config, ctx, device)
             saved = ckpt.saved_state(folder, config) if config.resume and folder else None
+            stage = None
             if writer:
                 held.enter_context(vio.output_lock(folder))
-                ckpt.clear_folder(folder, config)
+                stage = held.enter_context(vio.staged(folder, resume=config.resume))
             if setup.device.startswith("cuda"):
                 torch.cuda.manual_seed_all(config.seed)
                 torch.cuda.reset_peak_memory_stats()
-            steps, evals, memory, plans = loop(setup, config, ctx, folder, saved)
+            steps, evals, memory, plans = loop(setup, config, ctx, stage, saved)
             in_effect = torch.get_num_threads()
         result = run_tables(config, setup, steps, evals, memory, in_effect, plans)
         result.config["world_size"] = ctx.world
         if writer:
             if config.save_model:
-                save_model(setup.model, config.model, folder / "model", config.progress)
-            write(result, folder)
-            vio.remove(folder / ckpt.CHECKPOINT)
+                save_model(setup.model, config.model, stage / "model", config.progress)
+            write(result, stage)
+            vio.remove(stage / ckpt.CHECKPOINT)
     return result
 
 
