@@ -32,8 +32,12 @@ committed results; the ``gpu`` preset is paper 1's scale (RoBERTa-base on GLUE C
 ``--data-dir`` with GLUE files and a local or downloadable roberta-base). Conversion scopes
 (``CONVERSION_SCOPES``): ``all`` linears, or the ``encoder``'s only (pooler and classifier exact).
 
-NOTE [accuracy tables / resume]: the tables are rewritten (atomically) after every finished run,
-``runs.csv`` last: a run counts once its row is there. ``resume`` (``--resume``) keeps the runs
+NOTE [accuracy tables / resume]: the study writes into ``<out>/.accuracy.staging/``, which
+replaces ``<out>/accuracy`` only once every run has finished (NOTE [staged results] in
+:mod:`varstudy.io`; every study does so): a study that fails or is killed leaves a finished
+folder byte for byte. The tables are rewritten (atomically) after every finished run,
+``runs.csv`` last: a run counts once its row is there. ``resume`` (``--resume``) continues the
+staging folder an interrupted study left, else a copy of the finished folder, keeps the runs
 of ``runs.csv`` (keys family, ratio, scope, seed; tables written before scopes existed get scope
 "none" for exact, "all" otherwise), drops steps/evals rows of runs missing from it, and runs only
 the missing (family, ratio, scope, seed), so a resumed study may also add families, ratios,

@@ -18,13 +18,20 @@ def accuracy(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fine-tune every (family, ratio, scope) for every seed; returns (runs, summary).
 
     Runs are paired by seed: a seed fixes the new head's initialisation, the minibatch order and
-    the dropout draws (NOTE [randomness] in varstudy.finetune), whatever the configuration.
+    the dropout draws (NOTE [randomness] in varstudy.finetune), whatever the configuration. The
+    study writes into a staging folder that replaces ``<out>/accuracy`` once every run has
+    finished (NOTE [staged results] in varstudy.io); ``resume`` continues it, or a copy of the
+    finished study's folder (to extend it).
     """
+    with vio.staged(Path(config.out) / "accuracy", resume=config.resume) as folder:
+        return _accuracy(config, folder)
+
+
+def _accuracy(config: StudyConfig, folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     from varstudy.progress import tqdm
 
     from varstudy.finetune.training import train
 
-    folder = Path(config.out) / "accuracy"
     write_config(config, "accuracy", folder)
     tables = load_partial(folder) if config.resume else {"runs": [], "steps": [], "evals": []}
     done = {tuple(r) for r in pd.concat(tables["runs"] or [pd.DataFrame(

@@ -40,10 +40,10 @@ def memory(config: StudyConfig, write: bool = True) -> pd.DataFrame:
                                  saved_linear_mib=report.for_modules(linear) / MIB,
                                  peak_cuda_mib=peak, device=device))
     table = pd.DataFrame(rows)
-    if write:
-        folder = Path(config.out) / "memory"
-        write_config(config, "memory", folder)
-        vio.atomic_write_csv(folder / "memory.csv", table)
+    if write:  # NOTE [staged results] in varstudy.io
+        with vio.staged(Path(config.out) / "memory") as folder:
+            write_config(config, "memory", folder)
+            vio.atomic_write_csv(folder / "memory.csv", table)
     return table
 
 

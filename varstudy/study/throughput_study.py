@@ -35,10 +35,10 @@ def throughput(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     mem = (memory_rows(config, pd.read_csv(config.memory_from)) if config.memory_from
            else memory(config, write=False))
     fit = max_batch(mem, config.budget_mib)
-    folder = Path(config.out) / "throughput"
-    write_config(config, "throughput", folder)
-    vio.atomic_write_csv(folder / "throughput.csv", table)
-    vio.atomic_write_csv(folder / "max_batch.csv", fit)
+    with vio.staged(Path(config.out) / "throughput") as folder:  # NOTE [staged results]
+        write_config(config, "throughput", folder)
+        vio.atomic_write_csv(folder / "throughput.csv", table)
+        vio.atomic_write_csv(folder / "max_batch.csv", fit)
     return table, fit
 
 
