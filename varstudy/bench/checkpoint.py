@@ -52,10 +52,11 @@ t_f/t_b, wall times; written last, so its presence marks a complete run).
 
 NOTE [resume]: nothing in ``--out`` changes before the options are checked, the workload is built
 and run once and both slow tiers have stored a state; the run then holds the folder's lock
-(NOTE [one run per folder] in :mod:`varstudy.io`) and removes only its own files. Each finished
-row (one (N, strategy) job, one ratio, one wave strategy) is appended (fsynced) to
-``<out>/parts/``; the final tables are written atomically at the end, env.json last, and the
-parts removed. ``--resume`` keeps those rows and the calibration (t_f, t_b) of the interrupted
+(NOTE [one run per folder] in :mod:`varstudy.io`), works in ``<out>/.bench-checkpoint.staging/``
+and replaces only its own files in ``<out>``, once it has finished (NOTE [staged results]). Each
+finished row (one (N, strategy) job, one ratio, one wave strategy) is appended (fsynced) to
+``parts/`` there; the final tables are written at the end, env.json last, and the parts
+removed. ``--resume`` keeps those rows and the calibration (t_f, t_b) of the interrupted
 run and runs only the missing jobs (a different config is refused; rows that are not jobs of
 this config, or repeat one, are dropped and run again); timings of the jobs run after the restart
 naturally differ from an uninterrupted run's.
@@ -136,7 +137,8 @@ class BenchConfig:
                                 "[device ops])", metavar="DEVICE")
     out: str = option("results/checkpoint", "output folder")
     progress: bool = option(True, "progress bars")
-    resume: bool = option(False, "run only the jobs missing from <out>/parts (NOTE [resume])")
+    resume: bool = option(False, "run only the jobs an interrupted run left "
+                                 "undone (NOTE [resume])")
 
     def __post_init__(self) -> None:
         for name in ("ns", "strategies", "ratios"):

@@ -35,6 +35,8 @@ from varstudy.models import resolve_device
 WORKLOADS = {"tanh_rnn": lambda cfg: tanh_rnn(cfg.hidden, cfg.inputs, seed=cfg.seed,
                                                device=device_of(cfg.device))}
 FINAL = ("vs_n.csv", "vs_ratio.csv", "wave.csv", "summary.csv", "env.json")
+FILES = ("parts", "config.json", *FINAL)  # parts: the run's state, never published
+STAGE = "bench-checkpoint"  # <out>/.bench-checkpoint.staging/ (NOTE [staged results] in io)
 
 
 def device_of(name: str) -> torch.device:
@@ -284,16 +286,17 @@ def prepare(cfg: BenchConfig):
     calibration inputs) and both slow tiers (one state stored and read back).
     Returns (step, params, h0, xs, calibration (t_f, t_b) or None, Parts)."""
     out = Path(cfg.out)
-    saved = out / "parts" / "calibration.json"
+    source = vio.resume_source(out, files=FILES, name=STAGE)  # an interrupted run's, or out
+    saved = source / "parts" / "calibration.json"
     old = vio.read_json(saved) if cfg.resume and saved.is_file() else None
     if old is not None:
         kept = old.get("config") if isinstance(old.get("config"), dict) else {}
-        vio.refuse_changed(out / "parts", {k: kept.get(k) for k in asdict(cfg)}, asdict(cfg),
+        vio.refuse_changed(source / "parts", {k: kept.get(k) for k in asdict(cfg)}, asdict(cfg),
                            NOT_COMPARED)
         if not all(isinstance(old.get(k), (int, float)) and old[k] > 0 for k in ("t_f", "t_b")):
             raise VarstudyError(f"{saved} holds no calibration (t_f, t_b > 0); valid choices: "
                                 "rerun without --resume (start over), or another --out")
-    parts = Parts(out / "parts", cfg, resume=old is not None)
+    parts = Parts(source / "parts", cfg, resume=old is not None)  # run() moves it to the stage
     vio.check_writable(out)
     step, params = WORKLOADS[cfg.workload](cfg)  # calibrate needs the parameters it closes over
     _, h0, xs = setup(cfg, 1)
@@ -309,11 +312,10 @@ def run(cfg: BenchConfig):
     """Run the benchmark into ``cfg.out`` (module docstring of :mod:`varstudy.bench.checkpoint`);
     returns (vs_n, vs_ratio, wave, summary, env) for :func:`checkpoint_tables.report`."""
     step, params, h0, xs, calibration, parts = prepare(cfg)
-    resumed, out = calibration is not None, Path(cfg.out)
-    with vio.output_lock(out, ".checkpoint.lock"):  # NOTE [one run per folder] (varstudy.io)
-        vio.remove(*(out / name for name in FINAL))  # a partial run never looks complete
-        if calibration is None:
-            shutil.rmtree(parts.folder, ignore_errors=True)
+    resumed = calibration is not None
+    with vio.output_lock(cfg.out, ".checkpoint.lock"), \
+            vio.staged(cfg.out, resume=resumed, files=FILES, name=STAGE) as out:
+        parts.folder = out / "parts"  # NOTE [one run per folder], [staged results] (io)
         vio.atomic_write_json(out / "config.json",
                               {cli.COMMAND_KEY: cli.command_name(BenchConfig), **asdict(cfg)})
         run_once("multistage_host", step, h0, xs.expand(50, -1, -1), slots=cfg.slots, interval=5,

@@ -122,11 +122,10 @@ def markdown(summary: dict) -> str:
 def execute(cfg: GpuBenchConfig, device: torch.device) -> int:
     """Run the stages into ``<out>/<slug>/``; 0 when :func:`passed`, else 1."""
     name = device_name(device)
-    folder = vio.check_writable(Path(cfg.out) / slug(name))
-    run = Run(cfg, device, folder, REPO)
+    final = vio.check_writable(Path(cfg.out) / slug(name))
     start = time.perf_counter()
-    with vio.output_lock(folder, ".gpu.lock"):  # NOTE [one run per folder] (varstudy.io)
-        vio.remove(folder / "summary.json", folder / "summary.md")
+    with vio.output_lock(final, ".gpu.lock"), vio.staged(final) as folder:  # NOTE [one run per
+        run = Run(cfg, device, folder, REPO)  # folder], [staged results] (varstudy.io)
         vio.atomic_write_json(folder / "config.json", dict(
             command=cli.command_name(GpuBenchConfig), **asdict(cfg), device_resolved=str(
             device), device_name=name))
@@ -144,5 +143,5 @@ def execute(cfg: GpuBenchConfig, device: torch.device) -> int:
         vio.atomic_write_json(folder / "summary.json", summary)
         vio.atomic_write_text(folder / "summary.md", text)
     print(text, end="")
-    print(f"wrote {folder}", file=sys.stdout)
+    print(f"wrote {final}", file=sys.stdout)
     return 0 if summary["ok"] else 1

@@ -14,9 +14,11 @@ tokens by default, dropout off) with each family and ratio, and measures in one 
 
 Writes ``results/bench/layers.csv`` and ``layers.json`` (resolved config and environment).
 
-NOTE [durable results / resume]: while running, each configuration's memory row and each
-(configuration, repeat) step time are appended (fsynced) to ``layers.parts/``; the final tables
-are written atomically at the end and the parts removed. ``--resume`` skips what the parts hold
+NOTE [durable results / resume]: a run works in ``<out>/.bench-layers.staging/`` and its tables
+replace those in ``<out>`` only once it has finished (NOTE [staged results] in
+:mod:`varstudy.io`). While running, each configuration's memory row and each (configuration,
+repeat) step time are appended (fsynced) to ``layers.parts/`` there; the tables are written at
+the end and the parts removed. ``--resume`` skips what the parts hold
 (a different config is refused); the resumed table mixes timings taken in two processes, so
 ``step_time_ms``/``time_ratio`` differ from an uninterrupted run (as any two runs do), while
 the memory columns are identical.
@@ -57,7 +59,8 @@ class LayerBenchConfig:
     device: str = option("auto", DEVICE_HELP)
     seed: int = option(0, "seed of the batch and the sketches")
     out: str = option("results/bench", "output folder")
-    resume: bool = option(False, "skip the work kept in <out>/layers.parts")
+    resume: bool = option(False, "skip the work an interrupted run kept in "
+                                 "<out>/.bench-layers.staging/")
     progress: bool = option(True, "progress bars")
 
     def __post_init__(self) -> None:

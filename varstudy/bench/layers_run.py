@@ -209,10 +209,15 @@ def _environment() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+FILES = ("layers.parts", "layers.csv", "layers.json")  # layers.parts: never published
+STAGE = "bench-layers"  # <out>/.bench-layers.staging/ (NOTE [staged results] in varstudy.io)
+
+
 def execute(cfg: LayerBenchConfig) -> int:
-    """The benchmark: load, lock, run, write the tables (module docstring of bench.layers)."""
+    """The benchmark: load, lock, run into the staging folder, publish the tables (module
+    docstring of bench.layers)."""
     out = vio.check_writable(cfg.out)
-    parts = out / "layers.parts"
+    parts = vio.resume_source(out, files=FILES, name=STAGE) / "layers.parts"
     resuming = cfg.resume and (parts / "config.json").is_file()
     if resuming:
         saved = cli.config_options(vio.read_json(parts / "config.json"), LayerBenchConfig,
@@ -220,15 +225,15 @@ def execute(cfg: LayerBenchConfig) -> int:
         vio.refuse_changed(parts, saved, asdict(cfg),
                            ("out", "resume", "progress"))
     model = _load(cfg)  # before the folder changes: a bad --model leaves it as it was
-    with vio.output_lock(out, ".layers.lock"):  # NOTE [one run per folder] (varstudy.io)
+    with vio.output_lock(out, ".layers.lock"), \
+            vio.staged(out, resume=resuming, files=FILES, name=STAGE) as stage:
+        parts = stage / "layers.parts"  # NOTE [one run per folder], [staged results] (io)
         if not resuming:
-            vio.remove(*parts.glob("*.csv"))
             vio.atomic_write_json(parts / "config.json", asdict(cfg))
-        vio.remove(out / "layers.csv", out / "layers.json")
         frame = run(cfg, parts, model)
-        vio.atomic_write_csv(out / "layers.csv", frame, float_format="%.4g")
-        vio.atomic_write_json(out / "layers.json", {"config": asdict(cfg),
-                                                    "environment": _environment()})
+        vio.atomic_write_csv(stage / "layers.csv", frame, float_format="%.4g")
+        vio.atomic_write_json(stage / "layers.json", {"config": asdict(cfg),
+                                                      "environment": _environment()})
         shutil.rmtree(parts, ignore_errors=True)
     cols = ["family", "ratio", "step_time_ms", "time_ratio", "saved_ratio",
             "linear_saved_ratio", "linear_vs_predicted"]

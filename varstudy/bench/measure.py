@@ -20,9 +20,11 @@ median; one warm-up each):
   decomposition also returns, is not charged to naive MC either.
 Writes ``results/bench/measure.csv`` (quantity, value, unit) and ``measure.json`` (config).
 
-NOTE [resume]: each finished round's raw times and errors are appended (fsynced) to
-``measure.parts.csv`` (round, kind, value); ``--resume`` keeps them and runs the missing rounds
-(after a fresh warm-up round); the final tables are written atomically and the parts removed.
+NOTE [resume]: a run works in ``<out>/.bench-measure.staging/`` and its tables replace those in
+``<out>`` only once it has finished (NOTE [staged results] in :mod:`varstudy.io`). Each finished
+round's raw times and errors are appended (fsynced) to ``measure.parts.csv`` (round, kind, value)
+there; ``--resume`` keeps them and runs the missing rounds (after a fresh warm-up round); the
+final tables are written at the end and the parts removed.
 A resumed run's medians mix timings from two processes, so they differ from an uninterrupted
 run's (as any two runs do); the naive-draw errors are identical (seeded per draw).
 """

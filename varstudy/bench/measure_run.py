@@ -148,23 +148,29 @@ def table(cfg, mcfg, t_step, t_dec, t_exact, t_draw, errs) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["quantity", "value", "unit"])
 
 
+PARTS = ("measure.parts.csv", "measure.parts.json")  # the run's state: never published
+FILES = (*PARTS, "measure.csv", "measure.json")
+STAGE = "bench-measure"  # <out>/.bench-measure.staging/ (NOTE [staged results] in varstudy.io)
+
+
 def execute(cfg: BenchConfig) -> int:
-    """The benchmark: load, lock, run, write the tables (module docstring of bench.measure)."""
+    """The benchmark: load, lock, run into the staging folder, publish the tables (module
+    docstring of bench.measure)."""
     out = vio.check_writable(cfg.out)
-    parts, marker = out / "measure.parts.csv", out / "measure.parts.json"
+    marker = vio.resume_source(out, files=FILES, name=STAGE) / PARTS[1]
     resuming = cfg.resume and marker.is_file()
     if resuming:
         vio.refuse_changed(marker, vio.read_json(marker), asdict(cfg), ("out", "resume"))
     loaded = setup(cfg)  # before the folder changes: a bad --model leaves it as it was
-    with vio.output_lock(out, ".measure.lock"):  # NOTE [one run per folder] (varstudy.io)
+    with vio.output_lock(out, ".measure.lock"), \
+            vio.staged(out, resume=resuming, files=FILES, name=STAGE) as stage:
+        parts, marker = stage / PARTS[0], stage / PARTS[1]  # NOTE [one run per folder] (io)
         if not resuming:
-            vio.remove(parts)
             vio.atomic_write_json(marker, asdict(cfg))
-        vio.remove(out / "measure.csv", out / "measure.json")
         result = bench(cfg, parts, loaded)
-        vio.atomic_write_csv(out / "measure.csv", result)
+        vio.atomic_write_csv(stage / "measure.csv", result)
         env = env_info(MeasureConfig(device=cfg.device).resolved().device)
-        vio.atomic_write_json(out / "measure.json", dict(config=asdict(cfg), env=env))
+        vio.atomic_write_json(stage / "measure.json", dict(config=asdict(cfg), env=env))
         vio.remove(parts, marker)
     print(result.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
