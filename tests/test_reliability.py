@@ -42,7 +42,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     out.mkdir()
     for stale in ("layers.csv", "summary.csv", "env.json"):  # an older complete run
         (out / stale).write_text("stale\n")
-    chunk = out / "chunks" / "step_000000.csv"
+    chunk = out / ".measure.staging" / "chunks" / "step_000000.csv"  # the run in progress
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.Popen(_cmd("--out", str(out)), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -56,14 +56,16 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     kept = _complete_batches(chunk)
     assert 1 <= kept < 8
-    # Nothing looks complete: the stale final tables are gone, the new ones never appeared.
-    assert not any((out / n).exists() for n in ("layers.csv", "summary.csv", "env.json"))
+    # The older result is as it was (NOTE [staged results]); the new one never appeared.
+    assert all((out / n).read_text() == "stale\n" for n in ("layers.csv", "summary.csv",
+                                                           "env.json"))
     with open(chunk, "ab") as f:  # as if killed in the middle of an append
         f.write(b"0,7,bert.encoder.layer.0.attention.self.query,attention_q")
     resumed = subprocess.run(_cmd("--out", str(out), "--resume"), cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((out / "env.json").read_text())["resumed"] is True
+    assert not (out / ".measure.staging").exists()
 
     ref = tmp_path / "ref"
     assert M.main(KILL_ARGS + ["--out", str(ref)]) == 0
@@ -90,7 +92,7 @@ def test_resume_over_training_loads_checkpoint_not_replay(tmp_path, monkeypatch)
     monkeypatch.setattr(MR, "measure_batch", dying)
     with pytest.raises(KeyboardInterrupt):
         M.run(M.MeasureConfig(**SMALL, out=out))
-    saved = vio.load_checkpoint(Path(out) / "state" / "train.pt")
+    saved = vio.load_checkpoint(Path(out) / ".measure.staging" / "state" / "train.pt")
     assert saved["step"] == 2 and not (Path(out) / "layers.csv").exists()
 
     calls = []
@@ -381,8 +383,10 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch, extra):
     with pytest.raises(KeyboardInterrupt):
         finetune.train(cfg)
     monkeypatch.setattr(training, "synchronize", real_sync)
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt"]  # nothing looks done
-    assert len(vio.load_checkpoint(folder / "checkpoint.pt")["steps"]) == 4
+    stage = folder.parent / f".{folder.name}.staging"  # NOTE [staged results]
+    assert list(folder.iterdir()) == []  # nothing looks done
+    assert sorted(p.name for p in stage.iterdir()) == ["checkpoint.pt"]
+    assert len(vio.load_checkpoint(stage / "checkpoint.pt")["steps"]) == 4
 
     with pytest.raises(vio.VarstudyError, match="different config"):
         finetune.train(_finetune_cfg(tmp_path / "cut", **extra, lr=2e-3, resume=True))
@@ -392,7 +396,7 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch, extra):
     pd.testing.assert_frame_equal(resumed.steps[cols], fresh.steps[cols], check_exact=True)
     pd.testing.assert_frame_equal(resumed.evals, fresh.evals, check_exact=True)
     written = sorted(finetune.FINAL + (("plans.csv",) if extra else ()))
-    assert sorted(p.name for p in folder.iterdir()) == written
+    assert sorted(p.name for p in folder.iterdir()) == written and not stage.exists()
     again = finetune.train(_finetune_cfg(tmp_path / "cut", **extra, resume=True))  # finished
     pd.testing.assert_frame_equal(again.evals, fresh.evals, check_exact=True)
     if extra:  # the re-plans at steps 2, 4 and 6, each over every layer, the same after resume
@@ -423,13 +427,13 @@ def test_bench_layers_resume_skips_finished_configurations(tmp_path, monkeypatch
     monkeypatch.setattr(BL, "_step", dying)
     assert bench.main(BENCH_LAYERS + ["--out", str(out)]) == 130
     assert not (out / "layers.csv").exists()
-    assert len(pd.read_csv(out / "layers.parts" / "times.csv")) == 2
+    assert len(pd.read_csv(out / ".bench-layers.staging" / "layers.parts" / "times.csv")) == 2
     monkeypatch.setattr(BL, "_step", real_step)
     memory_calls = []
     monkeypatch.setattr(BL, "_memory_row", lambda *a: memory_calls.append(1) or real_memory(*a))
     assert bench.main(BENCH_LAYERS + ["--out", str(out), "--resume"]) == 0
     assert len(memory_calls) == 1  # only the exact reference is recomputed
-    assert not (out / "layers.parts").exists()
+    assert not (out / "layers.parts").exists() and not (out / ".bench-layers.staging").exists()
     assert bench.main(BENCH_LAYERS + ["--out", str(tmp_path / "ref")]) == 0
     got, ref = pd.read_csv(out / "layers.csv"), pd.read_csv(tmp_path / "ref" / "layers.csv")
     memory = ["family", "ratio", "saved_mib", "linear_saved_mib", "saved_ratio",
@@ -456,7 +460,7 @@ def test_bench_checkpoint_resume_skips_finished_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(BC, "_timed", dying)
     assert bench.main(argv) == 130
     assert not (out / "env.json").exists() and not (out / "vs_n.csv").exists()
-    kept = pd.read_csv(out / "parts" / "vs_n.csv")
+    kept = pd.read_csv(out / ".bench-checkpoint.staging" / "parts" / "vs_n.csv")
     assert len(kept) == 2
     calls.clear()
     monkeypatch.setattr(BC, "_timed", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
@@ -489,13 +493,14 @@ def test_bench_measure_resume_keeps_finished_rounds(tmp_path, monkeypatch):
 
     monkeypatch.setattr(BM, "naive_draws", dying)
     assert bench.main(argv) == 130
-    assert set(pd.read_csv(tmp_path / "measure.parts.csv")["round"]) == {1}
+    stage = tmp_path / ".bench-measure.staging"  # NOTE [staged results]
+    assert set(pd.read_csv(stage / "measure.parts.csv")["round"]) == {1}
     rounds.clear()
     monkeypatch.setattr(BM, "naive_draws", lambda *a: rounds.append(a[-2]) or real(*a))
     assert bench.main(argv + ["--resume"]) == 0
     assert rounds == [0, 4]  # the warm-up again, then only round 2 (draws 4..5)
     assert json.loads((tmp_path / "measure.json").read_text())["config"]["seed"] == 3
-    assert not (tmp_path / "measure.parts.csv").exists()
+    assert not (tmp_path / "measure.parts.csv").exists() and not stage.exists()
 
 
 # Determinism (issue 7, item 3) ---------------------------------------------------------------
