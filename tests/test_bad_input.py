@@ -243,6 +243,10 @@ CASES_22 = [
      'config.json: fpc is a string "yes", not true or false'),
     ("measure", ["--num-threads", str(10**12)], "num_threads must be an integer in [1, 1024]"),
     ("measure", ["--train-steps", str(10**30)], "train_steps must be an integer >= 0 and < 2**31"),
+    ("measure", ["--plan", "@plan_nominal_string"], "plan nominal_ratio 'abc' is not a ratio"),
+    ("measure", ["--plan", "@plan_nested_deep"], "cannot be read as JSON (maximum recursion"),
+    ("finetune", ["--sketch", "rows", "--plan", "@plan_nominal_list"],
+     "plan nominal_ratio [0.5] is not a ratio"),
     ("finetune", ["--config", "@cfg_betas_int"], "betas is an integer 5, not a list of 2 numbers"),
     ("finetune", ["--config", "@cfg_ratio_string"], 'ratio is a string "0.5", not a number'),
     ("finetune", ["--config", "@cfg_name_int"], "name is an integer 5, not a string"),
@@ -300,6 +304,7 @@ def _bench_parts(benchmark: str, files: dict):
     return build
 
 
+PLAN = {"family": "rows", "layers": {"bert.encoder.layer.0.attention.self.query": 0.5}}
 FILES_22 = {
     "cfg_fpc_string": _config({"model": "tiny-bert", "fpc": "false"}),
     "cfg_ratios_string": _config({"ratios": "abc"}),
@@ -312,6 +317,11 @@ FILES_22 = {
     "cfg_of_finetune": _config({"command": "finetune", "model": "tiny-bert", "sketch": "rows"}),
     "measure_resumed_fpc_string": lambda d: _write(d, {"config.json": json.dumps(
         {"command": "measure", "model": "tiny-bert", "fpc": "yes"})}),
+    "plan_nominal_string": lambda d: _write(d, {"plan.json": json.dumps(dict(
+        PLAN, nominal_ratio="abc"))}) + "/plan.json",
+    "plan_nested_deep": lambda d: _write(d, {"plan.json": "[" * 100_000}) + "/plan.json",
+    "plan_nominal_list": lambda d: _write(d, {"plan.json": json.dumps(dict(
+        PLAN, nominal_ratio=[0.5]))}) + "/plan.json",
     "cfg_betas_int": _config({"betas": 5}),
     "cfg_ratio_string": _config({"ratio": "0.5"}),
     "cfg_name_int": _config({"name": 5}),

@@ -29,7 +29,7 @@ def load_plan(source) -> tuple[str, dict[str, float | str], float | None]:
     if not isinstance(source, dict):
         try:
             data = json.loads(Path(source).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, RecursionError) as err:  # JSON/UTF-8 errors: ValueErrors
             why = " ".join(str(err).split())
             raise VarstudyError(f"plan {source} cannot be read as JSON ({why}); valid choices: "
                                 "a plan.json written by python -m varstudy.plan") from None
@@ -53,6 +53,10 @@ def load_plan(source) -> tuple[str, dict[str, float | str], float | None]:
                                 "in (0, 1] or 'exact'")
         ratios[name] = r
     nominal = data.get("nominal_ratio")
+    if nominal is not None and not (isinstance(nominal, (int, float))
+                                    and not isinstance(nominal, bool) and 0 < nominal <= 1):
+        raise VarstudyError(f"plan nominal_ratio {nominal!r} is not a ratio; valid choices: a "
+                            "number in (0, 1], or null")
     return data["family"], ratios, (float(nominal) if nominal is not None else None)
 
 
