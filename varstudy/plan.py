@@ -288,10 +288,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if cfg.budgets:
             table, files = frontier(cfg)
-            folder = vio.check_writable(cfg.out)
-            for name, data in files.items():
-                vio.atomic_write_json(folder / name, data)
-            vio.atomic_write_csv(folder / "frontier.csv", table)
+            folder = vio.check_writable(cfg.out)  # NOTE [staged results] (varstudy.io)
+            with vio.output_lock(folder, ".plan.lock"), vio.staged(
+                    folder, files=(*files, "frontier.csv"), name="plan") as stage:
+                for name, data in files.items():
+                    vio.atomic_write_json(stage / name, data)
+                vio.atomic_write_csv(stage / "frontier.csv", table)
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             print(f"wrote {len(files)} plans and frontier.csv to {folder}")
             return
