@@ -261,3 +261,22 @@ def test_accuracy_figures_refuse_a_study_of_exact_runs_alone(synthetic_results, 
         with pytest.raises(VarstudyError, match="has only exact runs, no configuration"):
             figures.build([name], synthetic_results, tmp_path)
     _nothing_written(tmp_path)
+
+
+def test_variance_vs_accuracy_refuses_measure_runs_of_other_configurations(synthetic_results,
+                                                                           tmp_path):
+    """The recipe measure runs hold only rows-norm, which the accuracy grid never ran: nothing
+    to correlate, so a one-line refusal instead of an empty figure (or a crash)."""
+    for run in ("recipe_step0", "recipe_end"):
+        _shrink(synthetic_results, f"measure/{run}/layers.csv", lambda d: d.family == "rows-norm")
+    with pytest.raises(VarstudyError, match="valid choices") as err:
+        figures.build(["variance_vs_accuracy"], synthetic_results, tmp_path)
+    assert "\n" not in str(err.value)
+    _nothing_written(tmp_path, ("variance_vs_accuracy.png", "variance_accuracy_link.md"))
+
+
+def test_new_figure_refuses_an_empty_grid():
+    from analysis.style import new_figure
+
+    with pytest.raises(VarstudyError, match="nothing to draw: the inputs leave a 0 × 6 grid"):
+        new_figure(0, 6)
