@@ -195,7 +195,8 @@ class OnlinePlanner:
         exact = self.stats(exact=True) if self.trackers[stats[0].name].reference else None
         uniform = P.uniform(stats, self.family.name, self.budget, min_rows=self.min_rows)
         plan = P.plan_budget(stats, self.family.name, uniform.total_stored,
-                             objective="absolute", min_rows=self.min_rows)
+                             objective="absolute", min_rows=self.min_rows,
+                             uniform_ratio=self.budget)
         self.apply(plan)
         record = Replan(self.steps, plan, uniform, stats, exact)
         self.history.append(record)
@@ -261,7 +262,8 @@ def replan_rows(record: Replan) -> list[dict]:
     if record.exact_stats:
         plans["exact_stats"] = P.plan_budget(record.exact_stats, family,
                                              record.uniform.total_stored, objective="absolute",
-                                             min_rows=record.plan.meta["min_rows"])
+                                             min_rows=record.plan.meta["min_rows"],
+                                             uniform_ratio=record.uniform.meta["ratio"])
     rows = []
     for s in record.stats:
         row = dict(step=record.step, family=family, layer=s.name, unit=s.unit, d_in=s.d,
