@@ -251,6 +251,10 @@ CASES_22 = [
     ("finetune", ["--config", "@cfg_ratio_string"], 'ratio is a string "0.5", not a number'),
     ("finetune", ["--config", "@cfg_name_int"], "name is an integer 5, not a string"),
     ("finetune", ["--config", "@cfg_max_steps_float"], "max_steps is a number 3.5, not an integer"),
+    ("finetune", ["--name", "r", "--resume", "--out", "@finetune_finished_steps_binary"],
+     "steps.csv cannot be read as CSV"),
+    ("finetune", ["--name", "r", "--resume", "--out", "@finetune_finished_run_empty"],
+     "run.csv cannot be read as CSV (No columns to parse from file)"),
     ("study memory", ["--config", "@cfg_batch_sizes_nested"], "batch_sizes[0] is a list [2]"),
     ("study memory", ["--config", "@cfg_of_bench_layers"],
      'written by "bench layers", not by study'),
@@ -304,6 +308,15 @@ def _bench_parts(benchmark: str, files: dict):
     return build
 
 
+def _finished_finetune(files: dict):
+    """``--out`` of a finished run ``r`` of this case's config whose tables are damaged."""
+    def build(folder: Path) -> str:
+        config = finetune.parse(FINETUNE + ["--name", "r", "--resume", "--out", str(folder)])
+        saved = json.dumps(dict(dataclasses.asdict(config), command="finetune"))
+        return _write(folder, {"r/config.json": saved, **{f"r/{k}": v for k, v in files.items()}})
+    return build
+
+
 PLAN = {"family": "rows", "layers": {"bert.encoder.layer.0.attention.self.query": 0.5}}
 FILES_22 = {
     "cfg_fpc_string": _config({"model": "tiny-bert", "fpc": "false"}),
@@ -326,6 +339,10 @@ FILES_22 = {
     "cfg_ratio_string": _config({"ratio": "0.5"}),
     "cfg_name_int": _config({"name": 5}),
     "cfg_max_steps_float": _config({"max_steps": 3.5}),
+    "finetune_finished_steps_binary": _finished_finetune(
+        {"run.csv": "run\nr\n", "steps.csv": b"\xff\x00\n", "evals.csv": "step\n1\n"}),
+    "finetune_finished_run_empty": _finished_finetune(
+        {"run.csv": "", "steps.csv": "step\n1\n", "evals.csv": "step\n1\n"}),
     "cfg_batch_sizes_nested": _config({"batch_sizes": [[2]]}),
     "cfg_of_bench_layers": _config({"command": "bench layers", "model": "tiny-bert"}),
     "accuracy_runs_binary": lambda d: _write(d, {"accuracy/runs.csv": b"\xff\x00junk\n1,2\n"}),
@@ -372,14 +389,15 @@ def test_bad_input_22_exits_2_with_one_line(command, argv, words, tmp_path, caps
     if "--out" not in argv:
         argv += ["--out", str(out / "plan.json" if command == "plan" else out)]
     capsys.readouterr()  # what building the inputs printed
+    inputs = set(tmp_path.rglob("*"))
     code = _main_22(command, argv)
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("error:"), err
     assert words in err and "Traceback" not in err, err
     assert "valid" in err, err
-    for name in FINAL_22[command]:  # nothing that looks like a finished result
-        assert not list(tmp_path.rglob(Path(name).name)), name
+    for name in FINAL_22[command]:  # nothing (new) that looks like a finished result
+        assert not set(tmp_path.rglob(Path(name).name)) - inputs, name
     assert not list(cwd.iterdir())
 
 

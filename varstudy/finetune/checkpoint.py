@@ -11,6 +11,7 @@ import torch
 
 from varstudy import cli
 from varstudy import io as vio
+from varstudy.errors import VarstudyError
 from varstudy.finetune.config import FinetuneConfig
 from varstudy.finetune.tables import FinetuneResult
 
@@ -29,10 +30,20 @@ def finished_run(folder: Path, config: FinetuneConfig) -> FinetuneResult | None:
         vio.refuse_changed(folder, {k: done.get(k) for k in asdict(config)}, asdict(config),
                            NOT_COMPARED + ("device",))
         plans = folder / "plans.csv"
-        return FinetuneResult(*(pd.read_csv(folder / f"{n}.csv") for n in
+        return FinetuneResult(*(_finished_table(folder / f"{n}.csv") for n in
                                 ("run", "steps", "evals")), done,
-                              pd.read_csv(plans) if plans.is_file() else None)
+                              _finished_table(plans) if plans.is_file() else None)
     return None
+
+
+def _finished_table(path: Path) -> pd.DataFrame:
+    """A table of a finished run, or one line when it is not CSV (or missing)."""
+    try:
+        return pd.read_csv(path)
+    except ValueError as err:  # empty, not UTF-8, not CSV (pandas' errors are ValueErrors)
+        raise VarstudyError(f"{path} cannot be read as CSV ({cli.one_line(err)[:120]}); valid "
+                            "choices: rerun without --resume (start over), or another --out") \
+            from None
 
 
 def saved_state(folder: Path, config: FinetuneConfig) -> dict | None:
