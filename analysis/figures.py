@@ -91,7 +91,10 @@ def build_one(name: str, results: Path = RESULTS, out: Path = FIGURES) -> list[P
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out))
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out))
+    except OSError as err:  # name the folder asked for, not the staging folder's random name
+        raise type(err)(err.errno, err.strerror, str(out)) from None
     try:
         staged = FIGURE_ENTRIES[name].build(results, stage)
         return [atomic_write_bytes(out / p.relative_to(stage), p.read_bytes()) for p in staged]
