@@ -22,9 +22,10 @@ Problems (all in float64, bytes counted in stored numbers; multiply by the items
 
 NOTE [solution]: for a fixed set E of exact units the rest is convex and separable; the KKT
 conditions give ρ_u(λ) = clamp(√(A_u / (λ D_u)), ρ_min,u, 1), and λ is found by bisection so
-that the budget (or the variance target) is met exactly. The exact set is chosen by local
-search: units whose ρ reaches 1 become exact (same bytes, no variance), then single units are
-added to or removed from E while that lowers the objective. Tests compare the result with brute
+that the budget (or the variance target) is met exactly (within a bracket taken from the data:
+NOTE [scale-free] at _bracket). The exact set is chosen by local search: units whose ρ reaches 1
+become exact (same bytes, no variance), then single units are added to or removed from E while
+that lowers the objective. Tests compare the result with brute
 force over every integer k on small instances.
 
 NOTE [integer rows]: a plan is stated as ρ per layer, so it carries over to any batch shape:
@@ -34,6 +35,9 @@ then adding one row at a time to the unit whose variance falls most per stored n
 budget allows; the continuous optimum at the budget less one row of every unit, rounded up,
 fits the budget too, and the better of the two is kept, so the plan's objective is at most that
 continuous optimum (the stated rounding; tested against brute force over every integer k).
+Given ``uniform_ratio``, uniform ρ's own rounding is a third candidate, so a plan at uniform's
+bytes is never worse than uniform (at small n the rounded plan could be). The mean n may be
+fractional (dynamic padding): k never exceeds it (the last step adds part of a row), so ρ ≤ 1.
 Predictions use the rounded k.
 """
 
