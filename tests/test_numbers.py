@@ -87,6 +87,26 @@ def test_low_precision_measurements_agree_with_float32(dtype):
     assert score.max() < z, score.idxmax()
 
 
+def test_measure_dtype_bfloat16_then_plan(tmp_path):
+    """The issue's path, end to end: measure --dtype bfloat16 publishes no negative variance
+    in any table, and plan accepts the run."""
+    from varstudy import measure as M
+    from varstudy import plan as command
+
+    out = tmp_path / "bf16"
+    assert M.main(["--model", "tiny-bert", "--dataset", "synthetic", "--batch-size", "4",
+                   "--max-length", "8", "--num-batches", "3", "--families", "rows,rows-wor",
+                   "--ratios", "0.25", "--mc-layers", "classifier", "--mc-draws", "2",
+                   "--dtype", "bfloat16", "--no-progress", "--out", str(out)]) == 0
+    layers = pd.read_csv(out / "layers.csv")
+    assert (layers.var_sketch >= 0).all() and (layers.var_sampling >= 0).all()
+    for name in ("summary.csv", "scopes.csv"):
+        table = pd.read_csv(out / name)
+        assert (table[["var_sketch_mean", "var_sampling_mean"]] >= 0).all(axis=None), name
+    assert command.main(["--from", str(out), "--family", "rows-wor", "--budget", "0.25",
+                         "--out", str(tmp_path / "plan.json")]) == 0
+
+
 def test_rounding_guard_clips_within_its_bound_and_refuses_beyond():
     """NOTE [never negative]: a negative closed form is 0 within its rounding bound and an
     error beyond it; a float32 gradient carries its own bound (a_err)."""
