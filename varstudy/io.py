@@ -444,7 +444,8 @@ def _put(src: Path, dst: Path) -> None:
         if os.path.lexists(dst):
             os.rename(dst, old)  # a crash here: the marked publication moves src in next time
         os.rename(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        with _ignored():
+            _discard(old)
     else:
         os.replace(src, dst)
     _fsync_dir(dst.parent)
@@ -485,7 +486,8 @@ def _recover(final: Path, stage: Path, files) -> None:
                 _put(stage, final)
         shutil.rmtree(stage, ignore_errors=True)  # after the exchange: the replaced result
         for old in final.parent.glob(f".{final.name.lstrip('.')}.old-*"):  # after two renames
-            shutil.rmtree(old, ignore_errors=True)
+            with _ignored():
+                _discard(old)
         _fsync_dir(final.parent)
         with _ignored():
             os.unlink(mark)
@@ -500,8 +502,9 @@ def _recover(final: Path, stage: Path, files) -> None:
             _put(src, dst)
         elif entry not in present and os.path.lexists(dst):
             _discard(dst)
-        for old in dst.parent.glob(f".{dst.name.lstrip('.')}.old-*"):  # a folder's, renamed
-            shutil.rmtree(old, ignore_errors=True)                     # aside by _put
+        for old in dst.parent.glob(f".{dst.name.lstrip('.')}.old-*"):  # renamed aside by _put
+            with _ignored():
+                _discard(old)
     shutil.rmtree(stage)
     _fsync_dir(final)
 
