@@ -115,13 +115,18 @@ def setups(config: StudyConfig) -> list[Setup]:
 
 
 def frontier(config: StudyConfig) -> pd.DataFrame:
-    """Run the frontier study (module docstring); writes and returns ``frontier.csv``'s table."""
+    """Run the frontier study (module docstring); writes and returns ``frontier.csv``'s table
+    (into a staging folder that replaces ``<out>/frontier`` once the study has finished, NOTE
+    [staged results] in varstudy.io)."""
+    with vio.staged(Path(config.out) / "frontier") as folder:
+        return _frontier(config, folder)
+
+
+def _frontier(config: StudyConfig, folder: Path) -> pd.DataFrame:
     from varstudy.finetune.training import threads
     from varstudy.models import resolve_device
 
     device = resolve_device(config.device)
-    folder = Path(config.out) / "frontier"
-    folder.mkdir(parents=True, exist_ok=True)
     load_before, walls = _load_averages(), {}
     with threads(config.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
