@@ -109,3 +109,43 @@ def test_no_realizable_sampler_beats_the_limit():
     sketch.stats.update(y.float().norm(dim=1).reshape(B, L), mask)
     for k in (1, 3, 6):
         assert float(sketch.variance(x, y, k, mask)) >= limits(x, y, [k])[0].opt * (1 - 1e-12)
+
+
+def _tiny_batch(seed=0, b=4, length=12):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (b, length), generator=gen)
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[1, 8:] = 0
+    mask[3, 5:] = 0
+    return {"input_ids": ids * mask, "attention_mask": mask,
+            "labels": torch.randint(0, 2, (b,), generator=gen)}
+
+
+@pytest.mark.parametrize("family", ["rows-live", "rows-adaptive"])
+def test_randomized_tiny_bert_stores_first_token_layers_exactly(family):
+    """randomize probes the first-token layers; there (B = 4 <= k) the weight gradient is exact,
+    and a rows-adaptive layer learns its per-position statistics in backward."""
+    from varstudy.models import load_model
+    from varstudy.randomized.capture import mean_loss
+    from varstudy.randomized.layers import RandomizedLinear, randomize
+    from varstudy.randomized.support import first_token_layers
+
+    model, _ = load_model("tiny-bert", num_labels=2, seed=0)
+    model.eval()
+    batch = _tiny_batch()
+    first = set(first_token_layers(model))
+    exact = dict(zip([n for n, _ in model.named_parameters()],
+                     torch.autograd.grad(mean_loss(model, batch), list(model.parameters()))))
+    randomize(model, 0.5, family, include=r"encoder", seed=1)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, RandomizedLinear)}
+    assert {n for n, m in layers.items() if m.first_token} == first and len(first) == 4
+    got = dict(zip([n for n, _ in model.named_parameters()],
+                   torch.autograd.grad(mean_loss(model, batch), list(model.parameters()))))
+    for name in first:
+        assert torch.allclose(got[f"{name}.weight"], exact[f"{name}.weight"], atol=1e-6)
+    sampled = next(n for n in layers if n not in first)
+    assert not torch.allclose(got[f"{sampled}.weight"], exact[f"{sampled}.weight"])
+    if family == "rows-adaptive":
+        stats = layers[sampled].sketch.stats
+        assert stats.mean is not None and bool(stats.seen[:12].all())
+        assert layers[sampled].sketch is not layers[next(iter(first))].sketch  # per layer

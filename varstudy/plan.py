@@ -31,7 +31,8 @@ from varstudy.names import SKETCH_NAMES
 PROG = "python -m varstudy.plan"
 OBJECTIVES = ("absolute", "relative")
 # rows-wor-real's variance depends on the real rows m, which layers.csv does not hold
-PLAN_FAMILIES = tuple(f for f in SKETCH_NAMES if f != "rows-wor-real")
+PLAN_FAMILIES = tuple(f for f in SKETCH_NAMES
+                      if f not in ("rows-wor-real", "rows-live", "rows-adaptive"))
 DESCRIPTION = ("Per-layer sketch sizes that spend the memory where the variance is: from a measure "
                "run, the fewest sketch variance within a byte budget, or the fewest bytes within "
                "a variance target; writes plan.json and prints it against uniform ratios.")

@@ -39,7 +39,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from varstudy.randomized.sketches import RowsNorm, RowsWorReal, Sketch, generator
+from varstudy.randomized.sketches import (SKETCHES, RowsNorm, RowsWorReal, Sketch,
+                                          generator)
 
 EPSILON = 0.2   # NOTE [defensive mixture]
 DECAY = 0.9     # weight of the past in RowStats' per-position average
@@ -180,6 +181,10 @@ class RowsAdaptive(Sketch):
     def estimate(self, x, y, k, seed, mask=None):
         sx, state = self.sketch(x, k, seed, mask)
         return self.apply(y, k, seed, state).T @ sx
+
+
+for _cls in (RowsLive, RowsAdaptive):  # the registry of varstudy.randomized.sketches
+    SKETCHES[_cls.name] = _cls()
 
 
 def _live2d(x: Tensor, mask: Tensor | None) -> Tensor:

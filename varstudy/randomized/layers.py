@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from varstudy.errors import VarstudyError
 from varstudy.randomized import rowmask
 from varstudy.randomized.compact import EXACT_ROWS, CompactLinear
+from varstudy.randomized.informed import first_token_live
 from varstudy.randomized.seeds import derive_seed
 from varstudy.randomized.sketches import Sketch, get_sketch, rows_for
 
@@ -192,10 +193,10 @@ class RandomizedLinear(nn.Linear):
                  device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.ratio, self.min_rows = check_ratio(ratio), check_min_rows(min_rows)
-        self.sketch = get_sketch(sketch)
+        self.sketch = _for_layer(get_sketch(sketch))
         self.seed, self.layer_id, self.calls = int(seed), int(layer_id), 0
         self.cache, self.name, self.row_mask = cache, None, None
-        self.exact, self.tracker = False, None
+        self.exact, self.tracker, self.first_token = False, None, False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "RandomizedLinear":
@@ -206,11 +207,12 @@ class RandomizedLinear(nn.Linear):
         new.weight, new.bias = linear.weight, linear.bias
         new.ratio = check_ratio(kwargs.get("ratio", 0.1))
         new.min_rows = check_min_rows(kwargs.get("min_rows", 1))
-        new.sketch = get_sketch(kwargs.get("sketch", "gaussian"))
+        new.sketch = _for_layer(get_sketch(kwargs.get("sketch", "gaussian")))
         new.seed, new.layer_id = int(kwargs.get("seed", 0)), int(kwargs.get("layer_id", 0))
         new.calls, new.cache = 0, kwargs.get("cache")
         new.name, new.row_mask = kwargs.get("name"), kwargs.get("row_mask")
         new.exact, new.tracker = False, None
+        new.first_token = bool(kwargs.get("first_token", False))
         new.training = linear.training
         return new
 
@@ -229,6 +231,9 @@ class RandomizedLinear(nn.Linear):
         flat = flat if ct is None else flat.to(ct)
         sketch = EXACT_ROWS if self.exact else self.sketch
         k = flat.shape[0] if self.exact else rows_for(flat.shape[0], self.ratio, self.min_rows)
+        if self.first_token and getattr(sketch, "uses_structure", False) and x.dim() == 3 \
+                and x.shape[0] <= k:  # NOTE [first-token layers]: its B live rows, exactly
+            sketch, k = get_sketch("rows-live"), x.shape[0]
         sx, seed, state = self._sketch_input(x, flat, sketch, k, ct is not None)
         tracker = self.tracker
         xstats = () if tracker is None else tracker.forward_stats(flat)
@@ -247,13 +252,26 @@ class RandomizedLinear(nn.Linear):
         if hit is not None:
             return hit
         extra = ()
-        if getattr(sketch, "uses_mask", False):  # NOTE [real rows] in sketches
+        if getattr(sketch, "uses_structure", False):  # varstudy.randomized.informed
+            extra = (self._live(x),)
+        elif getattr(sketch, "uses_mask", False):  # NOTE [real rows] in sketches
             extra = (None if self.row_mask is None else self.row_mask.rows(flat.shape[0]),)
         with torch.no_grad(), _autocast_off(x.device.type, autocast):
             sx, state = sketch.sketch(flat, k, seed, *extra)
         if cache is not None:
             cache.put(x, sketch, k, sx, seed, state, id(self))
         return sx, seed, state
+
+    def _live(self, x: Tensor) -> Tensor:
+        """The live rows (B, L) of input x (B, L, d): real under the attention mask and, in a
+        first-token layer, at position 0 (varstudy.randomized.informed); (1, n) otherwise."""
+        if x.dim() != 3:
+            return torch.ones(1, x.reshape(-1, x.shape[-1]).shape[0], device=x.device)
+        mask = None if self.row_mask is None else self.row_mask.mask
+        live = (mask.to(x.device, torch.float32) if mask is not None
+                and tuple(mask.shape) == tuple(x.shape[:2]) else
+                torch.ones(x.shape[:2], device=x.device))
+        return first_token_live(live) if self.first_token else live
 
     def set_exact(self, exact: bool) -> None:
         """Store the input itself (Ĝ = G, no sketch variance) or go back to the sketch: what an
@@ -264,6 +282,11 @@ class RandomizedLinear(nn.Linear):
         ratio = "exact" if self.exact else f"{self.ratio:g}"
         return (f"{super().extra_repr()}, sketch={self.sketch.name}, ratio={ratio}, "
                 f"min_rows={self.min_rows}")
+
+
+def _for_layer(sketch: Sketch) -> Sketch:
+    """The family itself, or a fresh instance of it for a family with per-layer statistics."""
+    return sketch.for_layer() if hasattr(sketch, "for_layer") else sketch
 
 
 def check_ratio(ratio: float) -> float:
@@ -335,7 +358,8 @@ def _select(model: nn.Module, include: str | None, exclude: str | None) -> list[
 
 def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaussian", *,
               include: str | None = None, exclude: str | None = None, min_rows: int = 1,
-              seed: int = 0, share: bool = True, plan=None) -> Conversion:
+              seed: int = 0, share: bool = True, plan=None,
+              first_token: list[str] | None = None) -> Conversion:
     """Convert the nn.Linear modules of ``model`` in place into RandomizedLinear.
 
     ``include``/``exclude`` are regexes searched in module names. Parameters are shared, not
@@ -346,8 +370,11 @@ def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaus
     become CompactLinear (exact, storing only their own input: NOTE [compact exact]); it must
     name exactly the linears ``include``/``exclude`` select (NOTE [a plan names exactly its
     layers] in varstudy.randomized.planfile).
-    Everything is validated before the first module is replaced, so a failed conversion leaves
-    the model unchanged.
+    ``first_token``: for the families that know the model's structure (``rows-live``,
+    ``rows-adaptive``), the layers whose rows past the first token carry no gradient; None finds
+    them by the one-time probe of :func:`varstudy.randomized.support.first_token_layers` (a
+    model without a Hugging Face config gets none). Everything is validated before the first
+    module is replaced, so a failed conversion leaves the model unchanged.
     """
     min_rows = check_min_rows(min_rows)
     names = _select(model, include, exclude)
@@ -365,17 +392,30 @@ def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaus
         family, ratio = get_sketch(sketch), check_ratio(ratio)
         per_layer, exact = dict.fromkeys(names, ratio), []
     cache = SketchCache() if share else None
+    first = set(_first_token(model, family, first_token) if names else ())
     row_mask = rowmask.install(model) if getattr(family, "uses_mask", False) and names else None
     for name in exact:  # NOTE [compact exact] in varstudy.randomized.compact
         _swap(model, name, CompactLinear.from_linear(model.get_submodule(name)))
     new = {name: RandomizedLinear.from_linear(
         model.get_submodule(name), ratio=per_layer[name], sketch=family, min_rows=min_rows,
-        seed=seed, layer_id=i, cache=cache, name=name, row_mask=row_mask)
-        for i, name in enumerate(names)}
+        seed=seed, layer_id=i, cache=cache, name=name, row_mask=row_mask,
+        first_token=name in first) for i, name in enumerate(names)}
     for name, module in new.items():
         _swap(model, name, module)
     return Conversion(tuple((n, m.in_features, m.out_features, family.name, m.ratio)
                             for n, m in new.items()))
+
+
+def _first_token(model: nn.Module, family: Sketch, given: list[str] | None) -> list[str]:
+    """The first-token layers a structure-aware family uses (NOTE [first-token layers])."""
+    if not getattr(family, "uses_structure", False):
+        return []
+    if given is not None:
+        return list(given)
+    from varstudy.randomized.support import first_token_layers
+    if not isinstance(getattr(getattr(model, "config", None), "vocab_size", None), int):
+        return []
+    return first_token_layers(model)
 
 
 def derandomize(model: nn.Module) -> Conversion:

@@ -385,6 +385,10 @@ SKETCHES: dict[str, Sketch] = {
 }
 
 
+# rows-live and rows-adaptive build on the classes above and register themselves in SKETCHES.
+import varstudy.randomized.informed  # noqa: E402,F401
+
+
 def get_sketch(name: str | Sketch) -> Sketch:
     """The registered family called ``name`` (a Sketch instance passes through)."""
     if isinstance(name, Sketch):

@@ -214,6 +214,11 @@ CLOSED_FORMS = {
     "rows-wor-real": lambda m, k: ((m.m * m.p - m.a) / min(k, m.m) * (m.m - min(k, m.m))
                                    / (m.m - 1) if m.m > 1 else 0.0),
 }
+# rows-live is rows-wor-real over the live rows (m = real rows at the live positions; the engine
+# sets Moments.real to that count). rows-adaptive's variance needs each row's probability, so it
+# has no moment form: the engine evaluates RowsAdaptive.variance on the rows (informed).
+CLOSED_FORMS["rows-live"] = CLOSED_FORMS["rows-wor-real"]
+ROW_FORMS = ("rows-adaptive",)
 
 
 def closed_form(family: str | Sketch, m: Moments, k: int) -> float:
