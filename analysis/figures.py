@@ -34,6 +34,7 @@ from analysis.figures_checkpoint import checkpoint_vs_n, checkpoint_vs_ratio
 from analysis.figures_accuracy import accuracy_vs_ratio, learning_curve, variance_vs_accuracy
 from analysis.figures_frontier import frontier, frontier_mpnet
 from analysis.figures_plan import online_plans, plan_accuracy, plan_frontier
+from analysis.figures_samplers import sampler_limit
 from analysis.figures_study import layer_bench, memory_vs_batch, throughput_vs_ratio
 from analysis.figures_variance import (closed_form_vs_mc, ratio_heatmap, variance_by_scope,
                                        variance_ratio_over_training,
@@ -59,6 +60,8 @@ FIGURE_ENTRIES: dict[str, FigureEntry] = {
                                      "encoder / head / model totals and per-layer ratios vs ρ"),
     "ratio_heatmap": FigureEntry(ratio_heatmap, "per-layer sketch/sampling ratio at one ρ"),
     "closed_form_vs_mc": FigureEntry(closed_form_vs_mc, "closed-form vs Monte Carlo variance"),
+    "sampler_limit": FigureEntry(sampler_limit, "row samplers against the best possible one "
+                                                "(the limit, needs Y); sampler_limit.{md,csv}"),
     "memory_vs_batch": FigureEntry(memory_vs_batch, "memory vs batch size per ρ"),
     "throughput_vs_ratio": FigureEntry(throughput_vs_ratio, "throughput vs ρ"),
     "learning_curve": FigureEntry(learning_curve, "exact model's validation accuracy vs step"),

@@ -25,6 +25,10 @@ OKABE_ITO = {
 }
 
 
+# Tol (2021), "Colour schemes", muted qualitative scheme.
+TOL_MUTED = {"rose": "#CC6677", "sand": "#DDCC77", "green": "#117733", "wine": "#882255"}
+
+
 @dataclass(frozen=True)
 class FamilyStyle:
     """How one sketch family is drawn everywhere."""
@@ -43,6 +47,12 @@ FAMILY_STYLES: dict[str, FamilyStyle] = {
     "rows": FamilyStyle(OKABE_ITO["vermillion"], "P", "rows (uniform)"),
     "rows-wor": FamilyStyle(OKABE_ITO["yellow"], "X", "rows (w/o repl.)"),
     "rows-norm": FamilyStyle(OKABE_ITO["purple"], "*", "rows (norm)"),
+    # the row samplers that read the mask, the model's structure or earlier gradients, in Paul
+    # Tol's muted colours (also safe for the common colour-vision deficiencies)
+    "rows-real": FamilyStyle(TOL_MUTED["rose"], "p", "rows (real)"),
+    "rows-wor-real": FamilyStyle(TOL_MUTED["sand"], "h", "rows (w/o repl., real)"),
+    "rows-live": FamilyStyle(TOL_MUTED["green"], "d", "rows (live)"),
+    "rows-adaptive": FamilyStyle(TOL_MUTED["wine"], ">", "rows (adaptive)"),
 }
 FAMILY_ORDER = tuple(FAMILY_STYLES)
 _SPARE_MARKERS = ("h", "p", "<", ">", "d", "8")

@@ -17,7 +17,11 @@ from varstudy.randomized.layers import RandomizedLinear, derive_seed, randomize
 from varstudy.randomized.memory import saved_bytes
 from varstudy.randomized.sketches import SKETCHES
 
-FAMILIES = list(SKETCHES)
+# rows-adaptive's draws depend on per-layer statistics that every backward updates, so the same S
+# cannot be rebuilt from the registry's instance here; it stores and applies its rows through
+# rows-norm's gather-and-scale (tested below in bf16), and its unbiasedness is tested with its
+# statistics in tests/test_informed.py.
+FAMILIES = [f for f in SKETCHES if f != "rows-adaptive"]
 ALPHA = 1e-3          # family-wise false-alarm rate of the Monte Carlo test
 U = 2.0 ** -8         # unit roundoff of bfloat16 (8 significant bits, round to nearest)
 

@@ -84,10 +84,10 @@ def test_resume_over_training_loads_checkpoint_not_replay(tmp_path, monkeypatch)
     out = str(tmp_path / "interrupted")
     real_batch, real_train = M.measure_batch, M.train
 
-    def dying(model, encoded, cfg, names, mc_names, step, b, population):
+    def dying(model, encoded, cfg, names, mc_names, step, b, population, *rest):
         if (step, b) == (2, 1):
             raise KeyboardInterrupt
-        return real_batch(model, encoded, cfg, names, mc_names, step, b, population)
+        return real_batch(model, encoded, cfg, names, mc_names, step, b, population, *rest)
 
     monkeypatch.setattr(MR, "measure_batch", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -363,8 +363,9 @@ def _finetune_cfg(out, **kw):
         checkpoint_every=2, progress=False, num_threads=2, out=str(out)), **kw})
 
 
-@pytest.mark.parametrize("extra", [{}, dict(sketch="rows", replan_every=2, replan_check=True)],
-                         ids=["uniform", "online-plans"])
+@pytest.mark.parametrize("extra", [{}, dict(sketch="rows", replan_every=2, replan_check=True),
+                                   dict(sketch="rows-adaptive")],
+                         ids=["uniform", "online-plans", "rows-adaptive-statistics"])
 def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch, extra):
     from varstudy import finetune
     from varstudy.finetune import training
@@ -395,11 +396,11 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, monkeypatch, extra):
     cols = ["step", "loss", "lr"]
     pd.testing.assert_frame_equal(resumed.steps[cols], fresh.steps[cols], check_exact=True)
     pd.testing.assert_frame_equal(resumed.evals, fresh.evals, check_exact=True)
-    written = sorted(finetune.FINAL + (("plans.csv",) if extra else ()))
+    written = sorted(finetune.FINAL + (("plans.csv",) if "replan_every" in extra else ()))
     assert sorted(p.name for p in folder.iterdir()) == written and not stage.exists()
     again = finetune.train(_finetune_cfg(tmp_path / "cut", **extra, resume=True))  # finished
     pd.testing.assert_frame_equal(again.evals, fresh.evals, check_exact=True)
-    if extra:  # the re-plans at steps 2, 4 and 6, each over every layer, the same after resume
+    if "replan_every" in extra:  # the re-plans at steps 2, 4 and 6, the same after resume
         pd.testing.assert_frame_equal(resumed.plans, fresh.plans, check_exact=True)
         pd.testing.assert_frame_equal(again.plans, fresh.plans, check_exact=True)
         assert sorted(fresh.plans.step.unique()) == [2, 4, 6]

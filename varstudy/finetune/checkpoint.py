@@ -61,7 +61,7 @@ def saved_state(folder: Path, config: FinetuneConfig) -> dict | None:
 def save(folder: Path, config: FinetuneConfig, setup, optimizer, scheduler, steps, evals,
          memory, elapsed: float, planner=None, plans=()) -> None:
     """Write ``<folder>/checkpoint.pt`` atomically: model, AdamW, scheduler, RNG states,
-    randomized-layer call counters, the rows so far, the saved-bytes report, and the online
+    randomized-layer call counters, rows-adaptive's statistics, the rows so far, the saved-bytes report, and the online
     planner's state with its rows."""
     from varstudy.randomized.layers import RandomizedLinear
 
@@ -71,6 +71,8 @@ def save(folder: Path, config: FinetuneConfig, setup, optimizer, scheduler, step
         rng_cuda=torch.cuda.get_rng_state_all() if setup.device.startswith("cuda") else None,
         calls={n: m.calls for n, m in setup.model.named_modules()
                if isinstance(m, RandomizedLinear)},
+        row_stats={n: m.sketch.stats.state_dict() for n, m in setup.model.named_modules()
+                   if isinstance(m, RandomizedLinear) and hasattr(m.sketch, "stats")},
         steps=steps, evals=evals, elapsed=elapsed,
         memory=dict(total=memory.total, by_module=dict(memory.by_module)),
         planner=None if planner is None else planner.state_dict(), plans=list(plans)))
@@ -93,6 +95,8 @@ def restore(saved: dict, setup, optimizer, scheduler, planner=None):
     for name, module in setup.model.named_modules():
         if isinstance(module, RandomizedLinear):
             module.calls = saved["calls"][name]
+            if hasattr(module.sketch, "stats"):  # rows-adaptive's per-position statistics
+                module.sketch.stats.load_state_dict(saved.get("row_stats", {}).get(name, {}))
     memory = SavedBytes(total=saved["memory"]["total"],
                         by_module=defaultdict(int, saved["memory"]["by_module"]))
     if planner is not None:

@@ -10,26 +10,29 @@ from varstudy import cli
 from varstudy import io as vio
 from varstudy.cli import option
 from varstudy.errors import VarstudyError
-from varstudy.names import (BASE_SKETCH_NAMES, DATASET_NAMES, DEVICE_HELP, DTYPE_NAMES,
+from varstudy.names import (DATASET_NAMES, DEVICE_HELP, DTYPE_NAMES,
                             MODEL_HELP, PADDINGS, SKETCH_NAMES)
 
 LAYER_COLUMNS = (
     "train_step", "batch", "layer", "layer_kind", "layer_index", "d_in", "d_out", "batch_size",
     "n_rows", "family", "ratio", "k", "grad_sq_norm", "var_sampling", "var_sketch",
     "var_sketch_mc", "var_sketch_mc_se", "mc_draws", "alpha", "paper_ratio", "paper_bound",
-    "paper_ratio_plotted", "paper_bound_plotted", "ratio_sketch_sampling")
+    "paper_ratio_plotted", "paper_bound_plotted", "ratio_sketch_sampling", "var_limit",
+    "var_limit_split", "rows_y_zero")
 SUMMARY_COLUMNS = (
     "train_step", "layer", "layer_kind", "layer_index", "family", "ratio", "k", "n_batches",
     "var_sketch_mean", "var_sketch_ci_low", "var_sketch_ci_high", "var_sampling_mean",
     "var_sampling_ci_low", "var_sampling_ci_high", "var_total", "ratio_mean", "ratio_ci_low",
-    "ratio_ci_high", "var_sketch_mc_mean", "var_sketch_mc_se")
+    "ratio_ci_high", "var_sketch_mc_mean", "var_sketch_mc_se", "var_limit_mean",
+    "var_limit_split_mean", "sketch_over_limit")
 SCOPE_COLUMNS = (
     "train_step", "family", "ratio", "scope", "n_layers", "n_batches", "var_sketch_mean",
     "var_sketch_ci_low", "var_sketch_ci_high", "var_sampling_mean", "var_sampling_ci_low",
     "var_sampling_ci_high", "ratio_mean", "ratio_ci_low", "ratio_ci_high", "layer_ratio_min",
-    "layer_ratio_q1", "layer_ratio_median", "layer_ratio_q3", "layer_ratio_max")
+    "layer_ratio_q1", "layer_ratio_median", "layer_ratio_q3", "layer_ratio_max", "var_limit_mean",
+    "var_limit_split_mean", "limit_ratio_median")
 INT_COLUMNS = ("train_step", "batch", "layer_index", "d_in", "d_out", "batch_size", "n_rows", "k",
-               "mc_draws")  # nullable integers (NA on model rows)
+               "mc_draws", "rows_y_zero")  # nullable integers (NA on model rows)
 TRAIN_BATCH = 2**32  # batch key of training minibatches in derive_seed
 NOT_COMPARED = ("progress", "resume", "out", "num_threads")  # a resumed run may change these
 
@@ -49,7 +52,7 @@ class MeasureConfig:
     padding: str = option("fixed", "fixed: every minibatch padded to max_length; dynamic: to its "
                                    "longest example (the sketch sees that minibatch's n)",
                           choices=PADDINGS)
-    families: tuple[str, ...] = option(BASE_SKETCH_NAMES, "sketch families to evaluate",
+    families: tuple[str, ...] = option(SKETCH_NAMES, "sketch families to evaluate",
                                        choices=SKETCH_NAMES)
     ratios: tuple[float, ...] = option((0.05, 0.1, 0.2, 0.5), "ratios rho = k/n in (0, 1]")
     plan: str | None = option(None, "a plan.json of python -m varstudy.plan: measure its family "

@@ -16,12 +16,18 @@ import torch
 from varstudy.batching import pad_batches
 from varstudy.errors import VarstudyError
 from varstudy.measure.config import INT_COLUMNS, LAYER_COLUMNS, MeasureConfig
+from varstudy.measure.informed import (STRUCTURE_FAMILIES, WARM_BATCHES, Informed,
+                                       limit_columns, live_rows, profiles, structured, wanted)
+from varstudy.randomized.support import first_token_layers
 from varstudy.roles import layer_index, layer_kind
 from varstudy.randomized import variance as V
 from varstudy.names import BASE_SKETCH_NAMES
 from varstudy.randomized.capture import capture, select_layers
 from varstudy.randomized.layers import derive_seed
 from varstudy.randomized.sketches import SKETCHES, rows_for
+
+
+WARM_TAG = 5  # derive_seed key of rows-adaptive's warm batches
 
 
 def batch_indices(num_examples: int, cfg: MeasureConfig, step: int, b: int) -> torch.Tensor:
@@ -31,10 +37,13 @@ def batch_indices(num_examples: int, cfg: MeasureConfig, step: int, b: int) -> t
 
 
 def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: float,
-               mc: bool, step: int, b: int, mask=None) -> list[dict]:
+               mc: bool, step: int, b: int, mask=None, informed: Informed | None = None
+               ) -> list[dict]:
     """Rows of one layer of one batch: every (family, ratio). x (B, L, d_in) or (B, d_in);
-    ``mask`` (B, L), the attention mask, gives the real rows of the row-real families."""
+    ``mask`` (B, L), the attention mask, gives the real rows of the row-real families;
+    ``informed``: what rows-live and rows-adaptive need (varstudy.measure.informed)."""
     x, y, grad = upcast(x, y, grad)
+    informed = informed or Informed()
     m = V.moments(x, y, grad)
     row_mask = real_row_mask(cfg, name, x, y, mask)
     if row_mask is not None:
@@ -46,22 +55,31 @@ def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: 
                 var_sampling=sampling.var_batch, _s=m.s, _a=m.a, _q=m.n * m.p - m.a)
     rows = []
     planned = planned_ratios(cfg.plan).get(name, "exact") if cfg.plan else None
-    for ratio in cfg.ratios:
-        k = rows_for(m.n, ratio if planned is None else planned if planned != "exact" else 1.0,
-                     cfg.min_rows)
+    ks = {ratio: rows_for(m.n, ratio if planned is None else planned if planned != "exact"
+                          else 1.0, cfg.min_rows) for ratio in cfg.ratios}
+    limit = limit_columns(x, y, grad, ks.values())
+    live = live_rows(name, x, y, mask, informed) if wanted(cfg.families) else None
+    for ratio, k in ks.items():
         paper = V.paper_quantities(m, k)
         for fam in cfg.families:
-            var = V.closed_form(fam, m, k) if planned != "exact" else 0.0
+            stored, mask_mc, sketch = k, row_mask, fam
+            if planned == "exact":
+                var = 0.0
+            elif fam in STRUCTURE_FAMILIES:
+                var, stored, sketch = structured(fam, name, m, k, x, y, live, informed)
+                mask_mc = live
+            else:
+                var = V.closed_form(fam, m, k)
             mc_mean = mc_se = math.nan
             if mc and cfg.mc_draws > 0 and planned != "exact":
                 seed = derive_seed(cfg.seed, step, b, 1, pos, V.family_key(fam),
                                    round(ratio * 1e6))
-                mc_mean, mc_se = V.mc_sketch_variance(fam, x, y, k, cfg.mc_draws, seed,
-                                                      mask=row_mask)
-            rows.append(dict(base, family=fam, ratio=ratio, k=k, var_sketch=var,
+                mc_mean, mc_se = V.mc_sketch_variance(sketch, x, y, stored, cfg.mc_draws, seed,
+                                                      mask=mask_mc)
+            rows.append(dict(base, family=fam, ratio=ratio, k=stored, var_sketch=var,
                              var_sketch_mc=mc_mean, var_sketch_mc_se=mc_se,
                              mc_draws=cfg.mc_draws if mc else 0, **paper,
-                             ratio_sketch_sampling=_div(var, sampling.var_batch)))
+                             ratio_sketch_sampling=_div(var, sampling.var_batch), **limit[k]))
     return rows
 
 
@@ -114,7 +132,8 @@ def model_rows(rows: list[dict]) -> list[dict]:
     out = []
     for (fam, ratio), g in groups.items():
         tot = {c: sum(r[c] for r in g) for c in
-               ("grad_sq_norm", "var_sampling", "var_sketch", "_s", "_a", "_q")}
+               ("grad_sq_norm", "var_sampling", "var_sketch", "_s", "_a", "_q", "var_limit",
+                "var_limit_split", "rows_y_zero")}
         drawn = all(r["mc_draws"] > 0 for r in g)
         alpha = _div(tot["_a"], tot["_s"])
         paper_ratio = _div(tot["_s"] - tot["_a"], tot["_q"])
@@ -130,7 +149,9 @@ def model_rows(rows: list[dict]) -> list[dict]:
             mc_draws=min(r["mc_draws"] for r in g), alpha=alpha, paper_ratio=paper_ratio,
             paper_bound=_div(alpha + 1, alpha), paper_ratio_plotted=paper_ratio,
             paper_bound_plotted=1 + alpha,
-            ratio_sketch_sampling=_div(tot["var_sketch"], tot["var_sampling"])))
+            ratio_sketch_sampling=_div(tot["var_sketch"], tot["var_sampling"]),
+            var_limit=tot["var_limit"], var_limit_split=tot["var_limit_split"],
+            rows_y_zero=tot["rows_y_zero"]))
     return out
 
 
@@ -139,19 +160,48 @@ def _div(a: float, b: float) -> float:
 
 
 def measure_batch(model, encoded: dict, cfg: MeasureConfig, names: list[str],
-                  mc_names: set[str], step: int, b: int, population: float) -> pd.DataFrame:
+                  mc_names: set[str], step: int, b: int, population: float,
+                  informed: Informed | None = None) -> pd.DataFrame:
     """Capture batch ``b`` of step ``step`` and return its layers.csv rows."""
-    idx = batch_indices(len(encoded["labels"]), cfg, step, b)
+    cap, mask = capture_batch(model, encoded, cfg, names, step, b)
+    mc = {n for n in mc_names if b < cfg.mc_batches}
+    return rows_of(cap, cfg, names, mc, step, b, population, mask, informed)
+
+
+def capture_batch(model, encoded: dict, cfg: MeasureConfig, names: list[str], step: int, b: int,
+                  tag: int = 0):
+    """(Captured, attention mask or None) of batch ``b`` at ``step``; ``tag`` 0 draws the
+    measured batches, another tag an independent set (the warm batches of rows-adaptive)."""
+    if tag:
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, step, b, tag))
+        idx = torch.randperm(len(encoded["labels"]), generator=gen)[:cfg.batch_size]
+    else:
+        idx = batch_indices(len(encoded["labels"]), cfg, step, b)
     batch = next(iter(pad_batches(iter([{k: v[idx] for k, v in encoded.items()}]), cfg.padding)))
     batch = {k: v.to(cfg.device) for k, v in batch.items()}
-    with _seeded_rng(cfg, derive_seed(cfg.seed, step, b, 3)):  # dropout, if kept
+    with _seeded_rng(cfg, derive_seed(cfg.seed, step, b, 3 + tag)):  # dropout, if kept
         cap = capture(model, batch, names=names)
-    mc = {n for n in mc_names if b < cfg.mc_batches}
-    return rows_of(cap, cfg, names, mc, step, b, population, batch.get("attention_mask"))
+    return cap, batch.get("attention_mask")
+
+
+def informed_for(model, encoded: dict, cfg: MeasureConfig, names: list[str], step: int,
+                 first_token) -> Informed | None:
+    """What rows-live and rows-adaptive need at ``step`` (NOTE [adaptive profile in a
+    measurement] in varstudy.measure.informed): the probed first-token layers and, for
+    rows-adaptive, the profile of WARM_BATCHES minibatches drawn apart from the measured ones."""
+    if not wanted(cfg.families):
+        return None
+    informed = Informed(frozenset(first_token))
+    if "rows-adaptive" in cfg.families and not cfg.plan:
+        warm = [capture_batch(model, encoded, cfg, names, step, w, tag=WARM_TAG)
+                for w in range(WARM_BATCHES)]
+        informed.profiles = profiles([c for c, _ in warm], names, [m for _, m in warm],
+                                     informed)
+    return informed
 
 
 def rows_of(cap, cfg: MeasureConfig, names: list[str], mc_names: set[str], step: int, b: int,
-            population: float, mask=None) -> pd.DataFrame:
+            population: float, mask=None, informed: Informed | None = None) -> pd.DataFrame:
     """layers.csv rows of one captured minibatch: every selected layer, then the model totals."""
     if cfg.plan:  # NOTE [a plan names exactly its layers] (varstudy.randomized.planfile)
         from varstudy.randomized.planfile import check_plan_layers
@@ -161,7 +211,7 @@ def rows_of(cap, cfg: MeasureConfig, names: list[str], mc_names: set[str], step:
     for pos, name in enumerate(names):
         x, y = cap.layers[name]
         rows += layer_rows(cfg, name, pos, x, y, cap.grads[name], population, name in mc_names,
-                           step, b, mask)
+                           step, b, mask, informed)
     return typed(pd.DataFrame(rows + model_rows(rows)))
 
 
@@ -197,10 +247,24 @@ def measure_now(model, batches, families=None, ratios=(0.05, 0.1, 0.2, 0.5), *,
     frames = []
     with exact_view(model):
         names = select_layers(model, layers)
-        for b, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            frames.append(rows_of(capture(model, batch, names=names), cfg, names, set(),
-                                  train_step, b, population, batch.get("attention_mask")))
+        if not wanted(cfg.families):
+            for b, batch in enumerate(batches):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                frames.append(rows_of(capture(model, batch, names=names), cfg, names, set(),
+                                      train_step, b, population, batch.get("attention_mask")))
+        else:  # NOTE [adaptive profile in a measurement]: the other batches' (leave one out)
+            first = frozenset(first_token_layers(model))
+            caps = []
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                caps.append((capture(model, batch, names=names), batch.get("attention_mask")))
+            for b, (cap, mask) in enumerate(caps):
+                informed = Informed(first)
+                rest = [c for i, c in enumerate(caps) if i != b]
+                informed.profiles = profiles([c for c, _ in rest], names,
+                                             [m for _, m in rest], informed)
+                frames.append(rows_of(cap, cfg, names, set(), train_step, b, population, mask,
+                                      informed))
     if not frames:
         raise VarstudyError("measure_now got no batches; valid choices: one or more minibatches "
                             "(dicts of tensors with 'labels')")

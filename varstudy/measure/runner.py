@@ -22,7 +22,10 @@ from varstudy.batching import encode, pad_batches
 from varstudy.errors import VarstudyError
 from varstudy.measure.chunks import finished_rows
 from varstudy.measure.config import (LAYER_COLUMNS, NOT_COMPARED, TRAIN_BATCH, MeasureConfig)
-from varstudy.measure.engine import _seeded_rng, batch_indices, measure_batch, typed
+from varstudy.measure.engine import (_seeded_rng, batch_indices, informed_for, measure_batch,
+                                     typed)
+from varstudy.measure.informed import wanted
+from varstudy.randomized.support import first_token_layers
 from varstudy.measure.tables import scope_summary, summarize
 from varstudy.models import load_model
 from varstudy.randomized.capture import mean_loss, select_layers
@@ -191,8 +194,12 @@ def _measure_step(model, encoded, cfg, names, mc_names, step, population, ctx, p
     done = set() if have is None else set(have["batch"])
     todo = [b for b in range(cfg.num_batches) if b not in done]
     mine = []
+    informed = None
+    if todo and wanted(cfg.families):  # rows-live / rows-adaptive (varstudy.measure.informed)
+        informed = informed_for(model, encoded, cfg, names, step, first_token_layers(model))
     for b in tqdm(ctx.mine(todo), desc=f"measure step {step}", disable=not cfg.progress):
-        frame = measure_batch(model, encoded, cfg, names, mc_names, step, b, population)
+        frame = measure_batch(model, encoded, cfg, names, mc_names, step, b, population,
+                              informed)
         if ctx.active:
             mine.append((b, frame))
         else:

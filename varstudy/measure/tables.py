@@ -21,6 +21,7 @@ def summarize(layers: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
                       ("var_sketch", "var_sampling", "ratio_sketch_sampling"))
         mc = g[g["mc_draws"] > 0]
         mc_se = math.sqrt((mc["var_sketch_mc_se"] ** 2).sum()) / len(mc) if len(mc) else math.nan
+        lim, split = _mean(g, "var_limit"), _mean(g, "var_limit_split")
         out.append(dict(zip(keys, key), layer_kind=g["layer_kind"].iloc[0],
                         layer_index=g["layer_index"].iloc[0], k=g["k"].iloc[0],
                         n_batches=len(g), var_sketch_mean=sk[0], var_sketch_ci_low=sk[1],
@@ -29,8 +30,25 @@ def summarize(layers: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
                         var_total=sk[0] + sa[0], ratio_mean=rt[0], ratio_ci_low=rt[1],
                         ratio_ci_high=rt[2],
                         var_sketch_mc_mean=mc["var_sketch_mc"].mean() if len(mc) else math.nan,
-                        var_sketch_mc_se=mc_se))
+                        var_sketch_mc_se=mc_se, var_limit_mean=lim, var_limit_split_mean=split,
+                        sketch_over_limit=over_limit(sk[0], split)))
     return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
+
+
+def _mean(g: pd.DataFrame, column: str) -> float:
+    """Mean of a column that tables written before it existed lack (NaN then)."""
+    return float(g[column].mean()) if column in g else math.nan
+
+
+def over_limit(sketch, limit):
+    """sketch / limit, the limit being the best split (``var_limit_split`` <= ``var_limit``;
+    NOTE [a bound, not a sampler] in varstudy.randomized.limit): 1 where both are 0 (the needed
+    rows kept exactly), inf where only the limit is 0; scalars or arrays."""
+    sketch, limit = np.asarray(sketch, dtype=float), np.asarray(limit, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(limit > 0, sketch / np.where(limit > 0, limit, 1.0),
+                         np.where(sketch > 0, np.inf, 1.0))
+    return float(ratio) if ratio.ndim == 0 else ratio
 
 
 def scope_summary(layers: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
@@ -47,20 +65,27 @@ def scope_summary(layers: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     both = pd.concat([rows, rows.assign(scope="all")], ignore_index=True)
     keys = ["train_step", "family", "ratio", "scope"]
     out = []
+    limits = [c for c in ("var_limit", "var_limit_split") if c in both]
     for key, g in both.groupby(keys, sort=False):
-        per_batch = g.groupby("batch")[["var_sketch", "var_sampling"]].sum()
+        per_batch = g.groupby("batch")[["var_sketch", "var_sampling", *limits]].sum()
         ratio = per_batch.var_sketch / per_batch.var_sampling
         sk, sa, rt = (V.mean_ci(v, level) for v in (per_batch.var_sketch,
                                                    per_batch.var_sampling, ratio))
-        means = g.groupby("layer")[["var_sketch", "var_sampling"]].mean()
+        means = g.groupby("layer")[["var_sketch", "var_sampling", *limits]].mean()
         layer_ratio = (means.var_sketch / means.var_sampling).to_numpy(dtype=float)
         q = np.quantile(layer_ratio, [0.0, 0.25, 0.5, 0.75, 1.0])
+        lim = {f"{c}_mean": float(per_batch[c].mean()) if c in limits else math.nan
+               for c in ("var_limit", "var_limit_split")}
+        lim["limit_ratio_median"] = (float(np.median(over_limit(means.var_sketch,
+                                                                means.var_limit_split)))
+                                     if limits else math.nan)
         out.append(dict(zip(keys, key), n_layers=len(means), n_batches=len(per_batch),
                         var_sketch_mean=sk[0], var_sketch_ci_low=sk[1], var_sketch_ci_high=sk[2],
                         var_sampling_mean=sa[0], var_sampling_ci_low=sa[1],
                         var_sampling_ci_high=sa[2], ratio_mean=rt[0], ratio_ci_low=rt[1],
                         ratio_ci_high=rt[2], layer_ratio_min=q[0], layer_ratio_q1=q[1],
-                        layer_ratio_median=q[2], layer_ratio_q3=q[3], layer_ratio_max=q[4]))
+                        layer_ratio_median=q[2], layer_ratio_q3=q[3], layer_ratio_max=q[4],
+                        **lim))
     order = {"encoder": 0, "head": 1, "all": 2}
     table = pd.DataFrame(out, columns=list(SCOPE_COLUMNS))
     return table.sort_values(["train_step", "family", "ratio", "scope"], key=lambda c: c.map(

@@ -71,6 +71,13 @@ class RowStats:
         mean.copy_(torch.where(has, blended, mean))
         seen.logical_or_(has)
 
+    def state_dict(self) -> dict:
+        """Tensors only (a checkpoint loads with weights_only=True); {} before any update."""
+        return {} if self.mean is None else {"mean": self.mean, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.seen = state.get("mean"), state.get("seen")
+
     def _grow(self, length: int, device) -> None:
         mean = torch.zeros(length, device=device)
         seen = torch.zeros(length, dtype=torch.bool, device=device)
