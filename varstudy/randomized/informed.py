@@ -160,7 +160,7 @@ class RowsAdaptive(Sketch):
         u = torch.rand(k, generator=gen, device=x.device, dtype=torch.float64) * cdf[-1]
         idx = torch.searchsorted(cdf, u, right=True).clamp_(max=x.shape[0] - 1)
         scale = (1.0 / (k * q[idx])).sqrt().to(torch.float32)
-        state = (idx, scale, live)
+        state = (idx, scale, live > 0)  # the live mask as bool: B·L bytes kept for backward
         return self.apply(x, k, seed, state), state
 
     def apply(self, a, k, seed, state):
