@@ -26,6 +26,7 @@ def colour(strategy: str) -> str:
 
 
 def style_axis(ax: Axes, xlabel: str, ylabel: str, *, logx: bool = False, logy: bool = False) -> Axes:
+    """Label ``ax`` and set its log scales; returns ``ax``."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logx:

@@ -146,6 +146,9 @@ def build(names: list[str], results: Path = RESULTS, out: Path = FIGURES,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m analysis.figures [NAME|all] [--results DIR] [--out DIR] [--list]``: build the
+    named figures; returns the exit status (0, 1 for a missing input asked for by name, 2 for a
+    failed figure)."""
     parser = cli.Parser(prog="python -m analysis.figures", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", default=["all"], metavar="NAME|all")

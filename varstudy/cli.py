@@ -56,6 +56,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def one_line(message: object) -> str:
+    """``message`` as text on one line (runs of whitespace become one space)."""
     return " ".join(str(message).split())
 
 

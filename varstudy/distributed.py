@@ -24,16 +24,19 @@ from varstudy.errors import VarstudyError
 
 @dataclass(frozen=True)
 class Context:
+    """This process's place in a torch.distributed run: ``rank``, ``world`` size, ``local_rank``."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
 
     @property
     def active(self) -> bool:
+        """True when more than one process runs."""
         return self.world > 1
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the process that writes the results."""
         return self.rank == 0
 
     def mine(self, items):
@@ -111,6 +114,7 @@ def is_main_process() -> bool:
 
 
 def barrier(ctx: Context) -> None:
+    """Wait for every process (nothing in a single-process run)."""
     if ctx.active:
         dist.barrier()
 

@@ -131,10 +131,13 @@ def _ignored():
 
 
 def atomic_write_text(path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write_bytes`); returns the
+    path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path, data: dict) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically; returns the path."""
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 

@@ -32,6 +32,8 @@ benchmarks:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m varstudy.bench {layers,checkpoint,measure,callback,gpu} [options]``: run one
+    benchmark; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)

@@ -49,10 +49,13 @@ class CallbackBenchConfig:
 
 
 def parser() -> cli.Parser:
+    """The command line of ``python -m varstudy.bench callback``, from
+    :class:`CallbackBenchConfig`."""
     return cli.config_parser(CallbackBenchConfig, PROG, __doc__.split("\n")[0])
 
 
 def parse(argv: list[str] | None = None) -> CallbackBenchConfig:
+    """The config that the command line ``argv`` asks for."""
     return cli.config_from(CallbackBenchConfig, parser().parse_args(argv))
 
 
@@ -103,6 +106,7 @@ def run(cfg: CallbackBenchConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the callback benchmark; returns the exit status."""
     def body() -> int:
         cfg = parse(argv)
         cli.set_threads(cfg.num_threads)

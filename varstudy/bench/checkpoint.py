@@ -195,6 +195,8 @@ PRESETS = {  # short diffs against the defaults; the first is the default (the c
 
 
 def parser():
+    """The command line of ``python -m varstudy.bench checkpoint``, from :class:`BenchConfig` and
+    its presets."""
     return cli.config_parser(BenchConfig, PROG, DESCRIPTION, presets=tuple(PRESETS))
 
 
@@ -227,6 +229,7 @@ def _legacy_config(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the checkpointing benchmark; returns the exit status."""
     def body() -> int:
         cfg = parse(argv)
         from varstudy.models import resolve_device

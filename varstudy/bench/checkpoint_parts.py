@@ -57,5 +57,6 @@ class Parts:
         return rows, {tuple(r[k] for k in self.KEYS[name]) for r in rows}
 
     def append(self, name: str, rows: list[dict]) -> None:
+        """Append ``rows`` to the parts file ``<name>.csv`` (nothing without a folder)."""
         if self.folder is not None:
             vio.append_csv(self.folder / f"{name}.csv", pd.DataFrame(rows))

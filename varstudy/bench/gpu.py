@@ -129,14 +129,17 @@ def slug(name: str) -> str:
 
 
 def parser() -> cli.Parser:
+    """The command line of ``python -m varstudy.bench gpu``, from :class:`GpuBenchConfig`."""
     return cli.config_parser(GpuBenchConfig, PROG, __doc__.split("\n")[0])
 
 
 def parse(argv: list[str] | None = None) -> GpuBenchConfig:
+    """The config that the command line ``argv`` asks for."""
     return cli.config_from(GpuBenchConfig, parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the GPU check's stages; returns the exit status (2 without a CUDA device)."""
     def body() -> int:
         cfg = parse(argv)
         from varstudy.bench.gpu_run import check_device, execute

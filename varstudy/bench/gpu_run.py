@@ -40,6 +40,7 @@ def check_device(name: str) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
+    """The CUDA device's name, or ``cpu``."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
@@ -61,6 +62,7 @@ def run_stage(name: str, run: Run) -> dict:
 
 
 def environment(device: torch.device) -> dict:
+    """Versions, device and threads of this run, for ``env.json``."""
     import transformers
 
     return dict(python=platform.python_version(), torch=torch.__version__,

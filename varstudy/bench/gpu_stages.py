@@ -39,6 +39,8 @@ WAVE_RTOL = 1e-5  # the wave's gradient norm, recomputed (Revolve, multistage) v
 
 @dataclass(frozen=True)
 class Run:
+    """What every stage of the GPU check gets: the config, the device, its output folder and the
+    checkout."""
     cfg: GpuBenchConfig
     device: torch.device
     folder: Path  # <out>/<slug>
@@ -47,6 +49,8 @@ class Run:
 
 @dataclass
 class Outcome:
+    """What a stage reports: ``status`` (passed, failed or skipped), its ``numbers`` and a
+    ``note``."""
     status: str = "passed"  # passed, failed or skipped
     numbers: dict = field(default_factory=dict)
     note: str = ""
@@ -83,6 +87,7 @@ def visible_devices(device: torch.device) -> str | None:
 
 
 def tests(run: Run) -> Outcome:
+    """Stage 1: the device tests in a subprocess (a quick selection with ``--quick``)."""
     files, selection = (QUICK_TESTS, QUICK_SELECTION) if run.cfg.quick else \
         (TESTS, TEST_SELECTION)
     missing = [f for f in files if not (run.repo / f).is_file()]
@@ -276,6 +281,8 @@ def accounting(name: str, family: str, ratio: float, batch: int, length: int, de
 
 
 def peak(run: Run) -> Outcome:
+    """Stage 4: the CUDA peak of a training step (fresh subprocess) against the saved-bytes
+    accounting plus parameters, gradients and AdamW state."""
     from varstudy.randomized.memory import cuda_peak_bytes
 
     name, batch, length = PEAK_MODELS[run.cfg.quick]
@@ -333,6 +340,7 @@ def host_tier_stats(device: torch.device, mib: int, reps: int = 5) -> dict:
 
 
 def checkpoint(run: Run) -> Outcome:
+    """Stage 5: the checkpointing benchmark on the device (pinned host tier)."""
     from varstudy.bench import checkpoint as bench_checkpoint
     from varstudy.bench.checkpoint_run import run as checkpoint_run
     from varstudy.bench.checkpoint_tables import report

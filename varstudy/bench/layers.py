@@ -86,14 +86,17 @@ class LayerBenchConfig:
 
 
 def parser() -> cli.Parser:
+    """The command line of ``python -m varstudy.bench layers``, from :class:`LayerBenchConfig`."""
     return cli.config_parser(LayerBenchConfig, PROG, __doc__.split("\n")[0])
 
 
 def parse(argv: list[str] | None = None) -> LayerBenchConfig:
+    """The config that the command line ``argv`` asks for."""
     return cli.config_from(LayerBenchConfig, parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the layer benchmark; returns the exit status."""
     def body() -> int:
         cfg = parse(argv)
         from varstudy.models import resolve_device

@@ -80,14 +80,17 @@ class BenchConfig:
 
 
 def parser() -> cli.Parser:
+    """The command line of ``python -m varstudy.bench measure``, from :class:`BenchConfig`."""
     return cli.config_parser(BenchConfig, PROG, __doc__.split("\n")[0])
 
 
 def parse(argv: list[str] | None = None) -> BenchConfig:
+    """The config that the command line ``argv`` asks for."""
     return cli.config_from(BenchConfig, parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the measure benchmark; returns the exit status."""
     def body() -> int:
         cfg = parse(argv)
         cli.set_threads(cfg.num_threads)

@@ -23,6 +23,7 @@ from varstudy.bench.measure import BenchConfig
 
 
 def timed(fn) -> float:
+    """Seconds that ``fn()`` takes, synchronizing CUDA around it when present."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -125,6 +126,8 @@ def naive_draws(model, batch, weights, exact, cfg: BenchConfig, first: int, coun
 
 
 def table(cfg, mcfg, t_step, t_dec, t_exact, t_draw, errs) -> pd.DataFrame:
+    """The benchmark's one-row table: decomposition cost against an exact step and against naive
+    Monte Carlo at the requested relative CI half-width."""
     mean, sd = statistics.fmean(errs), statistics.stdev(errs)
     cv = sd / mean
     z = norm.isf((1 - cfg.level) / 2)

@@ -29,37 +29,48 @@ class CudaOps:
         self.device = torch.device(device)
 
     def stream(self):
+        """A new CUDA stream on the device."""
         return torch.cuda.Stream(self.device)
 
     def current_stream(self):
+        """The device's current stream."""
         return torch.cuda.current_stream(self.device)
 
     def use_stream(self, stream):
+        """A context manager that makes ``stream`` current."""
         return torch.cuda.stream(stream)
 
     def event(self):
+        """A new CUDA event."""
         return torch.cuda.Event()
 
     def synchronize(self) -> None:
+        """Wait for every stream of the device."""
         torch.cuda.synchronize(self.device)
 
     def pinned_empty(self, shape, dtype) -> torch.Tensor:
+        """An uninitialised host tensor in pinned memory (pageable without CUDA)."""
         return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
 
     def copy_(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy ``src`` into ``dst`` without blocking the host."""
         dst.copy_(src, non_blocking=True)
 
     def to(self, src: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A copy of ``src`` on ``device``, without blocking the host."""
         return src.to(device, non_blocking=True, copy=True)
 
     def record_stream(self, t: torch.Tensor, stream) -> None:
+        """Tell the caching allocator that ``stream`` uses the CUDA tensor ``t``."""
         if t.is_cuda:
             t.record_stream(stream)
 
     def get_rng_state(self) -> torch.Tensor:
+        """The device's CUDA RNG state."""
         return torch.cuda.get_rng_state(self.device)
 
     def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restore the device's CUDA RNG state."""
         torch.cuda.set_rng_state(state, self.device)
 
 

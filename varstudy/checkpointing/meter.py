@@ -56,10 +56,12 @@ class MemoryMeter:
             listener(delta)
 
     def add(self, nbytes: int) -> None:
+        """Count ``nbytes`` more live bytes (thread-safe; updates the peak)."""
         with self._lock:
             self._change(nbytes)
 
     def sub(self, nbytes: int) -> None:
+        """Count ``nbytes`` fewer live bytes (thread-safe)."""
         with self._lock:
             self._change(-nbytes)
 

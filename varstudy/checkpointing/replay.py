@@ -55,15 +55,18 @@ class Runner:
 
     # -- RNG-carrying checkpoints -------------------------------------------------------------
     def pack(self, state):
+        """The state to store: its tensors, plus the RNG states when dropout must replay."""
         return tuple(state) + (get_rng(self.rng_ops) if self.cfg.preserve_rng else ())
 
     def unpack(self, packed):
+        """The state from a stored one, restoring the RNG states it carries."""
         if self.cfg.preserve_rng:
             set_rng(self.rng_ops, packed[self.n_state:])
         return tuple(packed[:self.n_state])
 
     # -- stepping ------------------------------------------------------------------------------
     def x(self, i):
+        """Input ``i`` of the scan (None for a scan without inputs)."""
         return None if self.inputs is None else self.inputs[i]
 
     def call(self, i, state, x):
@@ -82,6 +85,8 @@ class Runner:
         return state
 
     def choose_interval(self, state0) -> int:
+        """Steps between slow-tier stores: all N for Revolve, else the given interval or ⌈T_w / t_f⌉
+        measured on the first state."""
         cfg = self.cfg
         if cfg.strategy == "revolve":
             return self.n
@@ -106,10 +111,12 @@ class Runner:
         return sch.choose_interval(t_f, t_w)
 
     def sync(self) -> None:
+        """Synchronize the device (so interval timings are honest)."""
         if self.ops is not None:
             self.ops.synchronize()
 
     def make_slow(self, n_keys, template):
+        """The slow tier (host or disk) for ``n_keys`` states shaped like ``template``."""
         cfg = self.cfg
         return make_tier(cfg.tier, n_keys=n_keys, template=template, disk_dir=cfg.disk_dir,
                          transfer_delay_s=cfg.transfer_delay_s, max_pending=cfg.max_pending,
@@ -118,6 +125,8 @@ class Runner:
 
 
 def close_quietly(fast, slow_box) -> None:
+    """Close the fast tier and the slow tier (when made), ignoring a slow-tier error already
+    reported."""
     fast.close()
     if slow_box[0] is not None:
         try:

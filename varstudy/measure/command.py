@@ -13,6 +13,8 @@ DESCRIPTION = ("Decompose the gradient variance of a model with randomized linea
 
 
 def parser():
+    """The command line of ``python -m varstudy.measure``, from
+    :class:`~varstudy.measure.config.MeasureConfig`."""
     return cli.config_parser(MeasureConfig, PROG, DESCRIPTION)
 
 
@@ -22,6 +24,7 @@ def parse(argv: list[str] | None = None) -> MeasureConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m varstudy.measure``; returns the exit status."""
     def body() -> None:
         cfg = parse(argv)
         from varstudy import distributed as dist

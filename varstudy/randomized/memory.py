@@ -39,6 +39,7 @@ class SavedBytes:
 
     @property
     def total_mib(self) -> float:
+        """The total in MiB."""
         return self.total / 2**20
 
     def for_modules(self, names) -> int:

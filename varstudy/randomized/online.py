@@ -71,6 +71,7 @@ class LayerTracker:
         self.reset()
 
     def reset(self) -> None:
+        """Forget the statistics gathered since the last plan."""
         self.calls, self.rows = 0, 0
         self.sum_c: Tensor | None = None
         self.sum_c_exact: Tensor | None = None
@@ -223,6 +224,7 @@ class OnlinePlanner:
                               for n, t in self.trackers.items()})
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the planner (ratios, exact units and trackers) from :meth:`state_dict`."""
         self.steps, self._last = state["steps"], dict(state["last"])
         for name, (ratio, exact) in state["layers"].items():
             self.layers[name].ratio = ratio
@@ -232,6 +234,7 @@ class OnlinePlanner:
             t.calls, t.rows, t.sum_c, t.sum_c_exact = calls, rows, sum_c, sum_exact
 
     def close(self) -> None:
+        """Detach the trackers from the layers; they keep their current ratios."""
         for module in self.layers.values():
             module.tracker = None
 

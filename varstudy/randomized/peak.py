@@ -63,6 +63,7 @@ class PeakReport:
 
     @property
     def peak_mib(self) -> float:
+        """The peak in MiB."""
         return self.peak_bytes / 2**20
 
     def phase_peak(self, phase: str, part: str = "live") -> int:
@@ -151,10 +152,12 @@ class CudaMemoryOps:
         self.device = torch.device(device)
 
     def reset(self) -> None:
+        """Reset the device's peak-memory counter."""
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def max_allocated(self) -> int:
+        """The device's peak allocated bytes since the last reset."""
         torch.cuda.synchronize(self.device)
         return int(torch.cuda.max_memory_allocated(self.device))
 

@@ -22,6 +22,8 @@ class RowMask:
         self.handle = None
 
     def hook(self, module, args, kwargs) -> None:
+        """Forward pre-hook: keep the ``attention_mask`` the model is called with (None without
+        one)."""
         mask = kwargs.get("attention_mask")
         self.mask = mask if isinstance(mask, Tensor) else None
 

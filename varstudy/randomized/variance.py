@@ -164,6 +164,7 @@ class Moments:
 
     @property
     def m(self) -> int:
+        """The rows a ``-real`` family draws from: the real (non-padding) rows, else all n."""
         return self.n if self.real is None else self.real
 
 

@@ -24,6 +24,8 @@ RUNNERS = {"accuracy": "accuracy_study", "memory": "memory_study",
 
 
 def parser() -> cli.Parser:
+    """The command line of ``python -m varstudy.study``, from
+    :class:`~varstudy.study.config.StudyConfig` and its presets."""
     return cli.config_parser(StudyConfig, PROG, DESCRIPTION, presets=tuple(PRESETS),
                              positional=("study", STUDIES))
 
@@ -57,6 +59,7 @@ def run(study: str, config: StudyConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m varstudy.study STUDY``; returns the exit status."""
     try:
         args = parser().parse_args(argv)
     except SystemExit as stop:  # --help (status 0) or a usage error (one line, status 2)
