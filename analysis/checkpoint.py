@@ -1,4 +1,4 @@
-"""Plots for the checkpointing benchmark (results/checkpoint/*.csv): DataFrame -> Figure.
+"""Plots for the checkpointing benchmark (``results/checkpoint/*.csv``): DataFrame -> Figure.
 
 Pure functions on the object API (never pyplot state); each takes an optional ``ax`` (or pair of
 axes) and returns the Figure. Colour-blind palette (Okabe-Ito).

@@ -16,7 +16,7 @@ Two independent systems and the commands that drive them:
   ``finetune``, ``study``, ``plan``, ``bench``; ``varstudy.hf`` holds the Trainer callback.
 
 Data flows one way: model + data -> capture (X, Y per layer) -> estimators -> tidy DataFrame ->
-results/*.csv -> ``analysis`` -> figures/. Nothing in varstudy imports ``analysis``.
+``results/*.csv`` -> ``analysis`` -> figures/. Nothing in varstudy imports ``analysis``.
 
 The public names below are imported on first use, so ``import varstudy`` (and every command's
 ``--help``) is fast and loads torch only when a name that needs it is touched.

@@ -1,7 +1,7 @@
 """The command-line convention shared by every ``python -m varstudy.*`` command.
 
 NOTE [one convention]: a command is a frozen config dataclass whose fields are declared with
-:func:`option` (a default, a one-line help text, optional choices). :func:`parser_for` turns it
+:func:`option` (a default, a one-line help text, optional choices). :func:`config_parser` turns it
 into an argparse parser with one option per field:
 
 * ``--x/--no-x`` flags for booleans;

@@ -221,7 +221,7 @@ class GlueTask:
 
     @property
     def num_labels(self) -> int:
-        """Outputs of the task's head: 1 for regression, else the number of classes."""
+        """The number of outputs of the task's head (1 for regression, else the number of classes)."""
         return 1 if self.regression else (len(self.label_map) if self.label_map else 2)
 
 

@@ -7,7 +7,7 @@ complete; a crash leaves the old file (or none) and at worst a stray ``.tmp-*`` 
 fsync; a crash may leave a trailing partial line, which :func:`read_chunk` drops. Every OSError
 (no space left, permission denied, ...) becomes a one-line :class:`VarstudyError` naming the file.
 
-All bytes go through :func:`_write`, so tests can inject failures (``OSError(ENOSPC)``) there.
+All bytes go through ``_write``, so tests can inject failures (``OSError(ENOSPC)``) there.
 New files get the mode the user's umask gives any new file (0666 & ~umask), like ``open``.
 
 NOTE [one run per folder]: a command holds :func:`output_lock` on its output folder for the whole

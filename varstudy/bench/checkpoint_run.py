@@ -310,7 +310,7 @@ def prepare(cfg: BenchConfig):
 
 def run(cfg: BenchConfig):
     """Run the benchmark into ``cfg.out`` (module docstring of :mod:`varstudy.bench.checkpoint`);
-    returns (vs_n, vs_ratio, wave, summary, env) for :func:`checkpoint_tables.report`."""
+    returns (vs_n, vs_ratio, wave, summary, env) for :func:`~varstudy.bench.checkpoint_tables.report`."""
     step, params, h0, xs, calibration, parts = prepare(cfg)
     resumed = calibration is not None
     with vio.output_lock(cfg.out, ".checkpoint.lock"), \

@@ -210,6 +210,7 @@ def layer_numbers(frame: pd.DataFrame) -> dict:
 
 
 def layers(run: Run) -> Outcome:
+    """Stage 3: the layer benchmark on the device in float32 and under bf16 and fp16 autocast."""
     from varstudy.bench import layers as bench_layers
     from varstudy.bench.layers_run import execute
 

@@ -130,7 +130,7 @@ def _load(cfg: LayerBenchConfig):
 
 def run(cfg: LayerBenchConfig, parts: Path | None = None, model=None) -> pd.DataFrame:
     """The table; with ``parts`` (a folder), finished work is appended there and skipped.
-    ``model``: the one :func:`_load` returns (loaded here when None)."""
+    ``model``: the one ``_load`` returns (loaded here when None)."""
     model = _load(cfg) if model is None else model
     device = _device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -18,6 +18,7 @@ median; one warm-up each):
   n = B rows leave k = 1-8 sketch rows. The closed form has no
   Monte Carlo error, so "equal CI width" favours naive MC; the sampling variance, which the
   decomposition also returns, is not charged to naive MC either.
+
 Writes ``results/bench/measure.csv`` (quantity, value, unit) and ``measure.json`` (config).
 
 NOTE [resume]: a run works in ``<out>/.bench-measure.staging/`` and its tables replace those in

@@ -36,7 +36,7 @@ at call c + 1 while the original autograd node keeps seed c: the backward pairs 
 from the node's seed) with the recomputed S_{c+1}ᵀX, a wrong gradient, and the counters advance
 twice per step. Revolve and multistage happen to draw right: their forward is untaped (no draw)
 and each layer is re-taped once, at c. To make every strategy exact by construction, each layer
-runs inside a :class:`_Step` that records the counters of its RandomizedLinear modules at its
+runs inside a ``_Step`` that records the counters of its RandomizedLinear modules at its
 first call in the step (where plain autograd draws), rewinds them to those values before every
 later call (Revolve advances, re-tapes, torch's recomputation) and afterwards sets each to the
 larger of its value then and before the call. So every taped run of layer i draws the sketches

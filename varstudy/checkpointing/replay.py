@@ -264,10 +264,11 @@ def _execute_tail(r, tail, base, cur, pos, grads) -> None:
 
 # -- the autograd Function -----------------------------------------------------------------------
 class Scan(torch.autograd.Function):
-    """forward(runner, inputs, *state0, *params) -> (ys, *final_state)."""
+    """``forward(runner, inputs, *state0, *params) -> (ys, *final_state)``."""
 
     @staticmethod
     def forward(ctx, runner, inputs, *tensors):
+        """Run the scan without a tape, storing states by the runner's strategy."""
         r = runner
         r.inputs = inputs
         state0 = tuple(t.detach() for t in tensors[:r.n_state])
@@ -284,6 +285,7 @@ class Scan(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys, *grad_final):
+        """Reverse the scan interval by interval, re-taping each step from its stored state."""
         r = ctx.runner
         grads = Grads(r, grad_ys if r.has_ys else None, grad_final)
         try:

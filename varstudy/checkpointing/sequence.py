@@ -7,7 +7,7 @@ Public API::
     out = checkpointed_sequential(modules, x, strategy="revolve", slots=3)
 
 ``step_fn(state, x_t) -> (new_state, y_t)``; ``state`` is a tensor or a tuple of tensors (LSTM:
-(h, c), each (B, H)); ``inputs`` is (N, *x_shape) and x_t = inputs[t]; ys is (N, *y_shape).
+(h, c), each (B, H)); ``inputs`` is ``(N, *x_shape)`` and ``x_t = inputs[t]``; ys is ``(N, *y_shape)``.
 
 How it works: NOTE [design] in :mod:`~varstudy.checkpointing.replay` (one autograd Function,
 Revolve inside intervals, slow tiers between them), NOTE [parameters] in
@@ -143,8 +143,9 @@ def checkpointed_scan(step_fn, state0, inputs, *, strategy: str = "multistage", 
                       meter: MemoryMeter | None = None, **kw):
     """Scan ``step_fn`` over ``inputs`` with exact gradients in bounded fast memory.
 
-    Args: step_fn(state, x_t) -> (new_state, y_t); state0: tensor (B, H) or tuple of tensors
-    (LSTM (h, c)); inputs: (N, *x_shape); strategy: ``store_all`` | ``revolve`` | ``multistage``;
+    Args: ``step_fn(state, x_t) -> (new_state, y_t)``; state0: tensor (B, H) or tuple of
+    tensors (LSTM (h, c)); inputs: ``(N, *x_shape)``; strategy: ``store_all`` | ``revolve`` |
+    ``multistage``;
     slots: fast checkpoint slots s; interval: slow-tier interval I (None: ceil(T_w / t_f),
     measured); tier: ``host`` | ``disk``; meter: a MemoryMeter receiving fast-tier bytes (wrap
     forward and backward in ``meter.track_saved()`` to add the re-taped steps); params: tensors
@@ -153,7 +154,7 @@ def checkpointed_scan(step_fn, state0, inputs, *, strategy: str = "multistage", 
     added, NOTE [parameters]); config overrides all of these; extra keywords go to
     :class:`ScanConfig` (transfer_delay_s, disk_dir, max_pending, timeout_s, preserve_rng,
     write_fn, device_ops).
-    Returns (ys of shape (N, *y_shape), final state shaped like state0).
+    Returns (ys of shape ``(N, *y_shape)``, final state shaped like state0).
     """
     cfg = config or ScanConfig(strategy=strategy, slots=slots, interval=interval, tier=tier, **kw)
     is_tuple = isinstance(state0, (tuple, list))
@@ -171,7 +172,7 @@ def checkpointed_scan(step_fn, state0, inputs, *, strategy: str = "multistage", 
 def checkpointed_sequential(modules, x, *, strategy: str = "revolve", slots: int = 4,
                             config: ScanConfig | None = None, stats: ScanStats | None = None,
                             meter: MemoryMeter | None = None, **kw):
-    """Apply ``modules`` (a sequence of nn.Module, each (B, *d) -> (B, *d)) to x with
+    """Apply ``modules`` (a sequence of nn.Module, each ``(B, *d) -> (B, *d)``) to x with
     checkpointing; their parameters are the scan's (NOTE [parameters])."""
     modules = list(modules)
     cfg = config or ScanConfig(strategy=strategy, slots=slots, **kw)

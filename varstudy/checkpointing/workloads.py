@@ -54,7 +54,7 @@ def load_imdb(n_reviews: int, seq_len: int, *, seed: int = 0) -> tuple[torch.Ten
 class RNNClassifier(nn.Module):
     """Byte embedding -> GRU/LSTM cell scanned over time -> linear head on the last hidden state.
 
-    forward(tokens (B, L), **scan_kw) -> logits (B, 2); scan_kw go to checkpointed_scan.
+    ``forward(tokens (B, L), **scan_kw) -> logits (B, 2)``; scan_kw go to checkpointed_scan.
     """
 
     def __init__(self, cell: str = "gru", embed: int = 16, hidden: int = 64) -> None:

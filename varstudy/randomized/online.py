@@ -115,8 +115,9 @@ class OnlinePlanner:
     statistics]).
 
     The model is converted already (``randomize``, one family); the planner attaches a tracker
-    to every RandomizedLinear and, at each re-plan, solves :func:`~varstudy.randomized.plan.
-    plan_budget` (absolute objective) at the stored numbers of uniform ``budget`` ρ from the
+    to every RandomizedLinear and, at each re-plan, solves
+    :func:`~varstudy.randomized.plan.plan_budget` (absolute objective) at the stored numbers of
+    uniform ``budget`` ρ from the
     statistics of the steps since the last re-plan, then applies it: each layer gets its ρ, and
     the units the plan keeps exact store X. Call :meth:`step` once per optimizer step;
     :meth:`close` detaches the trackers.
@@ -141,11 +142,13 @@ class OnlinePlanner:
             raise VarstudyError("the model has no RandomizedLinear to re-plan; valid choices: "
                                 "randomize(model, ratio, family) first")
         families = {m.sketch.name for m in self.layers.values()}
-        family = families.pop()
-        if families or family not in ONLINE_FAMILIES:
-            raise VarstudyError("online re-planning needs one family of "
-                                f"{', '.join(ONLINE_FAMILIES)}; the model has "
-                                f"{', '.join(sorted(families | {family}))}")
+        if len(families) > 1 or not families <= set(ONLINE_FAMILIES):
+            raise VarstudyError(
+                f"online re-planning cannot re-plan a model sketched with "
+                f"{', '.join(sorted(families))} (one family whose closed form needs only the "
+                "layer's rows: the live and real-row families need each call's live rows, "
+                "rows-adaptive each row's probability); valid choices: one family of "
+                f"{', '.join(ONLINE_FAMILIES)}, or python -m varstudy.plan on a measure run")
         self.family = next(iter(self.layers.values())).sketch
         self.units = {n: unit_name(n) for n in self.layers}
         self.trackers = {n: LayerTracker(self.family, reference) for n in self.layers}

@@ -22,6 +22,7 @@ tensor (biases are exact under every sketch and left out); model totals are sums
   closed form (sketches.py); :func:`mc_sketch_variance`: the same by Monte Carlo, no model re-run.
 * :func:`paper_quantities`: the seed paper's numbers, computed its way (tokens as samples).
 * :func:`mean_ci`: t-interval over minibatches.
+
 By the law of total variance, Var[ĝ] = E_batch[var_sketch] + Var_batch[g_B] (sketches
 independent of the batch draw).
 """

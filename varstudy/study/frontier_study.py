@@ -18,8 +18,8 @@ Per configuration, one row of ``frontier.csv`` (``FRONTIER_COLUMNS``):
   throughput``: warm-up per configuration, then ``repeats`` rounds each running every
   configuration once in a fresh seeded random order; ``step_ms`` the median over rounds,
   ``time_ratio`` the median of the per-round ratios to exact (load drift cancels round by round);
-* added gradient variance: the sketch variance of the engine (:func:`~varstudy.measure.engine.
-  measure_now`, closed forms, finite-population correction with N = the training split) on
+* added gradient variance: the sketch variance of the engine (
+  :func:`~varstudy.measure.engine.measure_now`, closed forms, finite-population correction with N = the training split) on
   ``num_batches`` held-out minibatches of the same shape, by scope (``encoder``, ``head``,
   ``all``): ``var_sketch_<scope>`` and ``var_sampling_<scope>`` (means over minibatches of the
   sums over the scope's layers) and ``var_ratio_<scope>`` = their quotient (Σ sketch / Σ
