@@ -115,7 +115,8 @@ def monte_carlo(model, setup, batches, sampling: dict, checkpointed: Callable) -
 
 
 def scope_columns(scopes: pd.DataFrame, source: str) -> dict:
-    """var_sketch_/var_sampling_/var_ratio_<scope> from scope_summary rows of one sketch."""
+    """``var_sketch_``/``var_sampling_``/``var_ratio_<scope>`` from scope_summary rows of one
+    sketch."""
     by = scopes.set_index("scope")
     cols = {}
     for s in SCOPES:
