@@ -1,5 +1,6 @@
 """One command-line convention (varstudy.cli): every command's options are documented,
-booleans are flags, ``--help`` imports no heavy library, and the README's commands parse."""
+booleans are flags, ``--help`` imports no heavy library, and the commands of the README and of
+the documentation site (docs/) parse."""
 
 import argparse
 import dataclasses
@@ -87,10 +88,15 @@ def test_names_mirror_the_registries():
     assert names.SCOPES == SCOPES
 
 
+DOC_PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").rglob("*.md")
+                                          if "_build" not in p.parts)]
+
+
 def _readme_commands():
-    """Every ``python -m varstudy...`` command in the README's code blocks (also after ``&&``)."""
+    """Every ``python -m varstudy...`` command in the code blocks of the README and of the docs
+    pages (also after ``&&``)."""
     found, inside = [], False
-    text = (ROOT / "README.md").read_text().replace("\\\n", "")  # as bash joins continued lines
+    text = "\n".join(p.read_text() for p in DOC_PAGES).replace("\\\n", "")  # bash joins lines
     for line in text.splitlines():
         if line.lstrip().startswith("```"):
             inside = not inside
@@ -152,9 +158,9 @@ def test_usage_errors_are_one_line_with_valid_choices(capsys):
 
 
 def test_readme_layout_block_matches_the_tree():
-    """Every module of varstudy/ and analysis/ is named in the README's layout block, and every
-    folder the block names exists."""
-    text = (ROOT / "README.md").read_text()
+    """Every module of varstudy/ and analysis/ is named in the layout block of the docs'
+    contributing page, and every folder the block names exists."""
+    text = (ROOT / "docs" / "contributing.md").read_text()
     block = text[text.index("```\nvarstudy/"):]
     block = block[:block.index("```", 4)]
     words = set(re.findall(r"[A-Za-z_]+", block))
