@@ -15,6 +15,11 @@ Writes the plan (per layer: ratio ρ_l or "exact", rows k at the run's n, predic
 bytes. Use a plan with ``randomize(model, plan="plan.json")``, ``python -m varstudy.finetune
 --plan plan.json`` or ``python -m varstudy.measure --plan plan.json``. A plan is stated as ρ per
 layer: at another batch shape a layer keeps k = round(ρ_l · n) rows (NOTE [integer rows]).
+
+``rows-live`` and ``rows-adaptive`` draw among a layer's live rows and store a first-token
+layer's B rows exactly once k ≥ B (NOTE [live rows] in varstudy.randomized.plan): their stats
+come from the run's ``live_rows``, ``first_token`` and ``var_sketch_one_row`` columns
+(:func:`live_stats`), and such a layer is costed at min(k, B) rows.
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ from varstudy import cli
 from varstudy.cli import option
 from varstudy.errors import VarstudyError
 from varstudy.names import SKETCH_NAMES
+from varstudy.randomized.planfile import VARIANCE_MODELS
 
 PROG = "python -m varstudy.plan"
 OBJECTIVES = ("absolute", "relative")
-# rows-wor-real's variance depends on the real rows m, which layers.csv does not hold
-PLAN_FAMILIES = tuple(f for f in SKETCH_NAMES
-                      if f not in ("rows-wor-real", "rows-live", "rows-adaptive"))
+PLAN_FAMILIES = tuple(f for f in SKETCH_NAMES if f in VARIANCE_MODELS)
+LIVE_FAMILIES = ("rows-live", "rows-adaptive")  # stats from the live-row columns (live_stats)
+LIVE_COLUMNS = ("live_rows", "first_token", "var_sketch_one_row")
 DESCRIPTION = ("Per-layer sketch sizes that spend the memory where the variance is: from a measure "
                "run, the fewest sketch variance within a byte budget, or the fewest bytes within "
                "a variance target; writes plan.json and prints it against uniform ratios.")
@@ -166,12 +172,14 @@ def equal_bytes_uniform(stats, family: str, stored: float, min_rows: int = 1):
     return P.uniform(stats, family, hi, min_rows=min_rows)
 
 
-def unit_name(layer: str) -> str:
+def unit_name(layer: str, first_token: bool = False) -> str:
     """Storage unit of a linear layer: Q, K and V of one attention block share ``<block>.qkv``
-    (they read one tensor, NOTE [shared sketches] in varstudy.randomized.layers); others are their own."""
+    (they read one tensor, NOTE [shared sketches] in varstudy.randomized.layers); others are their
+    own, and so is a first-token layer under rows-live / rows-adaptive (``first_token``: it draws
+    among other rows than its siblings, so it shares no sketch with them)."""
     from varstudy.roles import layer_kind
 
-    if layer_kind(layer) in ("query", "key", "value"):
+    if layer_kind(layer) in ("query", "key", "value") and not first_token:
         return layer.rpartition(".")[0] + ".qkv"
     return layer
 
@@ -194,6 +202,14 @@ def stats_from_layers(layers, family: str, train_step: int | None = None) -> lis
     if missing:
         raise VarstudyError(f"layers table lacks column(s) {', '.join(missing)}; valid choices: "
                             "a layers.csv written by python -m varstudy.measure")
+    if family not in PLAN_FAMILIES:
+        raise VarstudyError(f"cannot plan family {family!r}; valid choices: "
+                            f"{', '.join(PLAN_FAMILIES)}")
+    missing = sorted(set(LIVE_COLUMNS) - set(layers.columns)) if family in LIVE_FAMILIES else []
+    if missing:
+        raise VarstudyError(f"layers table lacks column(s) {', '.join(missing)}, which a plan of "
+                            f"{family} needs; valid choices: a layers.csv written by this "
+                            "version of python -m varstudy.measure (rerun the measurement)")
     if family not in set(layers.family):
         raise VarstudyError(f"family {family!r} was not measured in this run; valid choices: "
                             f"{', '.join(sorted(set(layers.family)))}")
@@ -207,6 +223,9 @@ def stats_from_layers(layers, family: str, train_step: int | None = None) -> lis
     out = []
     for name, g in rows.groupby("layer", sort=False):
         g = g[g.ratio == g.ratio.min()]
+        if family in LIVE_FAMILIES:
+            out.append(live_stats(name, g, family))
+            continue
         k, n, var = (g[c].to_numpy(dtype=float) for c in ("k", "n_rows", "var_sketch"))
         if family == "rows-wor":
             c = np.where(k < n, var * k / np.maximum(n - k, 1), 0.0)
@@ -215,6 +234,45 @@ def stats_from_layers(layers, family: str, train_step: int | None = None) -> lis
         out.append(LayerStats(name, unit_name(name), int(g.d_in.iloc[0]), float(n.mean()),
                               float(c.mean()), float(g.var_sampling.mean())))
     return out
+
+
+def live_stats(name: str, g, family: str):
+    """LayerStats of one layer under rows-live or rows-adaptive from its rows ``g`` (one per
+    batch) of layers.csv (NOTE [live rows] in varstudy.randomized.plan), with c_b =
+    var_sketch_one_row and m_b = live_rows of batch b:
+
+    * rows-live: V_b(k) = c_b·(m_b/k − 1)/(m_b − 1) for k < m_b, 0 from k = m_b on (the
+      rows-wor-real form over the live rows). Planned as C·(m/k − 1) over m = mean_b m_b with
+      C = mean_b[c_b·m_b/(m_b − 1)]/m: exactly the mean variance for k ≤ min_b m_b when every
+      batch has the same live rows (no padding, or a first-token layer: m_b = B); with padding
+      that varies, the 1/k term is exact and the offset C approximates mean_b[c_b/(m_b − 1)].
+    * rows-adaptive: V_b(k) = c_b/k (with replacement, c_b = Σ_live p_l/q_l − a), planned as
+      C·n/k with C = mean_b c_b/n, n the layer's rows; a first-token layer over m = B rows.
+    """
+    import numpy as np
+
+    from varstudy.randomized.plan import VARIANCE_STATE, LayerStats
+
+    flags, m, c1, n = (g[c].astype("float64").to_numpy() for c in (
+        "first_token", "live_rows", "var_sketch_one_row", "n_rows"))
+    values = np.concatenate([flags, m, c1])
+    if not np.isfinite(values).all() or (c1 < 0).any() or (m < 1).any() or (m > n).any():
+        raise VarstudyError(f"layer {name} has no usable live_rows / first_token / "
+                            f"var_sketch_one_row for {family} (missing, negative or more live "
+                            "rows than rows); valid choices: a layers.csv written by this "
+                            "version of python -m varstudy.measure with that family")
+    first = bool(flags.max() > 0)
+    v = float(g.var_sampling.mean())
+    d = int(g.d_in.iloc[0])
+    state = VARIANCE_STATE[family]
+    if family == "rows-live":
+        live = float(m.mean())
+        c = float(np.where(m > 1, c1 * m / np.maximum(m - 1, 1), 0.0).mean()) / live
+        return LayerStats(name, unit_name(name, first), d, float(n.mean()), c, v, m=live,
+                          first_token=first, state=state)
+    rows = float(m.mean()) if first else float(n.mean())
+    return LayerStats(name, unit_name(name, first), d, float(n.mean()), float(c1.mean()) / rows,
+                      v, m=rows if first else None, first_token=first, state=state)
 
 
 def _check_numbers(rows) -> None:
@@ -236,7 +294,9 @@ def _check_numbers(rows) -> None:
 
 def to_json(plan, layers, **extra) -> dict:
     """A plan as a JSON-ready dict: ``family``, ``layers`` {name: {ratio | "exact", k, unit,
-    n, d, var_sketch, var_sampling}}, totals and ``extra`` (provenance)."""
+    n, d, var_sketch, var_sampling}, and for rows-live / rows-adaptive m (the rows that hold
+    its gradient, NOTE [live rows] in varstudy.randomized.plan) and first_token}, totals and
+    ``extra`` (provenance)."""
     by = {s.name: s for s in layers}
     return dict(
         family=plan.family, **plan.meta, **extra,
@@ -244,8 +304,13 @@ def to_json(plan, layers, **extra) -> dict:
                    stored_numbers=plan.total_stored,
                    var_sampling=float(sum(s.v for s in layers))),
         layers={name: dict(ratio=r, k=plan.k[name], unit=by[name].unit, n=by[name].n,
-                           d=by[name].d, var_sketch=plan.var[name], var_sampling=by[name].v)
+                           d=by[name].d, var_sketch=plan.var[name], var_sampling=by[name].v,
+                           **_live_fields(plan.family, by[name]))
                 for name, r in plan.ratios.items()})
+
+
+def _live_fields(family: str, s) -> dict:
+    return dict(m=s.m, first_token=s.first_token) if family in LIVE_FAMILIES else {}
 
 
 def report(plan, uniform, stats) -> str:

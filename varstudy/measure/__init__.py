@@ -50,7 +50,13 @@ layers.csv, one row per (train_step, batch, layer, family, ratio):
   var_sketch_mc_se (Monte Carlo mean and SE; NaN when not drawn), mc_draws (0 when not drawn),
   alpha (a/s), paper_ratio ((s−a)/(n·p−a)), paper_bound ((α+1)/α), paper_ratio_plotted,
   paper_bound_plotted (1+α, the inverted-α figure), ratio_sketch_sampling (var_sketch /
-  var_sampling). Model rows: d_in, d_out, n_rows, k NaN; variances summed; alpha = Σa/Σs,
+  var_sampling); live_rows (the rows rows-live and rows-adaptive draw among: real, and at
+  position 0 in a first-token layer; NA for the other families), first_token (1 when the
+  one-time probe, NOTE [first-token layers] in varstudy.randomized.support, found the layer
+  first-token only, else 0; NA when no such family was measured, so the probe did not run),
+  var_sketch_one_row (rows-live / rows-adaptive: the variance with one sampled row, the
+  constant ``python -m varstudy.plan`` models their variance in k from, also where the layer
+  stores its rows exactly; NaN for the others). Model rows: d_in, d_out, n_rows, k NaN; variances summed; alpha = Σa/Σs,
   paper_ratio = Σ(s−a)/Σ(n·p−a); var_sketch_mc only when every layer was drawn.
 summary.csv, one row per (train_step, layer incl. "model", family, ratio):
   train_step, layer, layer_kind, layer_index, family, ratio, k, n_batches,

@@ -18,7 +18,7 @@ LAYER_COLUMNS = (
     "n_rows", "family", "ratio", "k", "grad_sq_norm", "var_sampling", "var_sketch",
     "var_sketch_mc", "var_sketch_mc_se", "mc_draws", "alpha", "paper_ratio", "paper_bound",
     "paper_ratio_plotted", "paper_bound_plotted", "ratio_sketch_sampling", "var_limit",
-    "var_limit_split", "rows_y_zero")
+    "var_limit_split", "rows_y_zero", "live_rows", "first_token", "var_sketch_one_row")
 SUMMARY_COLUMNS = (
     "train_step", "layer", "layer_kind", "layer_index", "family", "ratio", "k", "n_batches",
     "var_sketch_mean", "var_sketch_ci_low", "var_sketch_ci_high", "var_sampling_mean",
@@ -32,7 +32,7 @@ SCOPE_COLUMNS = (
     "layer_ratio_q1", "layer_ratio_median", "layer_ratio_q3", "layer_ratio_max", "var_limit_mean",
     "var_limit_split_mean", "limit_ratio_median")
 INT_COLUMNS = ("train_step", "batch", "layer_index", "d_in", "d_out", "batch_size", "n_rows", "k",
-               "mc_draws", "rows_y_zero")  # nullable integers (NA on model rows)
+               "mc_draws", "rows_y_zero", "live_rows", "first_token")  # nullable (NA on model rows)
 TRAIN_BATCH = 2**32  # batch key of training minibatches in derive_seed
 NOT_COMPARED = ("progress", "resume", "out", "num_threads")  # a resumed run may change these
 

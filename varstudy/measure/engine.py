@@ -58,15 +58,16 @@ def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: 
     ks = {ratio: rows_for(m.n, ratio if planned is None else planned if planned != "exact"
                           else 1.0, cfg.min_rows) for ratio in cfg.ratios}
     limit = limit_columns(x, y, grad, ks.values())
-    live = live_rows(name, x, y, mask, informed) if wanted(cfg.families) else None
+    probed = wanted(cfg.families)
+    live = live_rows(name, x, y, mask, informed) if probed else None
     for ratio, k in ks.items():
         paper = V.paper_quantities(m, k)
         for fam in cfg.families:
-            stored, mask_mc, sketch = k, row_mask, fam
+            stored, mask_mc, sketch, one_row = k, row_mask, fam, math.nan
             if planned == "exact":
                 var = 0.0
             elif fam in STRUCTURE_FAMILIES:
-                var, stored, sketch = structured(fam, name, m, k, x, y, live, informed)
+                var, stored, sketch, one_row = structured(fam, name, m, k, x, y, live, informed)
                 mask_mc = live
             else:
                 var = V.closed_form(fam, m, k)
@@ -79,7 +80,10 @@ def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: 
             rows.append(dict(base, family=fam, ratio=ratio, k=stored, var_sketch=var,
                              var_sketch_mc=mc_mean, var_sketch_mc_se=mc_se,
                              mc_draws=cfg.mc_draws if mc else 0, **paper,
-                             ratio_sketch_sampling=_div(var, sampling.var_batch), **limit[k]))
+                             ratio_sketch_sampling=_div(var, sampling.var_batch), **limit[k],
+                             live_rows=int(live.sum()) if fam in STRUCTURE_FAMILIES else None,
+                             first_token=int(name in informed.first_token) if probed else None,
+                             var_sketch_one_row=one_row))
     return rows
 
 
@@ -192,7 +196,7 @@ def informed_for(model, encoded: dict, cfg: MeasureConfig, names: list[str], ste
     if not wanted(cfg.families):
         return None
     informed = Informed(frozenset(first_token))
-    if "rows-adaptive" in cfg.families and not cfg.plan:
+    if "rows-adaptive" in cfg.families:  # a plan of rows-adaptive: its profile as well
         warm = [capture_batch(model, encoded, cfg, names, step, w, tag=WARM_TAG)
                 for w in range(WARM_BATCHES)]
         informed.profiles = profiles([c for c, _ in warm], names, [m for _, m in warm],

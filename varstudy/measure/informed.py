@@ -80,20 +80,28 @@ def limit_columns(x: Tensor, y: Tensor, grad, ks) -> dict[int, dict]:
 
 def structured(fam: str, name: str, m, k: int, x: Tensor, y: Tensor, live: Tensor,
                informed: Informed):
-    """(variance, stored rows, sketch instance for Monte Carlo) of a structure-aware family at
-    nominal k: a first-token layer with B <= k stores its B live rows exactly."""
+    """(variance, stored rows, sketch instance for Monte Carlo, variance with one sampled row)
+    of a structure-aware family at nominal k: a first-token layer with B <= k stores its B live
+    rows exactly. The last is the family's constant c of the batch (rows-live: V = c·(m/k' −
+    1)/(m − 1); rows-adaptive: V = c/k), also where the layer stores its rows exactly: what
+    ``python -m varstudy.plan`` models V(k) from (column ``var_sketch_one_row``)."""
     import dataclasses
 
     from varstudy.randomized import variance as V
 
-    if name in informed.first_token and x.dim() == 3 and x.shape[0] <= k:
-        return 0.0, x.shape[0], SKETCHES["rows-live"]
+    exact = name in informed.first_token and x.dim() == 3 and x.shape[0] <= k
     xf, yf = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     if fam == "rows-live":
         mm = dataclasses.replace(m, real=int(live.sum()))
-        return V.closed_form("rows-live", mm, k), k, SKETCHES["rows-live"]
+        one = V.closed_form("rows-live", mm, 1)
+        if exact:
+            return 0.0, x.shape[0], SKETCHES["rows-live"], one
+        return V.closed_form("rows-live", mm, k), k, SKETCHES["rows-live"], one
     sketch = RowsAdaptive(stats=profile_stats(informed.profiles.get(name)))
-    return float(sketch.variance(xf, yf, k, live)), k, sketch
+    one = float(sketch.variance(xf, yf, 1, live))
+    if exact:
+        return 0.0, x.shape[0], SKETCHES["rows-live"], one
+    return float(sketch.variance(xf, yf, k, live)), k, sketch, one
 
 
 def profile_stats(profile: Tensor | None) -> RowStats:

@@ -22,7 +22,9 @@ so autograd keeps ρ·X once instead of 3ρ·X. Sharing holds only among the sib
 forward pass: the entry records which layers have used it, each layer uses an entry at most once,
 and a layer that meets an entry it already used (the same tensor fed again: a reused batch, fixed
 features, a layer applied twice) draws a fresh sketch from its own seed and replaces the entry.
-Siblings use the seed of the layer that drew the entry. The cache references the input only
+Siblings use the seed of the layer that drew the entry. A first-token layer of ``rows-live`` or
+``rows-adaptive`` draws among its first-token rows only, which would bias a sibling's estimate,
+so it never shares (varstudy.randomized.informed). The cache references the input only
 weakly and drops its entry when the input dies; ``reseed`` empties it, so a reseeded model
 repeats the gradients of a fresh conversion with that seed.
 
@@ -248,6 +250,8 @@ class RandomizedLinear(nn.Linear):
         seed = derive_seed(self.seed, self.layer_id, self.calls)
         self.calls += 1
         cache = self.cache
+        if self.first_token and getattr(sketch, "uses_structure", False):
+            cache = None  # it draws among position 0 only: a sibling reusing that is biased
         hit = None if cache is None else cache.get(x, sketch, k, flat.dtype, id(self))
         if hit is not None:
             return hit

@@ -145,9 +145,9 @@ class OnlinePlanner:
         if len(families) > 1 or not families <= set(ONLINE_FAMILIES):
             raise VarstudyError(
                 f"online re-planning cannot re-plan a model sketched with "
-                f"{', '.join(sorted(families))} (one family whose closed form needs only the "
-                "layer's rows: the live and real-row families need each call's live rows, "
-                "rows-adaptive each row's probability); valid choices: one family of "
+                f"{', '.join(sorted(families))}: it needs one family whose closed form reads "
+                "only the layer's rows (the live and real-row families also need each call's "
+                "live rows, rows-adaptive each row's probability); valid choices: one family of "
                 f"{', '.join(ONLINE_FAMILIES)}, or python -m varstudy.plan on a measure run")
         self.family = next(iter(self.layers.values())).sketch
         self.units = {n: unit_name(n) for n in self.layers}

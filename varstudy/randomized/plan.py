@@ -3,13 +3,15 @@
 A randomized layer l that keeps a fraction ρ_l of its n_l input rows stores ρ_l·n_l·d_l numbers
 and adds, averaged over minibatches, the sketch variance (closed forms, ARCHITECTURE.md)
 
-    V_l(ρ) = C_l / ρ            every family but rows-wor   (C_l = E_batch[c_l / n]),
-    V_l(ρ) = C_l · (1/ρ − 1)    rows-wor                    (C_l = E_batch[c_l / (n − 1)]),
+    V_l(ρ) = C_l / ρ            "inverse" families          (C_l = E_batch[c_l / n]),
+    V_l(ρ) = C_l · (1/ρ − 1)    rows-wor, rows-live ("wor") (C_l = E_batch[c_l / (n − 1)]),
 
 with c_l the family's constant for one batch (gaussian s + a, rows n·p − a, ...; the variance of
-k rows is c_l/k). Layers that read one tensor (Q, K, V) share one stored sketch: they form one
-**unit** with one ρ. A unit may also be **exact** (X stored, n_l·d_l numbers, no sketch
-variance); for every family but rows-wor, ρ = 1 still has variance C/1, so exact dominates it.
+k rows is c_l/k; ``planfile.VARIANCE_MODELS`` names each family's form; rows-live and
+rows-adaptive over their live rows: NOTE [live rows]). Layers that read one tensor (Q, K, V)
+share one stored sketch: they form one **unit** with one ρ. A unit may also be **exact** (X
+stored, n_l·d_l numbers, no sketch variance); for the "inverse" families ρ = 1 still has
+variance C/1, so exact dominates it.
 
 Problems (all in float64, bytes counted in stored numbers; multiply by the itemsize for bytes):
 
@@ -39,6 +41,21 @@ Given ``uniform_ratio``, uniform ρ's own rounding is a third candidate, so a pl
 bytes is never worse than uniform (at small n the rounded plan could be). The mean n may be
 fractional (dynamic padding): k never exceeds it (the last step adds part of a row), so ρ ≤ 1.
 Predictions use the rounded k.
+
+NOTE [live rows]: ``rows-live`` and ``rows-adaptive`` (:mod:`varstudy.randomized.informed`) draw
+only among a layer's live rows, and a first-token layer (NOTE [first-token layers] in
+:mod:`varstudy.randomized.support`) stores its m = B live rows exactly once k ≥ B. Such a layer
+carries ``m`` (:class:`LayerStats`): the rows where more rows buy nothing. The solver then works
+on m rows (ρ = k/m, bytes m·d at ρ = 1, where the unit counts as exact: variance 0, m rows
+stored, not the n rows of an exact input), and the plan states the ratio at the layer's own n
+rows, k/n; a first-token unit at m gets ρ = 1 (whatever n, the layer stores its B rows, also
+under dynamic padding), any other unit at m gets m/n, or "exact" where m = n (no index kept). ``rows-live`` gives every layer m (its
+live rows, which the sampler never exceeds: variance 0 at k ≥ m, (NOTE [solution]'s) "wor"
+form over m rows), ``rows-adaptive`` (with replacement, "inverse" form) only its first-token
+layers. Uniform ρ keeps k = rows_for(n, ρ) rows, min(k, m) of them stored. A kept row also
+stores its state (``LayerStats.state``, float32 numbers: the int64 index of rows-live and
+rows-adaptive, rows-adaptive's float32 scale); a unit at m stores rows-live's index only. Not
+counted: a few bytes per unit (rows-live's one scale) and rows-adaptive's B·L-byte live mask.
 """
 
 from __future__ import annotations
@@ -50,9 +67,13 @@ from typing import Sequence
 import numpy as np
 
 from varstudy.errors import VarstudyError
-from varstudy.randomized.planfile import EXACT, check_plan_layers, load_plan  # noqa: F401
+from varstudy.randomized.planfile import (EXACT, VARIANCE_MODELS, check_plan_layers,  # noqa: F401
+                                          load_plan)
 
 OBJECTIVES = ("absolute", "relative")
+# Stored numbers per kept row besides its d values (NOTE [live rows]): an int64 index is two
+# float32 numbers, rows-adaptive's float32 scale one more.
+VARIANCE_STATE = {"rows-live": 2.0, "rows-adaptive": 3.0}
 
 
 @dataclass(frozen=True)
@@ -62,6 +83,9 @@ class LayerStats:
     name: module name; unit: name of its storage unit (Q/K/V of one attention block share one);
     d: input width d_in; n: mean token rows it sees per batch; c: C_l of the chosen family
     (module docstring); v: its sampling variance Var[g_B] (same units as the variances).
+    m: the rows at which more rows buy nothing (NOTE [live rows]; None: n, the exact input),
+    with C_l then stated over m rows (V = C·m/k or C·(m/k − 1)); first_token: a first-token
+    layer (ρ = 1 where it keeps m rows); state: stored numbers per kept row besides its d.
     """
 
     name: str
@@ -70,6 +94,9 @@ class LayerStats:
     n: float
     c: float
     v: float
+    m: float | None = None
+    first_token: bool = False
+    state: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,10 +137,13 @@ class Plan:
 class _Units:
     names: list[str]
     members: list[list[LayerStats]]
-    d: np.ndarray        # D_u = d_u · n̄_u, stored numbers at ρ = 1
+    d: np.ndarray        # D_u = (d_u + state_u) · n̄_u, stored numbers at ρ = 1
     lo: np.ndarray       # ρ_min,u
-    n: np.ndarray        # reference rows n_u
+    n: np.ndarray        # reference rows n_u (m_u where given: NOTE [live rows])
     wor: bool
+    rows: np.ndarray     # the layers' own token rows (= n without m)
+    capped: np.ndarray   # bool: n is m (NOTE [live rows])
+    first: np.ndarray    # bool: a first-token unit
 
     def weights(self, objective: str) -> np.ndarray:
         if objective == "absolute":
@@ -127,24 +157,32 @@ class _Units:
 
 
 def _units(layers: Sequence[LayerStats], family: str, min_rows: int) -> _Units:
+    if family not in VARIANCE_MODELS:
+        raise VarstudyError(f"no variance model to plan family {family!r} with; valid choices: "
+                            f"{', '.join(VARIANCE_MODELS)}")
     if not layers:
         raise VarstudyError("no layers to plan; valid choices: a measure run with linear layers")
     groups: dict[str, list[LayerStats]] = {}
     for s in layers:
+        m = s.n if s.m is None else s.m
         if not (0 <= s.c < math.inf and 0 <= s.v < math.inf and 1 <= s.n < math.inf
-                and s.d >= 1):
+                and s.d >= 1 and 1 <= m <= s.n and 0 <= s.state < math.inf):
             raise VarstudyError(f"layer {s.name} has c={s.c!r}, v={s.v!r}, n={s.n!r}, "
-                                f"d={s.d!r}; valid: finite variances c, v >= 0, rows n >= 1, "
-                                "width d >= 1")
+                                f"d={s.d!r}, m={s.m!r}, state={s.state!r}; valid: finite "
+                                "variances c, v >= 0, rows 1 <= m <= n, width d >= 1, state >= 0")
         groups.setdefault(s.unit, []).append(s)
     for unit, members in groups.items():
-        if len({(m.d, m.n) for m in members}) > 1:
+        if len({(m.d, m.n, m.m, m.first_token, m.state) for m in members}) > 1:
             raise VarstudyError(f"layers of unit {unit!r} disagree on input width or rows; "
                                 "valid choices: units of layers that read one tensor")
     members = list(groups.values())
-    n = np.array([m[0].n for m in members], dtype=float)
-    return _Units(list(groups), members, np.array([m[0].d * m[0].n for m in members]),
-                  np.minimum(min_rows / n, 1.0), n, family == "rows-wor")
+    heads = [m[0] for m in members]
+    n = np.array([s.n if s.m is None else s.m for s in heads], dtype=float)
+    return _Units(list(groups), members, np.array([(s.d + s.state) for s in heads]) * n,
+                  np.minimum(min_rows / n, 1.0), n, VARIANCE_MODELS[family] == "wor",
+                  np.array([s.n for s in heads], dtype=float),
+                  np.array([s.m is not None for s in heads]),
+                  np.array([s.first_token for s in heads]))
 
 
 def _rho_for(a: np.ndarray, d: np.ndarray, lo: np.ndarray, lam: float) -> np.ndarray:
@@ -258,7 +296,8 @@ def plan_budget(layers: Sequence[LayerStats], family: str, budget: float, *,
                                exact2)
     if uniform_ratio is not None:
         ku = _uniform_k(u, uniform_ratio, min_rows)
-        if float((ku * u.d / u.n).sum()) <= budget * (1 + 1e-12):
+        fits = _plan(layers, u, family, ku, np.zeros(len(ku), dtype=bool), {}).total_stored
+        if fits <= budget * (1 + 1e-12):
             candidates["uniform"] = (ku, np.zeros(len(ku), dtype=bool))
     # the first of the least objective: the solver's rounding wins ties
     best = min(candidates, key=lambda c: _objective(u, a, *candidates[c]))
@@ -300,10 +339,11 @@ def uniform(layers: Sequence[LayerStats], family: str, ratio: float, *,
 
 
 def _uniform_k(u: _Units, ratio: float, min_rows: int) -> np.ndarray:
-    """k = rows_for(round(n), ρ) per unit, at most the (possibly fractional) mean rows n."""
+    """k = rows_for(round(n), ρ) per unit at its own rows n, at most the (possibly fractional)
+    mean rows, and at most m where given (NOTE [live rows])."""
     from varstudy.randomized.sketches import rows_for
 
-    return np.minimum([rows_for(int(round(n)), ratio, min_rows) for n in u.n], u.n)
+    return np.minimum([rows_for(int(round(n)), ratio, min_rows) for n in u.rows], u.n)
 
 
 def _solve_target(u: _Units, a: np.ndarray, cap: float, exact: np.ndarray):
@@ -404,12 +444,20 @@ def _plan(layers, u: _Units, family: str, k: np.ndarray, exact: np.ndarray, meta
     ratios, ks, var, stored = {}, {}, {}, {}
     k = np.minimum(k, u.n)  # ρ ≤ 1 also at a fractional mean n (NOTE [integer rows])
     exact = exact | (k >= u.n) if not u.wor else exact
+    exact = exact | (u.capped & (k >= u.n))  # NOTE [live rows]: m rows hold the gradient
     for i, members in enumerate(u.members):
         for j, s in enumerate(members):
-            ks[s.name] = int(round(u.n[i] if exact[i] else k[i]))
-            ratios[s.name] = EXACT if exact[i] else float(k[i] / u.n[i])
+            kept = u.n[i] if exact[i] else k[i]
+            ks[s.name] = int(round(kept))
+            if exact[i] and u.capped[i] and (u.first[i] or kept < u.rows[i]):
+                # the layer keeps its m rows (rows-live's path); m = n: the exact input is less
+                ratios[s.name] = 1.0 if u.first[i] else float(min(1.0, kept / u.rows[i]))
+                width = s.d + VARIANCE_STATE["rows-live"]
+            else:
+                ratios[s.name] = EXACT if exact[i] else float(kept / u.rows[i])
+                width = s.d if exact[i] else s.d + s.state
             single = replace(u, members=[[s]], d=u.d[i:i + 1], lo=u.lo[i:i + 1], n=u.n[i:i + 1])
             var[s.name] = 0.0 if exact[i] else float(_k_var(single, np.array([s.c]),
                                                             k[i:i + 1])[0])
-            stored[s.name] = float(u.n[i] if exact[i] else k[i]) * s.d if j == 0 else 0.0
+            stored[s.name] = float(kept) * width if j == 0 else 0.0
     return Plan(family, ratios, ks, var, stored, meta)

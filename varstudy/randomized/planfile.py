@@ -18,6 +18,14 @@ from varstudy.errors import VarstudyError
 
 EXACT = "exact"
 SHOWN = 6  # layer names listed in an error, then a count
+# The families ``python -m varstudy.plan`` can plan, each with how its sketch variance falls
+# with the rows k a layer keeps (varstudy.randomized.plan): "inverse" V = C/ρ, "wor" (without
+# replacement) V = C·(1/ρ − 1) over the rows it draws among. rows-wor-real is left out: its
+# variance is over the real rows m, which layers.csv holds for rows-live and rows-adaptive only.
+VARIANCE_MODELS = {"gaussian": "inverse", "rademacher": "inverse", "countsketch": "inverse",
+                   "srht": "inverse", "rows": "inverse", "rows-wor": "wor",
+                   "rows-norm": "inverse", "rows-real": "inverse", "rows-live": "wor",
+                   "rows-adaptive": "inverse"}
 
 
 def load_plan(source) -> tuple[str, dict[str, float | str], float | None]:
