@@ -55,7 +55,7 @@ def _num_examples(encoded: dict[str, torch.Tensor]) -> int:
 
 def minibatches(
     encoded: dict[str, torch.Tensor], batch_size: int, *, generator: torch.Generator,
-    num_batches: int | None = None, drop_last: bool = True,
+    num_batches: int | None = None, drop_last: bool = True, with_ids: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Random minibatches, sampled without replacement within each epoch.
 
@@ -71,6 +71,8 @@ def minibatches(
         generator: the only source of randomness (same state -> same batches).
         num_batches: how many to yield, continuing into new epochs; None: one epoch.
         drop_last: skip the last, smaller batch of an epoch.
+        with_ids: add the examples' indices into ``encoded`` as ``example_ids`` (B,), for
+            samplers with a per-example cache (varstudy.randomized.wtacrs); the draws are the same.
 
     Yields:
         dicts with the keys of ``encoded``, each tensor (B, ...).
@@ -91,7 +93,8 @@ def minibatches(
             if produced == total:
                 return
             idx = order[start:start + batch_size]
-            yield {k: v[idx] for k, v in encoded.items()}
+            batch = {k: v[idx] for k, v in encoded.items()}
+            yield {**batch, "example_ids": idx} if with_ids else batch
             produced += 1
 
 

@@ -7,11 +7,13 @@ that they agree): sketch families (``randomized.sketches.SKETCHES``), datasets
 
 # The families that need nothing but the layer input; the row-real ones also read the attention
 # mask (NOTE [real rows] in varstudy.randomized.sketches), rows-live and rows-adaptive also the
-# model's first-token layers and earlier backward passes (varstudy.randomized.informed).
+# model's first-token layers and earlier backward passes (varstudy.randomized.informed), wta-crs
+# the minibatch's dataset indices (varstudy.randomized.wtacrs).
 # Defaults evaluate the base ones.
 BASE_SKETCH_NAMES = ("gaussian", "rademacher", "countsketch", "srht", "rows", "rows-wor",
                      "rows-norm")
-SKETCH_NAMES = (*BASE_SKETCH_NAMES, "rows-real", "rows-wor-real", "rows-live", "rows-adaptive")
+SKETCH_NAMES = (*BASE_SKETCH_NAMES, "rows-real", "rows-wor-real", "rows-live", "rows-adaptive",
+                "wta-crs")
 GLUE_TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 DATASET_NAMES = ("rotten_tomatoes", "imdb", "synthetic",
                  *(f"glue:{task}" for task in GLUE_TASK_NAMES))

@@ -13,14 +13,15 @@ from torch import nn
 from varstudy import cli
 from varstudy import io as vio
 from varstudy.finetune.config import FinetuneConfig, run_name
+from varstudy.randomized.wtacrs import cache_bytes
 
 MIB = 2**20
 STEP_COLUMNS = ("step", "loss", "lr", "time_s")
 EVAL_COLUMNS = ("step", "metric", "value")
 # Resolved-config keys left out of run.csv (and so of the study's runs.csv, whose columns stay
 # as they were): lists, options that do not change the results, and extras of config.json.
-NOT_IN_RUN = ("converted", "betas", "progress", "resume", "checkpoint_every", "plan", "threads",
-              "save_model", "replan_every", "replan_check")
+NOT_IN_RUN = ("converted", "host_cache_mib", "betas", "progress", "resume", "checkpoint_every",
+              "plan", "threads", "save_model", "replan_every", "replan_check")
 
 
 @dataclass
@@ -49,7 +50,8 @@ def run_tables(config: FinetuneConfig, setup, steps: list, evals: list, memory,
                 "warmup_steps": math.ceil(config.warmup * setup.total_steps),
                 "n_train": len(setup.train["labels"]), "n_eval": len(setup.valid["labels"]),
                 "n_test": 0 if setup.test is None else len(setup.test["labels"]),
-                "converted": setup.converted, "torch": torch.__version__, "threads": threads}
+                "converted": setup.converted, "torch": torch.__version__, "threads": threads,
+                "host_cache_mib": cache_bytes(setup.model) / MIB}  # wta-crs's per-example cache
     train_time = float(steps_df.time_s.iloc[-1])
     row = {k: v for k, v in resolved.items() if k not in NOT_IN_RUN}
     row["num_threads"] = threads  # the count in effect (the option may be none)

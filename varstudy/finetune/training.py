@@ -253,14 +253,17 @@ def loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context(
 
     from varstudy.batching import minibatches, pad_batches
     from varstudy.randomized.memory import saved_bytes
+    from varstudy.randomized.wtacrs import set_examples
 
     device = setup.device
     model = dist.data_parallel(ctx, setup.model)  # DistributedDataParallel under torchrun
     optimizer, scheduler = make_optimizer(model, config, setup.total_steps)
     every = config.eval_every or setup.steps_per_epoch
     gen = torch.Generator().manual_seed(config.seed)
+    with_ids = _uses_examples(setup.model)  # wta-crs: NOTE in varstudy.randomized.wtacrs
     batches = pad_batches(minibatches(setup.train, config.batch_size, generator=gen,
-                                      num_batches=setup.total_steps), config.padding)
+                                      num_batches=setup.total_steps, with_ids=with_ids),
+                          config.padding)
     planner = _planner(setup, config, ctx)
     steps, evals, memory, elapsed, plans = [], [], None, 0.0, []
     if saved is not None:
@@ -272,6 +275,8 @@ def loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context(
     for step, batch in enumerate(batches, start=1):
         if step <= len(steps):
             continue  # trained before the checkpoint: replay the minibatch order only
+        if with_ids:
+            set_examples(setup.model, batch.pop("example_ids"))
         batch = to_device(batch, device)
         synchronize(device)
         start = time.perf_counter()
@@ -305,6 +310,12 @@ def loop(setup: Setup, config: FinetuneConfig, ctx: dist.Context = dist.Context(
     if planner is not None:
         planner.close()
     return steps, evals, memory, plans
+
+
+def _uses_examples(model: nn.Module) -> bool:
+    """Whether a layer of ``model`` samples from a per-example cache (``wta-crs``)."""
+    return any(getattr(getattr(m, "sketch", None), "uses_examples", False)
+               for m in model.modules())
 
 
 def _planner(setup: Setup, config: FinetuneConfig, ctx: dist.Context):

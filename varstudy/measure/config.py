@@ -34,6 +34,7 @@ SCOPE_COLUMNS = (
 INT_COLUMNS = ("train_step", "batch", "layer_index", "d_in", "d_out", "batch_size", "n_rows", "k",
                "mc_draws", "rows_y_zero", "live_rows", "first_token")  # nullable (NA on model rows)
 TRAIN_BATCH = 2**32  # batch key of training minibatches in derive_seed
+WTACRS_CACHES = ("first-visit", "previous-visit")  # NOTE [wta-crs in a measurement]
 NOT_COMPARED = ("progress", "resume", "out", "num_threads")  # a resumed run may change these
 
 
@@ -59,6 +60,13 @@ class MeasureConfig:
                                     "with each layer's planned rows (exact layers: no sketch "
                                     "variance); families and ratios become the plan's family "
                                     "and nominal ratio")
+    wtacrs_cache: str = option("first-visit", "what wta-crs's per-example cache holds for the "
+                                              "measured minibatches: first-visit (nothing yet: "
+                                              "step 0 and the whole first epoch) or "
+                                              "previous-visit (each example's gradient row norms "
+                                              "at these weights, in bfloat16: a later epoch of a "
+                                              "model that has barely moved)",
+                               choices=WTACRS_CACHES)
     min_rows: int = option(1, "fewest sketch rows k of any layer")
     num_batches: int = option(16, "minibatches per measured step")
     layers: str | None = option(None, "regex on the linear modules' names (none: all)")
@@ -107,7 +115,8 @@ class MeasureConfig:
                f"ratios must be in (0, 1], got {self.ratios} / train_ratio {self.train_ratio}")
         for name, value, choices in (("dataset", self.dataset, DATASET_NAMES),
                                      ("dtype", self.dtype, DTYPE_NAMES),
-                                     ("padding", self.padding, PADDINGS)):
+                                     ("padding", self.padding, PADDINGS),
+                                     ("wtacrs_cache", self.wtacrs_cache, WTACRS_CACHES)):
             _check(value in choices, f"unknown {name} {value!r}; valid choices: "
                                      f"{', '.join(choices)}")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,

@@ -17,7 +17,8 @@ from varstudy.batching import pad_batches
 from varstudy.errors import VarstudyError
 from varstudy.measure.config import INT_COLUMNS, LAYER_COLUMNS, MeasureConfig
 from varstudy.measure.informed import (STRUCTURE_FAMILIES, WARM_BATCHES, Informed,
-                                       limit_columns, live_rows, profiles, structured, wanted)
+                                       limit_columns, live_rows, profiles, structured, wanted,
+                                       wtacrs_sketch)
 from varstudy.randomized.support import first_token_layers
 from varstudy.roles import layer_index, layer_kind
 from varstudy.randomized import variance as V
@@ -69,6 +70,10 @@ def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: 
             elif fam in STRUCTURE_FAMILIES:
                 var, stored, sketch, one_row = structured(fam, name, m, k, x, y, live, informed)
                 mask_mc = live
+            elif fam == "wta-crs":
+                sketch = wtacrs_sketch(cfg.wtacrs_cache, x, y)
+                var = float(sketch.variance(x.reshape(-1, x.shape[-1]),
+                                            y.reshape(-1, y.shape[-1]), k))
             else:
                 var = V.closed_form(fam, m, k)
             mc_mean = mc_se = math.nan

@@ -17,6 +17,14 @@ measured: ``measure`` draws :data:`WARM_BATCHES` extra minibatches per measured 
 seeds, never measured) and uses the per-position mean of ‖y_l‖ over their real rows;
 ``measure_now`` (the Trainer callback) uses the other held minibatches (leave one out). Either way
 the probabilities never see the Y they are scored on, as in training.
+
+NOTE [wta-crs in a measurement]: ``wta-crs`` (:mod:`varstudy.randomized.wtacrs`) draws from a
+per-example cache of earlier visits; ``--wtacrs-cache`` says what that cache holds for the
+measured minibatch. ``first-visit``: nothing (step 0 and every step of the first epoch: q ∝
+‖x_l‖). ``previous-visit``: each example's row norms of Y at the measured weights, rounded to
+bfloat16 as the cache stores them: a later epoch when the model has moved little since the
+example's last visit, the cache's best case. Its variance is the conditional closed form (wta)
+given that cache.
 """
 
 from __future__ import annotations
@@ -76,6 +84,18 @@ def limit_columns(x: Tensor, y: Tensor, grad, ks) -> dict[int, dict]:
     ks = sorted(set(ks))
     return {k: dict(var_limit=lim.opt, var_limit_split=lim.split, rows_y_zero=zeros)
             for k, lim in zip(ks, limits(xf, yf, ks, grad))}
+
+
+def wtacrs_sketch(cache: str, x: Tensor, y: Tensor):
+    """The ``wta-crs`` sampler a minibatch (x, y) meets under ``cache`` (NOTE [wta-crs in a
+    measurement]), with its prior fixed."""
+    from varstudy.randomized.wtacrs import WtaCrs
+
+    if cache == "first-visit":
+        prior = torch.ones(x.reshape(-1, x.shape[-1]).shape[0], device=x.device)
+    else:
+        prior = y.reshape(-1, y.shape[-1]).float().norm(dim=1).bfloat16().float()
+    return WtaCrs(prior=prior)
 
 
 def structured(fam: str, name: str, m, k: int, x: Tensor, y: Tensor, live: Tensor,

@@ -39,8 +39,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from varstudy.randomized.sketches import (SKETCHES, RowsNorm, RowsWorReal, Sketch,
-                                          generator)
+from varstudy.randomized.sketches import (RowsNorm, RowsWorReal, Sketch, generator,
+                                          register)
 
 EPSILON = 0.2   # NOTE [defensive mixture]
 DECAY = 0.9     # weight of the past in RowStats' per-position average
@@ -191,7 +191,7 @@ class RowsAdaptive(Sketch):
 
 
 for _cls in (RowsLive, RowsAdaptive):  # the registry of varstudy.randomized.sketches
-    SKETCHES[_cls.name] = _cls()
+    register(_cls())
 
 
 def _live2d(x: Tensor, mask: Tensor | None) -> Tensor:

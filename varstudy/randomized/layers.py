@@ -404,6 +404,11 @@ def randomize(model: nn.Module, ratio: float = 0.1, sketch: str | Sketch = "gaus
         model.get_submodule(name), ratio=per_layer[name], sketch=family, min_rows=min_rows,
         seed=seed, layer_id=i, cache=cache, name=name, row_mask=row_mask,
         first_token=name in first) for i, name in enumerate(names)}
+    if getattr(family, "uses_examples", False):  # wta-crs: the minibatch's dataset indices
+        from varstudy.randomized.wtacrs import install
+        holder = install(model)
+        for module in new.values():
+            module.sketch.examples = holder
     for name, module in new.items():
         _swap(model, name, module)
     return Conversion(tuple((n, m.in_features, m.out_features, family.name, m.ratio)

@@ -385,8 +385,23 @@ SKETCHES: dict[str, Sketch] = {
 }
 
 
-# rows-live and rows-adaptive build on the classes above and register themselves in SKETCHES.
+
+
+def register(sketch: Sketch) -> None:
+    """Add a family defined in another module to SKETCHES, keeping the registry in the order of
+    ``varstudy.names.SKETCH_NAMES`` whatever order the modules are imported in."""
+    from varstudy.names import SKETCH_NAMES
+
+    SKETCHES[sketch.name] = sketch
+    rank = {name: i for i, name in enumerate(SKETCH_NAMES)}
+    ordered = sorted(SKETCHES.items(), key=lambda item: rank.get(item[0], len(rank)))
+    SKETCHES.clear()
+    SKETCHES.update(ordered)
+
+
+# rows-live, rows-adaptive and wta-crs build on the classes above and register themselves.
 import varstudy.randomized.informed  # noqa: E402,F401
+import varstudy.randomized.wtacrs  # noqa: E402,F401
 
 
 def get_sketch(name: str | Sketch) -> Sketch:

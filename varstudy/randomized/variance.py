@@ -220,7 +220,7 @@ CLOSED_FORMS = {
 # sets Moments.real to that count). rows-adaptive's variance needs each row's probability, so it
 # has no moment form: the engine evaluates RowsAdaptive.variance on the rows (informed).
 CLOSED_FORMS["rows-live"] = CLOSED_FORMS["rows-wor-real"]
-ROW_FORMS = ("rows-adaptive",)
+ROW_FORMS = ("rows-adaptive", "wta-crs")  # wta-crs: (wta) in varstudy.randomized.wtacrs
 
 
 def closed_form(family: str | Sketch, m: Moments, k: int) -> float:
