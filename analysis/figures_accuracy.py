@@ -215,6 +215,24 @@ def accuracy_table(runs: pd.DataFrame, out: Path) -> list[Path]:
             write_text(out, "accuracy_table.tex", "\n".join(tex))]
 
 
+LINK_COLUMNS = ("train_step", "layer", "family", "ratio", "var_sketch", "var_sampling")
+
+
+def _with_samplers(results: Path, run: str) -> pd.DataFrame:
+    """``run``'s layers.csv plus the families only ``measure/samplers_<run name>`` has (the
+    structure-aware row samplers, measured with the same model, batches and seed), when that
+    run exists."""
+    layers = load(results, f"{run}/layers.csv", LINK_COLUMNS)
+    extra_run = run.replace("measure/", "measure/samplers_")
+    try:
+        extra = load(results, f"{extra_run}/layers.csv", LINK_COLUMNS)
+    except MissingResultsError:
+        return layers
+    extra = extra[~extra.family.isin(set(layers.family))]
+    return pd.concat([layers, extra[list(layers.columns.intersection(extra.columns))]],
+                     ignore_index=True)
+
+
 def variance_vs_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
     """Figure and table: each variance summary (step 0 and end of exact training) against the
     paired accuracy cost; Spearman's ρ with a bootstrap interval -> variance_accuracy_link.*"""
@@ -224,8 +242,7 @@ def variance_vs_accuracy(results: Path = RESULTS, out: Path = FIGURES) -> list[P
     summaries = []
     for when, run in (("step 0", "measure/recipe_step0"), ("end of training",
                                                             "measure/recipe_end")):
-        layers = load(results, f"{run}/layers.csv", ("train_step", "layer", "family", "ratio",
-                                                     "var_sketch", "var_sampling"))
+        layers = _with_samplers(results, run)
         summaries.append(variance_summaries(layers).assign(when=when))
     summaries = pd.concat(summaries, ignore_index=True)
     linked = link(paired, summaries)
