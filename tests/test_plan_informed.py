@@ -227,12 +227,15 @@ def test_bad_input_gives_one_clear_message(made):
         command.stats_from_layers(broken, "rows-adaptive")
 
 
-def test_online_planner_refuses_the_live_families_naming_valid_ones():
+def test_online_planner_refuses_what_it_cannot_plan_naming_valid_ones():
+    """The live families are re-planned online (tests/test_online_informed.py); rows-wor-real,
+    whose plan reads real rows, is not."""
     from varstudy.randomized.online import OnlinePlanner
 
     model, _ = load_model("tiny-bert", dropout=False, seed=0)
-    randomize(model, 0.25, "rows-live", include="encoder")
-    with pytest.raises(VarstudyError, match="rows-live: .*valid choices: one family of gaussian"):
+    randomize(model, 0.25, "rows-wor-real", include="encoder")
+    with pytest.raises(VarstudyError, match="rows-wor-real: .*valid choices: one family of "
+                                            "gaussian.*rows-live, rows-adaptive"):
         OnlinePlanner(model, 0.25)
 
 

@@ -87,7 +87,7 @@ def _require_finite(t: Tensor, layer: str, what: str) -> None:
 
 
 class _Entry:
-    __slots__ = ("ref", "version", "key", "sx", "seed", "state", "users")
+    __slots__ = ("ref", "version", "key", "sx", "seed", "state", "users", "sketch")
 
 
 class SketchCache:
@@ -102,13 +102,14 @@ class SketchCache:
         self._entry: _Entry | None = None
 
     def get(self, x: Tensor, sketch: Sketch, k: int, dtype: torch.dtype, user: int):
-        """``(SᵀX, seed, state)`` stored for ``x`` if ``user`` has not used it yet, else None."""
+        """``(SᵀX, seed, state, drawer)`` stored for ``x`` if ``user`` has not used it yet, else
+        None; ``drawer`` is the sketch instance that drew it (its layer's own statistics)."""
         e = self._entry
         if (e is None or e.ref() is not x or e.version != x._version
                 or e.key != (sketch.name, k, dtype) or user in e.users):
             return None
         e.users.add(user)
-        return e.sx, e.seed, e.state
+        return e.sx, e.seed, e.state, e.sketch
 
     def put(self, x: Tensor, sketch: Sketch, k: int, sx: Tensor, seed: int, state,
             user: int) -> None:
@@ -119,7 +120,7 @@ class SketchCache:
 
         e = _Entry()
         e.ref, e.version, e.key = weakref.ref(x, drop), x._version, (sketch.name, k, sx.dtype)
-        e.sx, e.seed, e.state, e.users = sx, seed, state, {user}
+        e.sx, e.seed, e.state, e.users, e.sketch = sx, seed, state, {user}, sketch
         self._entry = e
 
     def clear(self) -> None:
@@ -171,7 +172,7 @@ class _SketchedLinearFn(torch.autograd.Function):
                 torch.autograd.Variable._execution_engine.queue_callback(ctx.sketch.release)
                 gw = (sy.T @ sx).to(weight.dtype)
                 if ctx.tracker is not None:  # NOTE [online statistics] in randomized.online
-                    ctx.tracker.add(flat, gw, ctx.sketch, ctx.k, *xstats)
+                    ctx.tracker.add(flat, gw, ctx.sketch, ctx.k, *xstats, sx=sx, sy=sy)
             if ctx.needs_input_grad[2]:
                 gb = flat.sum(0).to(ctx.dtypes[1])
         return (gx, gw, gb) + (None,) * (8 + len(state))
@@ -236,9 +237,10 @@ class RandomizedLinear(nn.Linear):
         if self.first_token and getattr(sketch, "uses_structure", False) and x.dim() == 3 \
                 and x.shape[0] <= k:  # NOTE [first-token layers]: its B live rows, exactly
             sketch, k = get_sketch("rows-live"), x.shape[0]
-        sx, seed, state = self._sketch_input(x, flat, sketch, k, ct is not None)
+        sx, seed, state, drawer = self._sketch_input(x, flat, sketch, k, ct is not None)
         tracker = self.tracker
-        xstats = () if tracker is None else tracker.forward_stats(flat)
+        xstats = () if tracker is None else tracker.forward_stats(
+            flat, self._live(x) if tracker.needs_live else None, drawer)
         out = _SketchedLinearFn.apply(x, self.weight, self.bias, sx, sketch, k, seed, check,
                                       ct, tracker, xstats, *state)
         if check is not None:
@@ -246,7 +248,8 @@ class RandomizedLinear(nn.Linear):
         return out
 
     def _sketch_input(self, x: Tensor, flat: Tensor, sketch: Sketch, k: int, autocast: bool):
-        """(SᵀX, seed, state) for this call: a sibling's entry if unused here, else a new draw."""
+        """(SᵀX, seed, state, drawer) for this call: a sibling's entry if unused here, else a
+        new draw; ``drawer`` is the sketch instance that drew it."""
         seed = derive_seed(self.seed, self.layer_id, self.calls)
         self.calls += 1
         cache = self.cache
@@ -264,7 +267,7 @@ class RandomizedLinear(nn.Linear):
             sx, state = sketch.sketch(flat, k, seed, *extra)
         if cache is not None:
             cache.put(x, sketch, k, sx, seed, state, id(self))
-        return sx, seed, state
+        return sx, seed, state, sketch
 
     def _live(self, x: Tensor) -> Tensor:
         """The live rows (B, L) of input x (B, L, d): real under the attention mask and, in a
