@@ -21,10 +21,11 @@ cpu|gpu] ...``; API ``accuracy(StudyConfig(...))``, ``memory(config)``, ``throug
   average is recorded with the timings (``load_avg_1m``): on a shared machine it says how noisy
   they are.
 * ``frontier`` (issue 15): exact, per-layer torch checkpoint, Revolve over the encoder layers
-  (``slots``), uniform sketches, rows plans at the bytes of ``frontier_ratio``, and checkpointing
-  with rows at that ratio, on one model and minibatch: peak live activation bytes over a whole
-  step, forward-end saved bytes, interleaved step time (ratios to exact) and the added gradient
-  variance by scope on held-out minibatches -> ``frontier.csv``, the plans, ``config.json``
+  (``slots``), uniform sketches, rows plans at the bytes of ``frontier_ratio``, checkpointing
+  with rows at that ratio, and gradient accumulation in m micro-batches (``accumulation``; alone,
+  with torch checkpoint, with rows and with the plan), on one model and minibatch: peak live
+  activation bytes over a whole step, forward-end saved bytes, interleaved step time (ratios to
+  exact) and the added gradient variance by scope on held-out minibatches -> ``frontier.csv``, the plans, ``config.json``
   (module docstring of ``frontier_study``).
 
 Family "exact" has ratio 1.0 (and scope "none"). The ``cpu`` preset is the grid run for the

@@ -5,7 +5,10 @@ Configurations (:func:`setups`): ``exact``; per-layer ``torch.utils.checkpoint``
 Revolve over the encoder layers with s fast slots (``revolve s=<s>``, every s of ``slots``); uniform
 sketches (every family × ratio of the config); the planned model at the bytes of rows ρ =
 ``frontier_ratio`` (``rows plan (absolute|relative)``, built in-run); and checkpointing with rows
-ρ = ``frontier_ratio`` (Revolve at the middle of ``slots``, and torch's checkpoint).
+ρ = ``frontier_ratio`` (Revolve at the middle of ``slots``, and torch's checkpoint); and
+gradient accumulation (issue 24) in m micro-batches of B/m examples for every m of
+``accumulation`` (``accumulate m=<m>``), alone, with torch's checkpoint, with rows ρ =
+``frontier_ratio`` and with the absolute rows plan (NOTE [accumulated step]).
 
 Per configuration, one row of ``frontier.csv`` (``FRONTIER_COLUMNS``):
 
@@ -23,10 +26,21 @@ Per configuration, one row of ``frontier.csv`` (``FRONTIER_COLUMNS``):
   ``num_batches`` held-out minibatches of the same shape, by scope (``encoder``, ``head``,
   ``all``): ``var_sketch_<scope>`` and ``var_sampling_<scope>`` (means over minibatches of the
   sums over the scope's layers) and ``var_ratio_<scope>`` = their quotient (Σ sketch / Σ
-  sampling). Checkpointing is exact: zero. A plan is measured with each layer's planned rows
-  (``measure_now(plan=...)``, ``var_source`` "planned rows"). Checkpointing + sketch is measured
-  as it runs, by Monte Carlo (NOTE [combined variance] in :mod:`varstudy.study.frontier_variance`,
-  where this phase lives; ``var_sketch_se_<scope>``: its standard error, NaN for closed forms).
+  sampling). Checkpointing and accumulation are exact: zero. A plan is measured with each
+  layer's planned rows (``measure_now(plan=...)``, ``var_source`` "planned rows").
+  Checkpointing + sketch is measured as it runs, by Monte Carlo (NOTE [combined variance] in
+  :mod:`varstudy.study.frontier_variance`, where this phase lives; ``var_sketch_se_<scope>``:
+  its standard error, NaN for closed forms).
+  Accumulation + sketch draws a sketch per micro-batch: the closed forms per micro-batch,
+  weighted (NOTE [accumulated variance] there).
+
+NOTE [accumulated step]: an accumulated configuration runs the timed minibatch as m micro-batches
+(:func:`varstudy.accumulation.split`: B/m examples each, at the same fixed padded length, the
+loss weighted so the accumulated gradient is the minibatch's, tested equal to it) and one AdamW
+step; ``batch_size`` stays B (the effective batch) and ``micro_batches`` is m (1 elsewhere). Its
+memory is the largest per-micro-batch peak (saved tensors are all released between
+micro-batches; the accumulated ``.grad`` is parameter-sized and not a saved tensor, as for
+every configuration); its time is the whole accumulated step, interleaved with the others.
 
 The plans (``plan_rows_<objective>.json``, written next to the table) come from ``measure_now``
 statistics on ``num_batches`` other minibatches (``varstudy.plan.stats_from_layers``, then
@@ -55,7 +69,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from unittest import mock
 
@@ -70,11 +84,12 @@ from varstudy.study.frontier_variance import SCOPES
 
 PLAN_FAMILY = "rows"
 OBJECTIVES = ("absolute", "relative")
+ACCUMULATED_OBJECTIVE = "absolute"  # the plan accumulation is combined with
 FRONTIER_COLUMNS = (
     "task", "model", "config", "kind", "strategy", "slots", "family", "ratio", "objective",
-    "batch_size", "seq_len", "peak_bytes", "peak_phase", "peak_held_bytes", "peak_ratio",
-    "peak_method", "forward_bytes", "forward_held_bytes", "forward_ratio", "cuda_max_allocated",
-    "cuda_peak_ratio", "step_ms", "step_ms_min", "time_ratio", "repeats",
+    "micro_batches", "batch_size", "seq_len", "peak_bytes", "peak_phase", "peak_held_bytes",
+    "peak_ratio", "peak_method", "forward_bytes", "forward_held_bytes", "forward_ratio",
+    "cuda_max_allocated", "cuda_peak_ratio", "step_ms", "step_ms_min", "time_ratio", "repeats",
     *(f"var_{what}_{scope}" for what in ("sketch", "sampling", "ratio", "sketch_se")
       for scope in SCOPES),
     "var_source", "num_batches", "load_avg_1m", "device")
@@ -83,15 +98,17 @@ FRONTIER_COLUMNS = (
 @dataclass(frozen=True)
 class Setup:
     """One configuration: a checkpointing strategy (``none``, ``torch``, ``revolve`` with
-    ``slots``) and a sketch (family and ratio, or a plan of ``objective``; ``exact``: none)."""
+    ``slots``), a sketch (family and ratio, or a plan of ``objective``; ``exact``: none) and
+    the number of micro-batches of gradient accumulation (1: none)."""
 
     name: str
-    kind: str  # exact | checkpoint | sketch | plan | combined
+    kind: str  # exact | checkpoint | sketch | plan | combined | accumulation
     strategy: str = "none"
     slots: int | None = None
     family: str = "exact"
     ratio: float = 1.0
     objective: str | None = None
+    micro_batches: int = 1
 
     @property
     def sketch(self) -> tuple[str, float, str | None]:
@@ -111,6 +128,14 @@ def setups(config: StudyConfig) -> list[Setup]:
     s = config.slots[len(config.slots) // 2]
     out += [Setup(f"revolve s={s} + {PLAN_FAMILY} {r:g}", "combined", "revolve", s, PLAN_FAMILY, r),
             Setup(f"torch + {PLAN_FAMILY} {r:g}", "combined", "torch", None, PLAN_FAMILY, r)]
+    for m in config.accumulation:
+        name, o = f"accumulate m={m}", ACCUMULATED_OBJECTIVE
+        out += [Setup(name, "accumulation", micro_batches=m),
+                Setup(f"{name} + torch", "accumulation", "torch", micro_batches=m),
+                Setup(f"{name} + {PLAN_FAMILY} {r:g}", "accumulation", family=PLAN_FAMILY,
+                      ratio=r, micro_batches=m),
+                Setup(f"{name} + {PLAN_FAMILY} plan ({o})", "accumulation", family=PLAN_FAMILY,
+                      ratio=r, objective=o, micro_batches=m)]
     return out
 
 
@@ -274,7 +299,9 @@ def _has_graph(value) -> bool:
 
 
 def _peak(model, setup: Setup, plans: dict, batch: dict):
-    """PeakReport of one forward + backward step of ``setup`` on ``batch``."""
+    """PeakReport of one forward + backward step of ``setup`` on ``batch``; accumulated: the
+    largest of its micro-batches' (NOTE [accumulated step])."""
+    from varstudy.accumulation import split
     from varstudy.checkpointing.meter import MemoryMeter
     from varstudy.randomized.peak import peak_saved_bytes
 
@@ -283,20 +310,33 @@ def _peak(model, setup: Setup, plans: dict, batch: dict):
     replay = _reentrant_torch_checkpoint() if setup.strategy == "torch" else \
         contextlib.nullcontext()
 
-    def loss():
+    def loss(micro: dict, weight: float):
         with _checkpointed(model, setup, meter):
-            return model(**batch).loss  # the backward may follow the block
+            out = model(**micro).loss  # the backward may follow the block
+        return out if weight == 1.0 else out * weight
 
     with replay:
-        report = peak_saved_bytes(loss, model=model, meter=meter)
+        reports = [peak_saved_bytes(loss, micro, w, model=model, meter=meter)
+                   for micro, w in split(batch, setup.micro_batches)]
     model.zero_grad(set_to_none=True)
-    return report
+    return _largest(reports)
+
+
+def _largest(reports: list):
+    """One PeakReport for consecutive steps that share nothing saved: the one with the largest
+    peak (the first of equals), its forward and CUDA numbers the largest of all."""
+    best = max(reports, key=lambda r: r.peak_bytes)  # max keeps the first of equals
+    cuda = [r.cuda_max_allocated for r in reports if r.cuda_max_allocated is not None]
+    return replace(best, forward_bytes=max(r.forward_bytes for r in reports),
+                   forward_held_bytes=max(r.forward_held_bytes for r in reports),
+                   cuda_max_allocated=max(cuda) if cuda else None)
 
 
 def _time_steps(config: StudyConfig, model, configs: list[Setup], plans: dict, batch: dict,
                 device: str) -> dict[Setup, list[float]]:
     """Seconds per training step: warm-up per configuration, then one step per configuration per
     round, in a fresh seeded random order each round (interleaving spreads load drift evenly)."""
+    from varstudy.accumulation import accumulate
     from varstudy.finetune.training import synchronize
     from varstudy.progress import tqdm
 
@@ -305,9 +345,8 @@ def _time_steps(config: StudyConfig, model, configs: list[Setup], plans: dict, b
     def step(setup: Setup) -> float:
         synchronize(device)
         start = time.perf_counter()
-        with _checkpointed(model, setup):
-            loss = model(**batch).loss
-        loss.backward()
+        accumulate(model, batch, setup.micro_batches,
+                   context=lambda: _checkpointed(model, setup))  # m = 1: one plain step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
@@ -340,7 +379,8 @@ def _table(config: StudyConfig, configs: list[Setup], memory: dict, times: dict,
         rows.append(dict(
             task=config.task, model=config.model, config=c.name, kind=c.kind,
             strategy=c.strategy, slots=c.slots, family=c.family, ratio=c.ratio,
-            objective=c.objective, batch_size=config.batch_size, seq_len=config.max_length,
+            objective=c.objective, micro_batches=c.micro_batches,
+            batch_size=config.batch_size, seq_len=config.max_length,
             peak_bytes=m.peak_bytes, peak_phase=m.peak_phase, peak_held_bytes=m.peak_held_bytes,
             peak_ratio=m.peak_bytes / base_peak,
             peak_method="reentrant replay" if c.strategy == "torch" else "saved-tensor hooks",

@@ -13,7 +13,22 @@ error ``var_sketch_se_<scope>``), over the closed-form sampling variance of the 
 It estimates what the sketch-only row computes in closed form (equal in expectation if
 checkpointing is exact) and, with the same seed, gives bit for bit the sketch-only model's
 estimate when recomputation is exact (NOTE [sketch seeds] in :mod:`varstudy.checkpointing.encoder`):
-a checkpoint that changed the gradient would show in both.
+a checkpoint that changed the gradient would show in both. An accumulated setup's Monte Carlo
+gradient is the weighted sum over its micro-batches (:func:`varstudy.accumulation.split`).
+
+NOTE [accumulated variance]: accumulation in m micro-batches draws an independent sketch per
+micro-batch, and micro-batch j's weight-gradient estimate is w_j times the sketch estimate of its
+own mean loss L_j (NOTE [accumulation weights] in :mod:`varstudy.accumulation`). Independent
+draws add variances, so per held minibatch Var = Σ_j w_j² V_j, V_j the engine's closed form on
+micro-batch j alone (``measure_now`` on the micro-batches, each layer's rows from micro-batch
+j's n_j = n/m token rows, ρ per micro-batch). For uniform rows this is stratified sampling:
+Σ_j (n_j p_j − a_j)/k_j = (p − Σ_j a_j/n_j)/ρ in the minibatch's scaling (a_j = ‖G_j‖², the
+micro-batch's share of G), never above the minibatch sketch's (p − a/n)/ρ, since Σ_j a_j/n_j ≥
+‖Σ_j G_j‖²/n (Cauchy–Schwarz); for other families it may go either way. The sampling variance
+is the minibatch's (the
+accumulated gradient is the minibatch gradient). ``var_source``: "closed form, ... per
+micro-batch"; tests/test_frontier.py checks it against the Monte Carlo of the accumulated
+gradient.
 """
 
 from __future__ import annotations
@@ -72,7 +87,46 @@ def variance(config: StudyConfig, model, batches, population: float, configs: li
     for c in configs:
         if c.kind == "combined":
             out[c.name] = monte_carlo(model, c, batches, anyone, checkpointed)
+        elif c.micro_batches > 1 and c.family != "exact":
+            plan = None if c.objective is None else \
+                folder / f"plan_{plan_family}_{c.objective}.json"
+            out[c.name] = accumulated(model, c, batches, population, anyone, plan)
     return out
+
+
+def accumulated(model, setup, batches, population: float, sampling: dict,
+                plan: Path | None = None) -> dict:
+    """NOTE [accumulated variance]: ``setup``'s sketch variance by scope in ``micro_batches``
+    micro-batches of each held minibatch (``plan``: the plan.json of a planned setup), over the
+    minibatches' sampling variance (``sampling``: closed-form columns of the same minibatches)."""
+    from varstudy.accumulation import split
+    from varstudy.measure.engine import measure_now
+    from varstudy.measure.tables import scope_summary
+
+    micro, held, weights = [], [], []
+    for h, batch in enumerate(batches):
+        for piece, w in split(batch, setup.micro_batches):
+            micro.append(piece)
+            held.append(h)
+            weights.append(w)
+    if plan is None:
+        layers = measure_now(model, micro, (setup.family,), (setup.ratio,),
+                             population=population)
+    else:
+        layers = measure_now(model, micro, population=population, plan=str(plan))
+    at = layers.batch.to_numpy()
+    layers = layers.assign(var_sketch=layers.var_sketch * np.square(weights)[at],
+                           batch=np.asarray(held)[at])  # Σ_j w_j² V_j per held minibatch
+    by = scope_summary(layers).set_index("scope")
+    cols = {}
+    for s in SCOPES:
+        sk, sa = float(by.loc[s, "var_sketch_mean"]), sampling[f"var_sampling_{s}"]
+        cols.update({f"var_sketch_{s}": sk, f"var_sampling_{s}": sa,
+                     f"var_ratio_{s}": sk / sa if sa > 0 else math.nan,
+                     f"var_sketch_se_{s}": math.nan})
+    kind = "uniform" if plan is None else "planned rows"
+    return {**cols, "var_source": f"closed form, {kind}, per micro-batch "
+                                  f"(m = {setup.micro_batches})"}
 
 
 def monte_carlo(model, setup, batches, sampling: dict, checkpointed: Callable) -> dict:
@@ -95,8 +149,7 @@ def monte_carlo(model, setup, batches, sampling: dict, checkpointed: Callable) -
         for batch, g in zip(batches, exact):
             errors = []
             for _ in range(MC_DRAWS):
-                with checkpointed(model, setup):
-                    noisy = torch.autograd.grad(mean_loss(model, batch), weights)
+                noisy = _gradient(model, setup, batch, weights, checkpointed)
                 errors.append([float((a - b).pow(2).sum()) for a, b in zip(noisy, g)])
             draws.append(np.asarray(errors, dtype=float))
     finally:
@@ -112,6 +165,21 @@ def monte_carlo(model, setup, batches, sampling: dict, checkpointed: Callable) -
                                                          / MC_DRAWS) / len(draws))})
     return {**cols, "var_source": f"monte carlo under {setup.strategy} checkpointing, "
                                   f"{MC_DRAWS} draws per minibatch"}
+
+
+def _gradient(model, setup, batch, weights, checkpointed: Callable) -> list:
+    """∇ of ``batch``'s mean loss w.r.t. ``weights`` as ``setup`` computes it: in its
+    checkpointing block, accumulated over its micro-batches (one when it has none)."""
+    from varstudy.accumulation import split
+    from varstudy.randomized.capture import mean_loss
+
+    total = None
+    for micro, w in split(batch, getattr(setup, "micro_batches", 1)):
+        with checkpointed(model, setup):
+            loss = mean_loss(model, micro)
+            grads = torch.autograd.grad(loss if w == 1.0 else loss * w, weights)
+        total = list(grads) if total is None else [a + g for a, g in zip(total, grads)]
+    return total
 
 
 def scope_columns(scopes: pd.DataFrame, source: str) -> dict:

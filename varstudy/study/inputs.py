@@ -30,6 +30,13 @@ def check_inputs(config: StudyConfig, study: str) -> None:
                             f"examples (batch_size x (1 + 2 num_batches)), more than the "
                             f"{len(data)} of {config.task!r}; valid: a smaller batch_size or "
                             "num_batches")
+    if study == "frontier" and config.accumulation and \
+            max(config.accumulation) > config.batch_size // 2:
+        raise VarstudyError(f"accumulation {config.accumulation} leaves micro-batches of fewer "
+                            f"than 2 of the {config.batch_size} examples (the engine measures "
+                            "a sketch's variance per micro-batch, with its sampling variance, "
+                            "which needs 2); valid: micro-batch counts <= batch_size // 2 "
+                            f"({config.batch_size // 2})")
     if study == "accuracy":
         load_dataset(config.task, "validation", data_dir=config.data_dir)
     model, tokenizer = load_model(config.model, num_labels=data.num_labels, device="cpu")
