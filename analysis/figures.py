@@ -36,6 +36,7 @@ from analysis.figures_frontier import frontier, frontier_mpnet
 from analysis.figures_plan import online_plans, plan_accuracy, plan_frontier
 from analysis.figures_samplers import sampler_limit
 from analysis.figures_study import layer_bench, memory_vs_batch, throughput_vs_ratio
+from analysis.figures_time_to_accuracy import time_to_accuracy
 from analysis.figures_variance import (closed_form_vs_mc, ratio_heatmap, variance_by_scope,
                                        variance_ratio_over_training,
                                        variance_ratio_over_training_mpnet, variance_vs_ratio)
@@ -80,6 +81,9 @@ FIGURE_ENTRIES: dict[str, FigureEntry] = {
                                       "Pareto sets; frontier_table.md (which to use)"),
     "frontier_mpnet": FigureEntry(frontier_mpnet, "the same frontier on MPNet-base "
                                                   "(study frontier --model mpnet-base)"),
+    "time_to_accuracy": FigureEntry(time_to_accuracy, "time to 80 % validation accuracy at "
+                                                      "50/25/10 % of exact's peak, per method; "
+                                                      "time_to_accuracy.{md,csv}"),
 }
 
 

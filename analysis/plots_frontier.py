@@ -11,10 +11,21 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 
 from analysis.plots import _axes
-from analysis.style import style_axes
+from analysis.style import OKABE_ITO, style_axes
 
 FRONTIER_MARKERS = {"exact": "s", "checkpoint": "^", "sketch": "o", "plan": "D",
-                    "combined": "*"}
+                    "combined": "*", "accumulation": "v"}
+# method (analysis.figures_time_to_accuracy.method_of) -> (colour, marker): Okabe–Ito
+METHOD_STYLES = {
+    "checkpointing": (OKABE_ITO["black"], "^"),
+    "sketch": (OKABE_ITO["vermillion"], "o"),
+    "plan": (OKABE_ITO["orange"], "D"),
+    "checkpointing + sketch": (OKABE_ITO["purple"], "*"),
+    "accumulation": (OKABE_ITO["blue"], "v"),
+    "accumulation + checkpointing": (OKABE_ITO["sky_blue"], "<"),
+    "accumulation + sketch": (OKABE_ITO["green"], ">"),
+    "accumulation + plan": (OKABE_ITO["yellow"], "d"),
+}
 FRONTIER_CMAP = "viridis"
 MEMORY_LABEL = "peak live activation bytes / exact (whole step)"
 
@@ -91,3 +102,30 @@ def plot_frontier_variance(points: pd.DataFrame, *, ax: Axes | None = None,
     ax.set_ylim(-0.3 * linthresh, max(float(positive.max()) * 3 if len(positive) else 1.0, 3.0))
     return style_axes(ax, xlabel=MEMORY_LABEL, ylabel="added variance: Σ sketch / Σ sampling "
                       "(0: exact options)", title=title)
+
+
+def plot_by_budget(choices: pd.DataFrame, value: str, *, ax: Axes | None = None,
+                   budgets: Sequence[float] = (), ylabel: str = "", reference: float | None = None,
+                   legend: bool = True, title: str | None = None) -> Axes:
+    """``value`` of each method's pick vs the peak-memory budget (fraction of exact's, log
+    scale, largest budget left), one line per method (``METHOD_STYLES``; gaps where none fits or
+    the value is NaN, and the legend says so of a method with nothing drawn); ``reference``: a
+    grey line for exact. ``choices``:
+    :func:`analysis.figures_time_to_accuracy.choose`."""
+    ax = _axes(ax)
+    for method, g in choices.groupby("method", sort=False):
+        color, marker = METHOD_STYLES.get(method, ("0.5", "x"))
+        g = g.sort_values("budget")
+        label = method + (": fits no budget" if g["config"].isna().all() else
+                          ": none reaches it" if g[value].isna().all() else "")
+        ax.plot(g["budget"], g[value], color=color, marker=marker, lw=1.2, ms=6, label=label)
+    if reference is not None:
+        ax.axhline(reference, color="0.5", lw=0.8, ls="--", label="exact (no saving)")
+    ax.set_xscale("log")
+    if len(budgets):
+        ax.set_xticks(sorted(budgets))
+        ax.set_xticklabels([f"{100 * b:g} %" for b in sorted(budgets)])
+        ax.minorticks_off()
+    ax.invert_xaxis()
+    return style_axes(ax, xlabel="peak budget: live activation bytes / exact's", ylabel=ylabel,
+                      title=title, legend=legend)
