@@ -27,9 +27,17 @@ RUNS = {  # results folder -> what it is
     "measure/default_dynamic": "MiniLM, step 0, B 16, L ≤ 64, dynamic padding",
     "measure/samplers_recipe_step0": "recipe, step 0 (B 32, dynamic padding)",
     "measure/samplers_recipe_end": "recipe, the exactly fine-tuned model (B 32, dynamic)",
+    # WTA-CRS's cache (NOTE [wta-crs in a measurement] in varstudy.measure.informed): a first
+    # visit (step 0 and the whole first epoch) and, on the trained model, a previous visit at the
+    # same weights (a later epoch, the cache's best case); the same runs' other families are
+    # those of samplers_recipe_* at ρ 0.05 and 0.1, remeasured, plus ρ 0.3
+    "measure/wtacrs_step0_first": "recipe, step 0: WTA-CRS on a first visit",
+    "measure/wtacrs_end_first": "trained model: WTA-CRS on a first visit (epoch 1)",
+    "measure/wtacrs_end_previous": "trained model: WTA-CRS, previous visit cached",
 }
 ROW_FAMILIES = ("rows", "rows-wor", "rows-norm", "rows-real", "rows-wor-real", "rows-live",
-                "rows-adaptive")
+                "rows-adaptive", "wta-crs")
+PANELS_PER_ROW = 4  # the figure's grid: 4 panels a row
 LIMITS = ("var_limit_mean", "var_limit_split_mean", "limit_ratio_median")
 COLUMNS = ("train_step", "family", "ratio", "scope", "var_sketch_mean", *LIMITS)
 
@@ -96,11 +104,19 @@ def sampler_limit(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
         raise MissingResultsError(f"no measure run with the limit columns among "
                                   f"{', '.join(RUNS)} under {results}")
     table = pd.concat([limit_table(s, run) for run, s in found.items()], ignore_index=True)
-    fig, axes = new_figure(1, len(found), panel=(4.4, 3.6))
-    axes = axes[0]
+    ncols = min(len(found), PANELS_PER_ROW)
+    nrows = -(-len(found) // ncols)
+    fig, axes = new_figure(nrows, ncols, panel=(4.4, 3.6))
+    axes = axes.ravel()
     for ax, run in zip(axes, found):
         plot_limit(table[(table.run == run) & (table.scope == "encoder")], ax, RUNS[run])
-    axes[0].legend(fontsize="x-small", frameon=False)
+    for ax in axes[len(found):]:
+        ax.set_visible(False)
+    handles = {}
+    for ax in axes[:len(found)]:  # one legend for every family drawn in any panel
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    axes[0].legend(handles.values(), handles.keys(), fontsize="x-small", frameon=False)
     fig.suptitle("Encoder sketch variance of the row samplers and the limit (needs Y)")
     paths = save(fig, out, "sampler_limit")
     paths.append(write_text(out, "sampler_limit.md", _markdown(table)))

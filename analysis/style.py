@@ -26,7 +26,8 @@ OKABE_ITO = {
 
 
 # Tol (2021), "Colour schemes", muted qualitative scheme.
-TOL_MUTED = {"rose": "#CC6677", "sand": "#DDCC77", "green": "#117733", "wine": "#882255"}
+TOL_MUTED = {"rose": "#CC6677", "sand": "#DDCC77", "green": "#117733", "wine": "#882255",
+             "indigo": "#332288"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ FAMILY_STYLES: dict[str, FamilyStyle] = {
     "rows-wor-real": FamilyStyle(TOL_MUTED["sand"], "h", "rows (w/o repl., real)"),
     "rows-live": FamilyStyle(TOL_MUTED["green"], "d", "rows (live)"),
     "rows-adaptive": FamilyStyle(TOL_MUTED["wine"], ">", "rows (adaptive)"),
+    "wta-crs": FamilyStyle(TOL_MUTED["indigo"], "<", "WTA-CRS"),
 }
 FAMILY_ORDER = tuple(FAMILY_STYLES)
 _SPARE_MARKERS = ("h", "p", "<", ">", "d", "8")
