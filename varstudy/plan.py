@@ -340,14 +340,17 @@ def report(plan, uniform, stats) -> str:
 
 
 def parser() -> cli.Parser:
+    """The command's argument parser, built from PlanConfig."""
     return cli.config_parser(PlanConfig, PROG, DESCRIPTION)
 
 
 def parse(argv: list[str] | None = None) -> PlanConfig:
+    """The PlanConfig of the command line ``argv`` (None: sys.argv)."""
     return cli.config_from(PlanConfig, parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m varstudy.plan``; returns the exit status."""
     def body() -> None:
         cfg = parse(argv)
         from varstudy import io as vio

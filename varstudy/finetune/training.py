@@ -125,6 +125,7 @@ def by_length(encoded: dict) -> dict:
 
 
 def to_device(batch: dict, device: str) -> dict:
+    """``batch`` with every tensor moved to ``device`` (non-blocking)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

@@ -56,6 +56,7 @@ class Informed:
 
 
 def wanted(families) -> bool:
+    """Whether ``families`` holds a structure-aware family (rows-live, rows-adaptive)."""
     return any(f in STRUCTURE_FAMILIES for f in families)
 
 

@@ -76,6 +76,7 @@ class RowStats:
         return {} if self.mean is None else {"mean": self.mean, "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s tensors ({} leaves the statistics empty)."""
         self.mean, self.seen = state.get("mean"), state.get("seen")
 
     def _grow(self, length: int, device) -> None:
@@ -149,6 +150,7 @@ class RowsAdaptive(Sketch):
         return RowsAdaptive(self.epsilon)
 
     def probabilities(self, x: Tensor, live: Tensor) -> Tensor:
+        """q (n,) of (adaptive) for rows ``x`` and the live mask ``live`` (B, L)."""
         return adaptive_probabilities(x, live, self.stats.profile(live.shape[-1], x.device),
                                       self.epsilon)
 

@@ -124,6 +124,7 @@ class SketchCache:
         self._entry = e
 
     def clear(self) -> None:
+        """Drop the entry."""
         self._entry = None
 
 
@@ -297,6 +298,7 @@ def _for_layer(sketch: Sketch) -> Sketch:
 
 
 def check_ratio(ratio: float) -> float:
+    """``ratio`` as a float in (0, 1], else a VarstudyError."""
     try:
         value = float(ratio)
     except (TypeError, ValueError):
@@ -307,6 +309,7 @@ def check_ratio(ratio: float) -> float:
 
 
 def check_min_rows(min_rows: int) -> int:
+    """``min_rows`` if it is an integer >= 1, else a VarstudyError."""
     if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
         raise VarstudyError(f"min_rows must be an integer >= 1, got {min_rows!r}")
     return min_rows
@@ -323,9 +326,11 @@ class Conversion:
 
     @property
     def names(self) -> list[str]:
+        """The converted modules' names, in module order."""
         return [r[0] for r in self.rows]
 
     def to_frame(self):
+        """The rows as a DataFrame (module, in_features, out_features, sketch, ratio)."""
         import pandas as pd
         return pd.DataFrame(self.rows, columns=["module", "in_features", "out_features",
                                                 "sketch", "ratio"])

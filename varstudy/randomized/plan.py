@@ -117,10 +117,12 @@ class Plan:
 
     @property
     def total_var(self) -> float:
+        """Predicted sketch variance of the plan, summed over its units."""
         return float(sum(self.var.values()))
 
     @property
     def total_stored(self) -> float:
+        """Stored numbers of the plan (bytes / itemsize), summed over its units."""
         return float(sum(self.stored.values()))
 
     def relative(self, layers: Sequence[LayerStats]) -> float:

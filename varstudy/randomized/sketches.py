@@ -176,9 +176,11 @@ class _Dense(Sketch):
 
 
 class Gaussian(_Dense):
+    """Dense S with N(0, 1/k) entries (``gaussian``)."""
     name = "gaussian"
 
     def draw(self, n, k, gen, device):
+        """The n × k matrix S from ``gen`` on ``device``."""
         return torch.randn(n, k, generator=gen, device=device)
 
     def form(self, s, a, p, n, k):
@@ -186,9 +188,11 @@ class Gaussian(_Dense):
 
 
 class Rademacher(_Dense):
+    """Dense S with ±1/√k entries (``rademacher``)."""
     name = "rademacher"
 
     def draw(self, n, k, gen, device):
+        """The n × k matrix S from ``gen`` on ``device``."""
         bits = torch.randint(0, 2, (n, k), generator=gen, device=device, dtype=torch.int8)
         return bits * 2 - 1
 
@@ -197,6 +201,7 @@ class Rademacher(_Dense):
 
 
 class CountSketch(Sketch):
+    """Each row to one of k buckets with a random sign (``countsketch``)."""
     name = "countsketch"
 
     def apply(self, a, k, seed, state):
@@ -212,6 +217,7 @@ class CountSketch(Sketch):
 
 
 class Rows(Sketch):
+    """k uniform rows with replacement, scaled √(n/k) (``rows``)."""
     name = "rows"
 
     def apply(self, a, k, seed, state):
@@ -224,6 +230,7 @@ class Rows(Sketch):
 
 
 class RowsWithoutReplacement(Sketch):
+    """k uniform rows without replacement, scaled √(n/k) (``rows-wor``)."""
     name = "rows-wor"
 
     def apply(self, a, k, seed, state):

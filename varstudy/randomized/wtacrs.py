@@ -123,12 +123,15 @@ class NormCache:
 
     @property
     def bytes(self) -> int:
+        """Host bytes held by the norms and the seen flags."""
         return self.norms.numel() * self.norms.element_size() + self.seen.numel()
 
     def state_dict(self) -> dict:
+        """The norms and the seen flags (tensors only: a checkpoint loads with weights_only=True)."""
         return {"norms": self.norms, "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s tensors (anything else leaves the cache as it is)."""
         norms, seen = state.get("norms"), state.get("seen")
         if isinstance(norms, Tensor) and isinstance(seen, Tensor) and norms.dim() == 2 \
                 and seen.shape == norms.shape[:1]:
@@ -223,6 +226,7 @@ class WtaCrs(Sketch):
         self.prior, self.warned = prior, False
 
     def for_layer(self) -> "WtaCrs":
+        """A fresh instance with its own cache, for one layer."""
         return WtaCrs()
 
     def _ids(self, n: int) -> Tensor | None:
