@@ -47,7 +47,8 @@ TABLE_COLUMNS = {
         "test", "device", "dtype", "dropout", "out", "name", "num_threads", "run", "total_steps",
         "steps_per_epoch", "warmup_steps", "n_train", "n_eval", "n_test", "torch", "n_converted",
         "metric", "best_value", "best_step", "final_value", "test_at_best", "final_loss",
-        "train_time_s", "examples_per_s", "saved_mib", "saved_linear_mib", "peak_cuda_mib"],
+        "train_time_s", "examples_per_s", "saved_mib", "saved_linear_mib", "peak_cuda_mib",
+        "host", "gpu_ids"],
     "steps": FRONT + ["step", "loss", "lr", "time_s"],
     "evals": FRONT + ["step", "metric", "value"],
     "summary": ["task", "model", "family", "ratio", "scope", "metric", "mean", "std",
@@ -194,3 +195,25 @@ def test_help_imports_nothing_heavy():
     assert "varstudy.study.config" in imported
     heavy = [m for m in imported if m.split(".")[0] in ("torch", "transformers", "pandas")]
     assert not heavy
+
+
+def test_executor_options_are_checked(tmp_path):
+    """Ray-only options with the local executor, --num-threads unlike --cpus-per-run, and the
+    timed studies with --executor ray: one line each, before anything runs (no Ray needed)."""
+    from dataclasses import replace
+
+    from varstudy.study import command
+
+    with pytest.raises(study.VarstudyError, match="--cpus-per-run applies to --executor ray"):
+        study.check(StudyConfig(out=str(tmp_path), cpus_per_run=2, **TINY))
+    with pytest.raises(study.VarstudyError, match="--address, --retries apply to --executor"):
+        study.check(StudyConfig(out=str(tmp_path), address="auto", retries=1, **TINY))
+    ray_cfg = StudyConfig(out=str(tmp_path), executor="ray", cpus_per_run=1, **TINY)
+    with pytest.raises(study.VarstudyError, match="--num-threads 2 differs"):
+        study.check(replace(ray_cfg, num_threads=2))
+    with pytest.raises(study.VarstudyError, match="gpus-per-run 1 with --device cpu"):
+        study.check(replace(ray_cfg, gpus_per_run=1.0, device="cpu"))
+    for name in ("memory", "throughput", "frontier"):
+        with pytest.raises(study.VarstudyError, match=f"study {name} .* runs locally only"):
+            command.check_study(name, ray_cfg)
+    assert not (tmp_path / "frontier").exists()

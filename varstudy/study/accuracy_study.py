@@ -3,6 +3,8 @@ tables / resume] in :mod:`varstudy.study`)."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,44 +16,90 @@ from varstudy.study.config import (KEYS, RUN_KEYS, StudyConfig, accuracy_grid, f
                                    write_config)
 
 
-def accuracy(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def accuracy(config: StudyConfig, *, run=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fine-tune every (family, ratio, scope) for every seed; returns (runs, summary).
 
     Runs are paired by seed: a seed fixes the new head's initialisation, the minibatch order and
     the dropout draws (NOTE [randomness] in varstudy.finetune), whatever the configuration. The
     study writes into a staging folder that replaces ``<out>/accuracy`` once every run has
     finished (NOTE [staged results] in varstudy.io); ``resume`` continues it, or a copy of the
-    finished study's folder (to extend it).
+    finished study's folder (to extend it). ``config.executor`` says where the runs run (local
+    or Ray tasks, :mod:`varstudy.study.executors`); this process alone writes the folder.
+    ``run`` replaces :func:`varstudy.study.executors.run_one` (tests inject faults with it).
     """
+    from varstudy.study import executors
+
     with vio.staged(Path(config.out) / "accuracy", resume=config.resume) as folder:
-        return _accuracy(config, folder)
+        pool = executors.executor(config, run or executors.run_one)
+        try:
+            return _accuracy(config, folder, pool)
+        finally:
+            pool.close()
 
 
-def _accuracy(config: StudyConfig, folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _accuracy(config: StudyConfig, folder: Path, pool) -> tuple[pd.DataFrame, pd.DataFrame]:
     from varstudy.progress import tqdm
-
-    from varstudy.finetune.training import train
+    from varstudy.study.executors import Failure, Job, threads_per_run
 
     write_config(config, "accuracy", folder)
+    vio.atomic_write_json(folder / "env.json", _env(config, pool))
     tables = load_partial(folder) if config.resume else {"runs": [], "steps": [], "evals": []}
     done = {tuple(r) for r in pd.concat(tables["runs"] or [pd.DataFrame(
         columns=RUN_KEYS)])[RUN_KEYS].itertuples(index=False)}
-    jobs = [(f, r, sc, s) for s in config.seeds for f, r, sc in accuracy_grid(config)
+    keys = [(f, r, sc, s) for s in config.seeds for f, r, sc in accuracy_grid(config)
             if (f, r, sc, s) not in done]
-    for family, ratio, scope, seed in tqdm(jobs, desc="accuracy", disable=not config.progress):
-        result = train(finetune_config(config, family, ratio, seed, scope))
-        tag = dict(task=config.task, model=config.model, family=family, ratio=ratio,
-                   scope=scope, seed=seed)
-        tables["runs"].append(result.run.drop(columns=["sketch"]).assign(**tag))
-        tables["steps"].append(result.steps.assign(**tag))
-        tables["evals"].append(result.evals.assign(**tag))
-        save_tables(tables, folder)
-    runs = pd.concat(tables["runs"], ignore_index=True)
+    threads = threads_per_run(config)
+    jobs = [Job(i, key, replace(finetune_config(config, *_config_args(key)), num_threads=threads))
+            for i, key in enumerate(keys)]
+    finished, failed = {}, []
+    bar = tqdm(total=len(jobs), desc="accuracy", disable=not config.progress)
+    for job, outcome in pool.results(jobs):
+        bar.update()
+        if isinstance(outcome, Failure):
+            failed.append(outcome.line(job))
+            print(failed[-1], file=sys.stderr, flush=True)
+            continue
+        finished[job.index] = _tagged(config, job.key, outcome)
+        # the grid's order, whatever order the runs finish in (NOTE [same numbers anywhere])
+        save_tables({name: tables[name] + [finished[i][name] for i in sorted(finished)]
+                     for name in tables}, folder)
+    bar.close()
+    if failed:
+        raise VarstudyError(f"{len(failed)} of {len(jobs)} run(s) failed on every attempt "
+                            f"(first: {failed[0]}); the {len(finished)} finished are saved in "
+                            f"{folder}; valid choices: fix the cause and rerun with --resume "
+                            f"(runs only the missing ones)")
+    runs = pd.concat(tables["runs"] + [finished[i]["runs"] for i in sorted(finished)],
+                     ignore_index=True)
     # A resumed study may have added ratios or families: record what the tables hold.
     write_config(config, "accuracy", folder, in_tables=sorted(
         {(f, float(r), sc) for f, r, sc in zip(runs.family, runs.ratio, runs.scope)}),
         seeds_in_tables=sorted({int(s) for s in runs.seed}))
     return runs, summarize(runs)
+
+
+def _config_args(key: tuple) -> tuple:
+    family, ratio, scope, seed = key
+    return family, ratio, seed, scope
+
+
+def _tagged(config: StudyConfig, key: tuple, outcome) -> dict[str, pd.DataFrame]:
+    """A finished run's three tables, tagged with its configuration (and its host in runs)."""
+    family, ratio, scope, seed = key
+    tag = dict(task=config.task, model=config.model, family=family, ratio=ratio, scope=scope,
+               seed=seed)
+    result = outcome.result
+    return {"runs": result.run.drop(columns=["sketch"]).assign(
+                **tag, host=outcome.host, gpu_ids=outcome.gpu_ids),
+            "steps": result.steps.assign(**tag), "evals": result.evals.assign(**tag)}
+
+
+def _env(config: StudyConfig, pool) -> dict:
+    """env.json: versions and device of the driver, and where the runs run (the executor, the
+    cluster's resources and nodes)."""
+    from varstudy.models import resolve_device
+
+    return {**vio.env_info(resolve_device(config.device)), **pool.describe()}
 
 
 def load_partial(folder: Path) -> dict[str, list[pd.DataFrame]]:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from varstudy import cli
+from varstudy.errors import VarstudyError
 from varstudy.study.config import PRESETS, STUDIES, StudyConfig, check
 
 PROG = "python -m varstudy.study"
@@ -50,12 +51,21 @@ def run(study: str, config: StudyConfig):
     from varstudy import io as vio
     from varstudy.study.inputs import check_inputs
 
-    check(config)
+    check_study(study, config)
     folder = vio.check_writable(Path(config.out) / study)
     check_inputs(config, study)  # before the folder changes
     with vio.output_lock(folder):  # NOTE [one run per folder] (varstudy.io)
         module = importlib.import_module(f"varstudy.study.{RUNNERS[study]}")
         return getattr(module, study)(config)
+
+
+def check_study(study: str, config: StudyConfig) -> None:
+    """Check ``config`` for ``study``: only the accuracy grid runs elsewhere than here."""
+    if study != "accuracy" and config.executor != "local":
+        raise VarstudyError(f"study {study} times its configurations against each other on one "
+                            f"machine and runs locally only; valid choices: --executor local "
+                            f"(the default), or study accuracy")
+    check(config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         done["config"] = config = config_from_args(args)
-        check(config)
+        check_study(args.study, config)
         cli.set_threads(config.num_threads)
         done["start"] = time.perf_counter()
         done["tables"] = run(args.study, config)

@@ -14,6 +14,7 @@ from varstudy.errors import VarstudyError
 from varstudy.finetune.config import DEVICES, FinetuneConfig
 from varstudy.finetune.config import check as check_finetune
 from varstudy.names import DATASET_NAMES, MODEL_HELP, PADDINGS, SKETCH_NAMES
+from varstudy.study.executors import EXECUTORS, check_options
 
 STUDIES = ("accuracy", "memory", "throughput", "frontier")
 KEYS = ["task", "model", "family", "ratio"]  # one configuration of a table
@@ -84,6 +85,18 @@ class StudyConfig:
     out: str = option("results/study", "output folder; a study writes <out>/<study>/")
     num_threads: int | None = option(None, "CPU threads (none: PyTorch's default, the machine's "
                                            "cores)")
+    executor: str = option("local", "accuracy: where the runs run: local (one after another "
+                                    "in this process) or ray (one Ray task per run, on the "
+                                    "cluster at --address or a local one); memory, throughput "
+                                    "and frontier time configurations against each other on "
+                                    "one machine and run locally only", choices=EXECUTORS)
+    address: str | None = option(None, "ray: the cluster to join (host:port that `ray start "
+                                       "--head` printed, or auto; none: start a local cluster)")
+    cpus_per_run: int | None = option(None, "ray: CPUs per run, and its torch threads (none: 1)")
+    gpus_per_run: float | None = option(None, "ray: GPUs per run (a fraction shares one; none: "
+                                              "0)")
+    retries: int | None = option(None, "ray: retries of a run whose task raised or whose "
+                                       "worker died, before it is reported failed (none: 2)")
     resume: bool = option(False, "accuracy: keep the runs already in runs.csv, run the others")
     progress: bool = option(True, "progress bars")
 
@@ -171,6 +184,7 @@ def check(config: StudyConfig) -> None:
     for seed in config.seeds:
         cli.check_seed("seeds", seed)
     vio.require_out(config.out)
+    check_options(config)
     cli.check_distinct("plans (file stems)", [Path(p).stem for p in config.plans])
     accuracy_grid(config)  # every plan loads (one-line errors)
     check_finetune(finetune_config(config, "exact", 1.0, config.seeds[0]))
