@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+    # one GPU declared as a resource (there is none): Ray schedules GPU tasks and sets
+    # CUDA_VISIBLE_DEVICES as on a GPU node; torch finds no CUDA and the runs stay on the CPU
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -80,6 +82,20 @@ def test_ray_grid_equals_local(cluster, local_tables, tmp_path):
     env = pd.read_json(folder / "env.json", typ="series")
     assert env["executor"] == "ray" and env["cluster_resources"]["CPU"] == 2
     assert got["runs"].host.notna().all()
+
+
+def test_gpus_per_run_reserves_and_records_the_gpu(cluster, local_tables, tmp_path):
+    """--gpus-per-run 0.5: two runs share the cluster's one GPU and record the id Ray gave them;
+    on this CPU-only machine their numbers are the local executor's."""
+    study.accuracy(ray_config(tmp_path, gpus_per_run=0.5, seeds=(0,)))
+    got = tables(tmp_path / "accuracy")
+    assert list(got["runs"].gpu_ids.astype(str)) == ["0", "0"]
+    want = {name: t[t.seed == 0].reset_index(drop=True) for name, t in local_tables.items()}
+    got["runs"] = got["runs"].drop(columns="gpu_ids")
+    want["runs"] = want["runs"].drop(columns="gpu_ids")
+    assert_same(got, want)
+    env = pd.read_json(tmp_path / "accuracy" / "env.json", typ="series")
+    assert env["gpus_per_run"] == 0.5 and env["cluster_resources"]["GPU"] == 1
 
 
 def kill_once(marker_dir: str, victim: tuple):
