@@ -63,6 +63,7 @@ class Failure:
     error: str
 
     def line(self, job: Job) -> str:
+        """The one line that reports ``job``'s failure: its configuration and the cause."""
         family, ratio, scope, seed = job.key
         return (f"run family={family} ratio={ratio:g} scope={scope} seed={seed} failed "
                 f"{self.attempts} time(s): {self.error}")
@@ -144,14 +145,16 @@ class Local:
         self.run = run
 
     def describe(self) -> dict:
+        """The executor and this machine's host name (for env.json)."""
         return {"executor": "local", "hosts": [socket.gethostname()]}
 
     def results(self, jobs: list[Job]) -> Iterator[tuple[Job, Done | Failure]]:
+        """``(job, Done)`` for each job in order, run here; an error stops the study."""
         for job in jobs:
             yield job, self.run(job.config)
 
     def close(self) -> None:
-        pass
+        """Nothing to release."""
 
 
 class Ray:
@@ -197,6 +200,7 @@ class Ray:
                            "gpus": n.get("Resources", {}).get("GPU", 0)} for n in nodes]}
 
     def results(self, jobs: list[Job]) -> Iterator[tuple[Job, Done | Failure]]:
+        """Submit every job, then ``(job, Done | Failure)`` in the order they finish."""
         ray = self.ray
         task = ray.remote(self.run).options(
             num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.retries,
