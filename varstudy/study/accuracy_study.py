@@ -66,8 +66,8 @@ def _accuracy(config: StudyConfig, folder: Path, pool) -> tuple[pd.DataFrame, pd
     bar.close()
     if failed:
         raise VarstudyError(f"{len(failed)} of {len(jobs)} run(s) failed on every attempt "
-                            f"(first: {failed[0]}); the {len(finished)} finished are saved in "
-                            f"{folder}; valid choices: fix the cause and rerun with --resume "
+                            f"(first: {failed[0]}); every finished run is saved in {folder}; "
+                            f"valid choices: fix the cause and rerun with --resume "
                             f"(runs only the missing ones)")
     runs = pd.concat(tables["runs"] + [finished[i]["runs"] for i in sorted(finished)],
                      ignore_index=True)
