@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from varstudy.randomized.sketches import (RowsNorm, RowsWorReal, Sketch, generator,
+from varstudy.randomized.sketches import (RowsNorm, RowsWorReal, Sketch, draw_rows, generator,
                                           register)
 
 EPSILON = 0.2   # NOTE [defensive mixture]
@@ -157,10 +157,7 @@ class RowsAdaptive(Sketch):
     def sketch(self, x, k, seed, mask=None):
         live = _live2d(x, mask)
         q = self.probabilities(x, live)
-        cdf = q.cumsum(0)
-        gen = generator(seed, x.device)
-        u = torch.rand(k, generator=gen, device=x.device, dtype=torch.float64) * cdf[-1]
-        idx = torch.searchsorted(cdf, u, right=True).clamp_(max=x.shape[0] - 1)
+        idx, _ = draw_rows(q, k, generator(seed, x.device))
         scale = (1.0 / (k * q[idx])).sqrt().to(torch.float32)
         state = (idx, scale, live > 0)  # the live mask as bool: B·L bytes kept for backward
         return self.apply(x, k, seed, state), state

@@ -65,6 +65,16 @@ def generator(seed: int, device: torch.device | str) -> torch.Generator:
     return gen
 
 
+def draw_rows(weights: Tensor, k: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """k row indices drawn with replacement with probabilities ∝ ``weights`` (n,), by inverse
+    CDF in the weights' dtype (fixed shapes, no host sync), and the weights' total (the CDF's
+    last entry, which the importance scales divide by). Rows of weight 0 are never drawn."""
+    cdf = weights.cumsum(0)
+    u = torch.rand(k, generator=gen, device=weights.device, dtype=cdf.dtype) * cdf[-1]
+    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=weights.shape[0] - 1)
+    return idx, cdf[-1]
+
+
 def moments(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The three sufficient statistics of the closed forms, in float64.
 
@@ -255,10 +265,8 @@ class RowsNorm(Sketch):
     def sketch(self, x, k, seed):
         w = x.detach().float().square().sum(1)
         w = w + (w.sum() == 0).float()  # uniform fallback without a host sync
-        cdf = w.cumsum(0)
-        u = torch.rand(k, generator=generator(seed, x.device), device=x.device) * cdf[-1]
-        idx = torch.searchsorted(cdf, u, right=True).clamp_(max=x.shape[0] - 1)
-        scale = (k * w[idx] / cdf[-1]).rsqrt()
+        idx, total = draw_rows(w, k, generator(seed, x.device))
+        scale = (k * w[idx] / total).rsqrt()
         state = (idx, scale)
         return self.apply(x, k, seed, state), state
 
@@ -333,10 +341,8 @@ class RowsReal(Sketch):
         w = _row_weights(x, mask)
         gen = generator(seed, x.device)
         if self.replace:
-            cdf = w.cumsum(0)
-            u = torch.rand(k, generator=gen, device=x.device) * cdf[-1]
-            idx = torch.searchsorted(cdf, u, right=True).clamp_(max=x.shape[0] - 1)
-            scale = (cdf[-1] / k).sqrt().expand(k)
+            idx, total = draw_rows(w, k, gen)
+            scale = (total / k).sqrt().expand(k)
         else:  # Gumbel top-k: k rows without replacement, real rows first (NOTE [real rows])
             g = -torch.empty(x.shape[0], device=x.device).exponential_(generator=gen).log()
             idx = torch.topk(w.log() + g, k).indices

@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from varstudy.errors import VarstudyError
-from varstudy.randomized.sketches import RowsNorm, Sketch, generator, register
+from varstudy.randomized.sketches import RowsNorm, Sketch, draw_rows, generator, register
 
 FLOOR = 1e-8  # δ relative to the mean of h (NOTE [WTA-CRS, unbiased])
 _ATTR = "_varstudy_examples"
@@ -183,15 +183,12 @@ def draw(q: Tensor, k: int, seed: int) -> tuple[Tensor, Tensor]:
     the residual with scale 1/√((k − c) r_l). Fixed shapes, no host sync."""
     k = min(k, q.shape[0])
     top_idx, c, _, r = split(q, k)
-    cdf = r.cumsum(0)
-    u = torch.rand(k, generator=generator(seed, q.device), device=q.device,
-                   dtype=torch.float64) * cdf[-1]
-    drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=q.shape[0] - 1)
+    drawn, _ = draw_rows(r, k, generator(seed, q.device))
     slot = torch.arange(k, device=q.device)
     is_top = slot < c
     idx = torch.where(is_top, top_idx, drawn)
     remaining = (k - c).clamp(min=1).to(torch.float64)
-    scale = torch.where(is_top, torch.ones_like(u), (1.0 / (remaining * r[idx])).sqrt())
+    scale = torch.where(is_top, torch.ones_like(r[idx]), (1.0 / (remaining * r[idx])).sqrt())
     return idx, scale.to(torch.float32)
 
 
