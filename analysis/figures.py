@@ -31,6 +31,7 @@ from varstudy.errors import VarstudyError
 from varstudy.io import atomic_write_bytes
 
 from analysis.figures_checkpoint import checkpoint_vs_n, checkpoint_vs_ratio
+from analysis.figures_epochs import three_epochs
 from analysis.figures_accuracy import accuracy_vs_ratio, learning_curve, variance_vs_accuracy
 from analysis.figures_frontier import frontier, frontier_mpnet
 from analysis.figures_plan import online_plans, plan_accuracy, plan_frontier
@@ -63,6 +64,8 @@ FIGURE_ENTRIES: dict[str, FigureEntry] = {
     "closed_form_vs_mc": FigureEntry(closed_form_vs_mc, "closed-form vs Monte Carlo variance"),
     "sampler_limit": FigureEntry(sampler_limit, "row samplers against the best possible one "
                                                 "(the limit, needs Y); sampler_limit.{md,csv}"),
+    "three_epochs": FigureEntry(three_epochs, "the 3-epoch recipe: WTA-CRS, rows-adaptive, rows "
+                                "vs exact per epoch"),
     "memory_vs_batch": FigureEntry(memory_vs_batch, "memory vs batch size per ρ"),
     "throughput_vs_ratio": FigureEntry(throughput_vs_ratio, "throughput vs ρ"),
     "learning_curve": FigureEntry(learning_curve, "exact model's validation accuracy vs step"),

@@ -119,9 +119,7 @@ def paired_wide(paired: pd.DataFrame, value: str, scale: float = 100.0,
     p = paired[paired.value == value].copy()
     show_n = p.n.nunique() > 1
     holm = p.distinguishable_holm if "distinguishable_holm" in p else [False] * len(p)
-    p["cell"] = [(f"{m * scale:+.2f} [{lo * scale:+.2f}, {hi * scale:+.2f}]" if n >= 2
-                  else f"{m * scale:+.2f} [one seed]")
-                 + ("*" if d else "") + (HOLM_MARK if h else "") + (f" (n={n})" if show_n else "")
+    p["cell"] = [paired_cell(m, lo, hi, d, h, n, scale, show_n)
                  for m, lo, hi, d, h, n in zip(p.diff_mean, p.diff_ci_low, p.diff_ci_high,
                                                p.distinguishable, holm, p.n)]
     p["col"] = [f"{100 * r:g}%" for r in p.ratio]
@@ -131,6 +129,17 @@ def paired_wide(paired: pd.DataFrame, value: str, scale: float = 100.0,
     wide = wide[[c for c in cols if c in wide.columns]].reset_index()
     wide.columns.name = None
     return wide
+
+
+def paired_cell(mean: float, low: float, high: float, distinguishable: bool, holm: bool, n: int,
+                scale: float = 100.0, show_n: bool = False) -> str:
+    """One table cell: "mean [low, high]" × scale, "*" when the interval excludes 0, "†" when
+    Holm-significant, "[one seed]" with one pair (no interval), "no paired seed" with none,
+    "(n=…)" when ``show_n``."""
+    cell = (f"{mean * scale:+.2f} [{low * scale:+.2f}, {high * scale:+.2f}]" if n >= 2
+            else f"{mean * scale:+.2f} [one seed]" if n == 1 else "no paired seed")
+    return (cell + ("*" if distinguishable else "") + (HOLM_MARK if holm else "")
+            + (f" (n={n})" if show_n else ""))
 
 
 def accuracy_vs_ratio(results: Path = RESULTS, out: Path = FIGURES) -> list[Path]:
