@@ -190,10 +190,15 @@ def engine_runs(tmp_path_factory):
 def test_engine_closed_form_matches_its_monte_carlo(engine_runs):
     """Every layer's wta-crs closed form within z SE of its 400-draw Monte Carlo mean, z from a
     family-wise false-alarm rate of 1e-3 (two-sided, Bonferroni over the checked layers)."""
+    assert _check_engine_mc(engine_runs.values()) >= 20
+
+
+def _check_engine_mc(frames) -> int:
+    """Check every Monte Carlo'd wta-crs row of ``frames``; returns how many there were."""
     from scipy.stats import norm
 
     rows = []
-    for f in engine_runs.values():
+    for f in frames:
         uniform = f[f.family == "rows"].set_index(["batch", "layer"]).var_sketch
         r = f[(f.family == "wta-crs") & (f.layer != "model") & (f.mc_draws > 0)]
         rows.append(r.assign(scale=uniform.loc[list(zip(r.batch, r.layer))].to_numpy()))
@@ -208,7 +213,66 @@ def test_engine_closed_form_matches_its_monte_carlo(engine_runs):
         r = r[~exact]
         dev = (r.var_sketch_mc - r.var_sketch).abs() / r.var_sketch_mc_se
         assert (dev <= z).all(), r.loc[dev > z, ["layer", "var_sketch", "var_sketch_mc"]]
-    assert checked >= 20
+    return checked
+
+
+@pytest.fixture(scope="module")
+def stale_runs(tmp_path_factory):
+    """measure on a saved tiny-bert A with previous-visit's cache from A itself (own weights,
+    and A loaded again as --wtacrs-cache-model) and from another tiny-bert B (a stale cache)."""
+    import pandas as pd
+
+    from varstudy.measure.command import main
+    from varstudy.models import load_model
+
+    models = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        models[name] = tmp_path_factory.mktemp(f"model_{name}")
+        load_model("tiny-bert", num_labels=2, seed=seed)[0].save_pretrained(models[name])
+    out = {}
+    for case, extra, draws in (("own", [], "0"),
+                               ("a", ["--wtacrs-cache-model", str(models["a"])], "0"),
+                               ("b", ["--wtacrs-cache-model", str(models["b"])], "400")):
+        folder = tmp_path_factory.mktemp(f"stale_{case}")
+        assert main(["--model", str(models["a"]), "--dataset", "synthetic", "--families",
+                     "rows,wta-crs", "--ratios", "0.2", "--num-batches", "2", "--batch-size",
+                     "4", "--max-length", "16", "--mc-draws", draws, "--mc-layers", ".*",
+                     "--wtacrs-cache", "previous-visit", "--out", str(folder),
+                     "--no-progress", *extra]) in (0, None)
+        out[case] = pd.read_csv(folder / "layers.csv")
+    return out
+
+
+def test_a_cache_model_with_the_measured_weights_is_the_measured_cache(stale_runs):
+    own, same, other = (stale_runs[c][stale_runs[c].family == "wta-crs"]
+                        .set_index(["batch", "layer"]).var_sketch for c in ("own", "a", "b"))
+    assert own.to_numpy().tolist() == same.to_numpy().tolist()
+    assert not own.equals(other)  # another model's norms: another sampler
+
+
+def test_a_stale_cache_keeps_the_closed_form_and_stays_above_the_split_limit(stale_runs):
+    """Given another model's norms the closed form still matches its Monte Carlo (the sampler
+    is unbiased with any prior), costs more than the measured weights' own cache in the model
+    total, and no sampler of its kind beats the split limit."""
+    own, stale = (stale_runs[c] for c in ("own", "b"))
+    layers = stale[(stale.family == "wta-crs") & (stale.layer != "model")].layer.nunique()
+    assert _check_engine_mc([stale]) == layers  # every layer of the Monte Carlo'd batch
+    total = [float(f[(f.family == "wta-crs") & (f.layer == "model")].var_sketch.sum())
+             for f in (own, stale)]
+    assert total[1] > total[0]
+    s = stale[(stale.family == "wta-crs") & (stale.layer != "model")]
+    slack = 1e-5 * (s.k * s.var_limit + s.grad_sq_norm)
+    assert (s.var_sketch >= s.var_limit_split - slack).all()
+
+
+def test_a_cache_model_needs_wta_crs_under_previous_visit():
+    from varstudy.measure.config import MeasureConfig
+
+    for kwargs in (dict(families=("rows", "wta-crs")), dict(families=("rows",),
+                                                            wtacrs_cache="previous-visit")):
+        with pytest.raises(VarstudyError, match="valid choices: --wtacrs-cache previous-visit "
+                                                "with wta-crs among the families"):
+            MeasureConfig(wtacrs_cache_model="somewhere", **kwargs)
 
 
 def test_engine_previous_visit_beats_first_visit_and_stays_above_the_split_limit(engine_runs):

@@ -67,6 +67,11 @@ class MeasureConfig:
                                               "at these weights, in bfloat16: a later epoch of a "
                                               "model that has barely moved)",
                                choices=WTACRS_CACHES)
+    wtacrs_cache_model: str | None = option(None, "previous-visit's cache from another model: "
+                                                  "a path or name of an earlier checkpoint of "
+                                                  "the measured model, whose gradient row norms "
+                                                  "on the same minibatch fill the cache (a stale "
+                                                  "cache); none: the measured weights")
     min_rows: int = option(1, "fewest sketch rows k of any layer")
     num_batches: int = option(16, "minibatches per measured step")
     layers: str | None = option(None, "regex on the linear modules' names (none: all)")
@@ -119,6 +124,12 @@ class MeasureConfig:
                                      ("wtacrs_cache", self.wtacrs_cache, WTACRS_CACHES)):
             _check(value in choices, f"unknown {name} {value!r}; valid choices: "
                                      f"{', '.join(choices)}")
+        _check(self.wtacrs_cache_model is None or (self.wtacrs_cache == "previous-visit"
+                                                   and "wta-crs" in self.families),
+               f"wtacrs_cache_model {self.wtacrs_cache_model!r} fills wta-crs's previous-visit "
+               f"cache, but the run has wtacrs_cache {self.wtacrs_cache!r} and families "
+               f"{', '.join(self.families)}; valid choices: --wtacrs-cache previous-visit with "
+               "wta-crs among the families, or no --wtacrs-cache-model")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                f"unknown device {self.device!r}; valid choices: auto, cpu, cuda, cuda:N")
         for name, low in (("batch_size", 2), ("max_length", 2), ("num_batches", 1),

@@ -16,7 +16,7 @@ import torch
 from varstudy.batching import pad_batches
 from varstudy.errors import VarstudyError
 from varstudy.measure.config import INT_COLUMNS, LAYER_COLUMNS, MeasureConfig
-from varstudy.measure.informed import (STRUCTURE_FAMILIES, WARM_BATCHES, Informed,
+from varstudy.measure.informed import (STRUCTURE_FAMILIES, WARM_BATCHES, Informed, cache_norms,
                                        limit_columns, live_rows, profiles, structured, wanted,
                                        wtacrs_sketch)
 from varstudy.randomized.support import first_token_layers
@@ -71,7 +71,7 @@ def layer_rows(cfg: MeasureConfig, name: str, pos: int, x, y, grad, population: 
                 var, stored, sketch, one_row = structured(fam, name, m, k, x, y, live, informed)
                 mask_mc = live
             elif fam == "wta-crs":
-                sketch = wtacrs_sketch(cfg.wtacrs_cache, x, y)
+                sketch = wtacrs_sketch(cfg.wtacrs_cache, x, y, informed.cache_norms.get(name))
                 var = float(sketch.variance(x.reshape(-1, x.shape[-1]),
                                             y.reshape(-1, y.shape[-1]), k))
             else:
@@ -170,9 +170,14 @@ def _div(a: float, b: float) -> float:
 
 def measure_batch(model, encoded: dict, cfg: MeasureConfig, names: list[str],
                   mc_names: set[str], step: int, b: int, population: float,
-                  informed: Informed | None = None) -> pd.DataFrame:
-    """Capture batch ``b`` of step ``step`` and return its layers.csv rows."""
+                  informed: Informed | None = None, cache_model=None) -> pd.DataFrame:
+    """Capture batch ``b`` of step ``step`` and return its layers.csv rows; ``cache_model``
+    (``--wtacrs-cache-model``) fills wta-crs's cache from its capture of the same batch."""
     cap, mask = capture_batch(model, encoded, cfg, names, step, b)
+    if cache_model is not None:
+        stale, _ = capture_batch(cache_model, encoded, cfg, names, step, b)
+        informed = dataclasses.replace(informed or Informed(),
+                                       cache_norms=cache_norms(stale, names))
     mc = {n for n in mc_names if b < cfg.mc_batches}
     return rows_of(cap, cfg, names, mc, step, b, population, mask, informed)
 

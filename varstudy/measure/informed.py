@@ -23,7 +23,10 @@ per-example cache of earlier visits; ``--wtacrs-cache`` says what that cache hol
 measured minibatch. ``first-visit``: nothing (step 0 and every step of the first epoch: q ∝
 ‖x_l‖). ``previous-visit``: each example's row norms of Y at the measured weights, rounded to
 bfloat16 as the cache stores them: a later epoch when the model has moved little since the
-example's last visit, the cache's best case. Its variance is the conditional closed form (wta)
+example's last visit, the cache's best case. With ``--wtacrs-cache-model M`` the cache holds
+the row norms of Y that model M (an earlier checkpoint of the measured model) gives on the same
+minibatch, with the same dropout masks: a *stale* cache, as in a later epoch of a model that
+has moved since the example's last visit. Its variance is the conditional closed form (wta)
 given that cache.
 """
 
@@ -53,6 +56,7 @@ class Informed:
 
     first_token: frozenset = frozenset()
     profiles: dict = field(default_factory=dict)
+    cache_norms: dict = field(default_factory=dict)  # layer -> (n,) ‖y_l‖ of --wtacrs-cache-model
 
 
 def wanted(families) -> bool:
@@ -87,16 +91,26 @@ def limit_columns(x: Tensor, y: Tensor, grad, ks) -> dict[int, dict]:
             for k, lim in zip(ks, limits(xf, yf, ks, grad))}
 
 
-def wtacrs_sketch(cache: str, x: Tensor, y: Tensor):
+def wtacrs_sketch(cache: str, x: Tensor, y: Tensor, norms: Tensor | None = None):
     """The ``wta-crs`` sampler a minibatch (x, y) meets under ``cache`` (NOTE [wta-crs in a
-    measurement]), with its prior fixed."""
+    measurement]), with its prior fixed: under ``previous-visit`` the row norms of ``y``, or
+    ``norms`` (n,) where the cache came from another model."""
     from varstudy.randomized.wtacrs import WtaCrs
 
     if cache == "first-visit":
         prior = torch.ones(x.reshape(-1, x.shape[-1]).shape[0], device=x.device)
     else:
-        prior = y.reshape(-1, y.shape[-1]).float().norm(dim=1).bfloat16().float()
+        if norms is None:
+            norms = y.reshape(-1, y.shape[-1]).float().norm(dim=1)
+        prior = norms.to(x.device, torch.float32).bfloat16().float()
     return WtaCrs(prior=prior)
+
+
+def cache_norms(cap, names) -> dict:
+    """layer -> (n,) float32 row norms of the output gradient in a capture of the cache model
+    (NOTE [wta-crs in a measurement])."""
+    return {n: cap.layers[n][1].reshape(-1, cap.layers[n][1].shape[-1]).float().norm(dim=1)
+            for n in names}
 
 
 def structured(fam: str, name: str, m, k: int, x: Tensor, y: Tensor, live: Tensor,

@@ -94,6 +94,24 @@ def prepare(cfg: MeasureConfig):
     return model, encoded, (float(len(data)) if cfg.fpc else math.inf)
 
 
+def cache_model(cfg: MeasureConfig, model, names: list[str]):
+    """The model of ``--wtacrs-cache-model`` (None without one), loaded as the measured one;
+    refused unless its selected linear layers are the measured model's (NOTE [wta-crs in a
+    measurement] in varstudy.measure.informed)."""
+    if cfg.wtacrs_cache_model is None:
+        return None
+    other, _ = load_model(cfg.wtacrs_cache_model, num_labels=model.config.num_labels,
+                          dropout=cfg.dropout, seed=cfg.seed, dtype=DTYPES[cfg.dtype],
+                          device=cfg.device)
+    theirs = select_layers(other, cfg.layers)
+    if theirs != names:
+        raise VarstudyError(f"wtacrs_cache_model {cfg.wtacrs_cache_model!r} has other linear "
+                            f"layers ({len(theirs)} selected) than the measured model "
+                            f"{cfg.model!r} ({len(names)}); valid choices: an earlier "
+                            "checkpoint of the measured model")
+    return other
+
+
 def run(config: MeasureConfig | None = None) -> pd.DataFrame:
     """Measure, write ``config.out`` (module docstring) and return the layers.csv DataFrame.
 
@@ -119,6 +137,7 @@ def run(config: MeasureConfig | None = None) -> pd.DataFrame:
     model, encoded, population = prepare(replace(cfg, device=device))
     names = select_layers(model, cfg.layers)
     mc_names = mc_layer_names(cfg, names)
+    cached = cache_model(replace(cfg, device=device), model, names)
     with contextlib.ExitStack() as held:
         stage = vio.staging_path(out, files=FINAL, name=STAGE)
         if ctx.is_main:  # NOTE [one run per folder], NOTE [staged results] (varstudy.io)
@@ -126,7 +145,7 @@ def run(config: MeasureConfig | None = None) -> pd.DataFrame:
             stage = held.enter_context(vio.staged(out, resume=resuming, name=STAGE,
                                                   files=entries(out, cfg)))
         return _run(cfg, ctx, device, started, resuming, model, encoded, population, names,
-                    mc_names, stage)
+                    mc_names, stage, cached)
 
 
 def mc_layer_names(cfg: MeasureConfig, names: list[str]) -> set[str]:
@@ -142,9 +161,10 @@ def mc_layer_names(cfg: MeasureConfig, names: list[str]) -> set[str]:
 
 
 def _run(cfg, ctx, device, started, resuming, model, encoded, population, names, mc_names,
-         out: Path):
+         out: Path, cached=None):
     """:func:`run` once its inputs are loaded and, on rank 0, the output folder is locked;
-    everything is written to staging folder ``out``, published when the run has finished."""
+    everything is written to staging folder ``out``, published when the run has finished.
+    ``cached``: the model of ``--wtacrs-cache-model``, or None."""
     chunks, state = out / "chunks", out / STATE
     dist.barrier(ctx)  # every rank reads the chunks only after rank 0 prepared them
     if ctx.is_main:
@@ -166,7 +186,7 @@ def _run(cfg, ctx, device, started, resuming, model, encoded, population, names,
         dist.broadcast_module(ctx, model)                        # ... and made bit-identical
         done = step
         _measure_step(model, encoded, local, names, mc_names, step, population, ctx,
-                      chunks / f"step_{step:06d}.csv")
+                      chunks / f"step_{step:06d}.csv", cached)
     dist.barrier(ctx)
     if not ctx.is_main:
         return typed(pd.DataFrame(columns=list(LAYER_COLUMNS)))
@@ -187,7 +207,8 @@ def _load_state(model, optimizer, path: Path) -> int:
     return int(saved["step"])
 
 
-def _measure_step(model, encoded, cfg, names, mc_names, step, population, ctx, path) -> None:
+def _measure_step(model, encoded, cfg, names, mc_names, step, population, ctx, path,
+                  cached=None) -> None:
     """Measure this rank's missing batches of one step; every finished batch reaches ``path``."""
     from varstudy.progress import tqdm
     have = finished_rows(path, cfg, names, repair=ctx.is_main, step=step)
@@ -199,7 +220,7 @@ def _measure_step(model, encoded, cfg, names, mc_names, step, population, ctx, p
         informed = informed_for(model, encoded, cfg, names, step, first_token_layers(model))
     for b in tqdm(ctx.mine(todo), desc=f"measure step {step}", disable=not cfg.progress):
         frame = measure_batch(model, encoded, cfg, names, mc_names, step, b, population,
-                              informed)
+                              informed, cached)
         if ctx.active:
             mine.append((b, frame))
         else:
