@@ -77,6 +77,19 @@ def test_finetune_resume_refuses_a_crafted_checkpoint(tmp_path, capsys, where):
     assert "checkpoint.pt is unreadable" in err
 
 
+@pytest.mark.parametrize("config", [[1, 2], "opts", 3], ids=["list", "str", "int"])
+def test_finetune_resume_refuses_a_checkpoint_whose_config_is_not_a_mapping(tmp_path, capsys,
+                                                                          config):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    torch.save({"step": 1, "config": config}, folder / "checkpoint.pt")
+    before = (folder / "checkpoint.pt").read_bytes()
+    code = _finetune_main(TINY_FINETUNE + ["--name", "run", "--out", str(tmp_path), "--resume"])
+    err = _one_line_refusal(capsys, code, tmp_path / "marker")
+    assert f"holds a {type(config).__name__} where the run's options belong" in err
+    assert (folder / "checkpoint.pt").read_bytes() == before
+
+
 def test_measure_resume_refuses_a_crafted_training_state(tmp_path, capsys):
     argv = TINY_MEASURE + ["--train-steps", "1", "--measure-at", "0,1", "--out", str(tmp_path)]
     assert M.main(argv) == 0

@@ -554,7 +554,13 @@ def config_diff(old: dict, new: dict, ignore=()) -> list[str]:
 
 
 def refuse_changed(path, old: dict, new: dict, ignore=()) -> None:
-    """Raise when ``--resume`` meets a run in ``path`` made with a different config."""
+    """Raise when ``--resume`` meets a run in ``path`` made with a different config (or with
+    a saved config that is not a mapping: a damaged or foreign file)."""
+    if not isinstance(old, dict):
+        raise VarstudyError(f"--resume found no config in {path} (it holds a "
+                            f"{type(old).__name__} where the run's options belong: a damaged or "
+                            "foreign file); valid choices: delete it, or no --resume (start "
+                            "over), or another --out")
     diff = config_diff(old, new, ignore)
     if diff:
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
