@@ -23,7 +23,8 @@ MEMORY = Path("study") / "memory" / "memory.csv"
 NO_INPUTS = {"checkpoint_vs_n", "checkpoint_vs_ratio",  # synthetic results lack these: skipped
              "variance_ratio_over_training_mpnet",
              "sampler_limit",  # no limit columns (tests/test_samplers_engine.py draws it)
-             "time_to_accuracy"}  # no accuracy evals.csv (tests/test_time_to_accuracy.py)
+             "time_to_accuracy",  # no accuracy evals.csv (tests/test_time_to_accuracy.py)
+             "three_epochs"}  # no 3-epoch study (tests/test_figures_epochs.py)
 ACCURACY_OUTPUTS = ("accuracy_vs_ratio.png", "accuracy_vs_ratio.pdf", "paired_diff.csv",
                     "paired_diff.md", "paired_diff.tex", "accuracy_table.md")
 

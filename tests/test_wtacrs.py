@@ -235,7 +235,7 @@ def stale_runs(tmp_path_factory):
                                ("b", ["--wtacrs-cache-model", str(models["b"])], "400")):
         folder = tmp_path_factory.mktemp(f"stale_{case}")
         assert main(["--model", str(models["a"]), "--dataset", "synthetic", "--families",
-                     "rows,wta-crs", "--ratios", "0.2", "--num-batches", "2", "--batch-size",
+                     "rows,wta-crs", "--ratios", "0.2", "--num-batches", "1", "--batch-size",
                      "4", "--max-length", "16", "--mc-draws", draws, "--mc-layers", ".*",
                      "--wtacrs-cache", "previous-visit", "--out", str(folder),
                      "--no-progress", *extra]) in (0, None)
