@@ -26,7 +26,7 @@ RUNS = {  # results folder -> what it is
     "measure/default": "MiniLM, step 0, B 16, L 64, fixed padding",
     "measure/default_dynamic": "MiniLM, step 0, B 16, L ≤ 64, dynamic padding",
     "measure/samplers_recipe_step0": "recipe, step 0 (B 32, dynamic padding)",
-    "measure/samplers_recipe_end": "recipe, the exactly fine-tuned model (B 32, dynamic)",
+    "measure/samplers_recipe_end": "recipe, fine-tuned model (B 32, dynamic)",
     # WTA-CRS's cache (NOTE [wta-crs in a measurement] in varstudy.measure.informed): a first
     # visit (step 0 and the whole first epoch) and, on the trained model, a previous visit at the
     # same weights (a later epoch, the cache's best case); the same runs' other families are
@@ -34,6 +34,9 @@ RUNS = {  # results folder -> what it is
     "measure/wtacrs_step0_first": "recipe, step 0: WTA-CRS on a first visit",
     "measure/wtacrs_end_first": "trained model: WTA-CRS on a first visit (epoch 1)",
     "measure/wtacrs_end_previous": "trained model: WTA-CRS, previous visit cached",
+    # the cache filled by the step-0 model (--wtacrs-cache-model): an example last seen at the
+    # start of epoch 1, seen again about an epoch (200 steps) later
+    "measure/wtacrs_end_stale": "trained model: WTA-CRS, stale cache",
 }
 ROW_FAMILIES = ("rows", "rows-wor", "rows-norm", "rows-real", "rows-wor-real", "rows-live",
                 "rows-adaptive", "wta-crs")
