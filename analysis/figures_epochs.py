@@ -154,7 +154,7 @@ def build_three_epochs(runs: pd.DataFrame, evals: pd.DataFrame, table: pd.DataFr
             ax.plot(s["step"], s["value"], color=st.color, lw=0.5, alpha=0.4)
         mean = d.groupby("step")["value"].mean()
         ax.plot(mean.index, mean.to_numpy(), color=st.color, marker=st.marker, ms=3, lw=1.4,
-                label=f"{st.label} ({d.seed.nunique()} seeds)")
+                label=f"{st.label} ({d.seed.nunique()} seed{'s' * (d.seed.nunique() != 1)})")
     per_epoch = int(runs["steps_per_epoch"].max())
     for end in range(per_epoch, int(runs["total_steps"].max()), per_epoch):
         ax.axvline(end, color="0.4", ls="--", lw=0.8)
