@@ -101,7 +101,7 @@ def wtacrs_sketch(cache: str, x: Tensor, y: Tensor, norms: Tensor | None = None)
         prior = torch.ones(x.reshape(-1, x.shape[-1]).shape[0], device=x.device)
     else:
         if norms is None:
-            norms = y.reshape(-1, y.shape[-1]).float().norm(dim=1)
+            norms = _row_norms(y)
         prior = norms.to(x.device, torch.float32).bfloat16().float()
     return WtaCrs(prior=prior)
 
@@ -109,8 +109,12 @@ def wtacrs_sketch(cache: str, x: Tensor, y: Tensor, norms: Tensor | None = None)
 def cache_norms(cap, names) -> dict:
     """layer -> (n,) float32 row norms of the output gradient in a capture of the cache model
     (NOTE [wta-crs in a measurement])."""
-    return {n: cap.layers[n][1].reshape(-1, cap.layers[n][1].shape[-1]).float().norm(dim=1)
-            for n in names}
+    return {n: _row_norms(cap.layers[n][1]) for n in names}
+
+
+def _row_norms(y: Tensor) -> Tensor:
+    """(n,) float32 norms of the rows of y (..., d_out)."""
+    return y.reshape(-1, y.shape[-1]).float().norm(dim=1)
 
 
 def structured(fam: str, name: str, m, k: int, x: Tensor, y: Tensor, live: Tensor,
